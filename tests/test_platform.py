@@ -1,0 +1,90 @@
+"""The out-of-tree CPU platform: when it activates and what it sets."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import pkgutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sglang_loopserve import platform as lp
+
+
+@pytest.fixture
+def no_platform_env(monkeypatch):
+    monkeypatch.delenv("SGLANG_PLATFORM", raising=False)
+
+
+def test_entry_point_is_registered():
+    eps = {ep.name: ep for ep in importlib.metadata.entry_points(group="sglang.srt.platforms")}
+    assert lp.PLATFORM_NAME in eps
+    assert eps[lp.PLATFORM_NAME].load() is lp.activate
+
+
+def test_returns_nothing_when_cuda_available(monkeypatch, no_platform_env):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert lp.activate() is None
+
+
+def test_activates_without_accelerator(monkeypatch, no_platform_env):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("xpu", "npu", "mps"):
+        if hasattr(torch, name):
+            monkeypatch.setattr(getattr(torch, name), "is_available", lambda: False, raising=False)
+    assert lp.activate() == lp.PLATFORM_QUALNAME
+
+
+def test_explicit_selection_wins_over_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("SGLANG_PLATFORM", lp.PLATFORM_NAME)
+    assert lp.activate() == lp.PLATFORM_QUALNAME
+
+
+def test_other_platform_selected_leaves_us_out(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("SGLANG_PLATFORM", "someone_else")
+    assert lp.activate() is None
+
+
+def test_sglang_resolves_our_platform(monkeypatch, no_platform_env):
+    """SGLang's own discovery picks the platform on this CPU machine."""
+    from sglang.srt.platforms import _resolve_platform
+    from sglang.srt.platforms.interface import SRTPlatform
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    plat = _resolve_platform()
+    assert type(plat).__qualname__ == "LoopServeCpuPlatform"
+    assert isinstance(plat, SRTPlatform)
+    assert plat.is_out_of_tree()
+    assert plat.device_type == "cpu"
+    assert plat.get_default_attention_backend() == "torch_native"
+    assert not plat.capabilities.supports_triton and not plat.capabilities.graph_capture
+
+
+def test_qualname_resolves_to_class():
+    cls = pkgutil.resolve_name(lp.PLATFORM_QUALNAME)
+    assert cls.__name__ == "LoopServeCpuPlatform"
+
+
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        (dict(attention_backend="intel_amx", dtype="auto"), ("torch_native", lp.DEFAULT_CPU_DTYPE)),
+        (dict(attention_backend=None, dtype="auto"), ("torch_native", lp.DEFAULT_CPU_DTYPE)),
+        (dict(attention_backend="flex_attention", dtype="float32"), ("flex_attention", "float32")),
+    ],
+)
+def test_server_args_defaults(monkeypatch, given, expected):
+    monkeypatch.delenv("SGLANG_LOOPSERVE_CPU_DTYPE", raising=False)
+    args = SimpleNamespace(**given)
+    pkgutil.resolve_name(lp.PLATFORM_QUALNAME)().apply_server_args_defaults(args)
+    assert (args.attention_backend, args.dtype) == expected
+
+
+def test_dtype_override_by_env(monkeypatch):
+    monkeypatch.setenv("SGLANG_LOOPSERVE_CPU_DTYPE", "float32")
+    args = SimpleNamespace(attention_backend=None, dtype="auto")
+    pkgutil.resolve_name(lp.PLATFORM_QUALNAME)().apply_server_args_defaults(args)
+    assert args.dtype == "float32"
