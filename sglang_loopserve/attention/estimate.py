@@ -1,0 +1,70 @@
+"""Estimation: exact attention of a sample of the new queries, in fp32.
+
+LoopServe picks its lines per turn from the attention of a few query rows
+(method.md, phase 1, step 1).  We sample the last ``q_window`` queries of the
+new input (the end of a turn is where an instruction usually sits) *and* a
+strided sample of the same size over the rest of it, so that a question at the
+start or in the middle of a turn is seen too.
+
+Positions: the new tokens are the last ``n_new`` of a sequence of ``n_ctx``,
+so new query ``i`` sits at position ``n_ctx - n_new + i`` and sees keys
+``0..n_ctx - n_new + i``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def sample_query_rows(n_new: int, q_window: int, device=None) -> torch.Tensor:
+    """Sorted, unique indices (into the new queries) of the rows to estimate from.
+
+    The last ``min(q_window, n_new)`` rows, plus up to ``q_window`` rows spread
+    evenly over the remaining ``n_new - q_window`` (the centre of each stride).
+    """
+    if q_window < 1:
+        raise ValueError(f"q_window must be >= 1, got {q_window}")
+    tail = min(q_window, n_new)
+    rest = n_new - tail
+    last = torch.arange(rest, n_new, device=device)
+    if rest == 0:
+        return last
+    m = min(q_window, rest)
+    strided = (torch.arange(m, device=device) * rest + rest // 2) // m
+    return torch.cat([strided, last])
+
+
+@dataclass
+class AttentionSample:
+    """Softmax rows of the sampled queries over every key they may see.
+
+    ``probs[h, s, j]`` is query row ``rows[s]``'s attention to key ``j`` in head
+    ``h`` (zero beyond the causal limit); each row sums to one.
+    """
+
+    rows: torch.Tensor  # [S] indices into the new queries
+    positions: torch.Tensor  # [S] absolute positions of those queries
+    probs: torch.Tensor  # [H, S, n_ctx] float32
+
+
+def sample_attention(
+    q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scale: float | None = None
+) -> AttentionSample:
+    """Exact fp32 attention probabilities of ``q[rows]`` over the causal keys.
+
+    ``q`` is ``[n_new, H, d]``, ``k`` is ``[n_ctx, Hk, d]`` (GQA: each key head
+    serves ``H // Hk`` query heads).  Cost: ``S * n_ctx * H * d`` multiply-adds.
+    """
+    n_new, n_heads, d = q.shape
+    n_ctx, n_kv, _ = k.shape
+    group = n_heads // n_kv
+    scale = d**-0.5 if scale is None else scale
+    positions = rows + (n_ctx - n_new)
+    qs = q[rows].float().permute(1, 0, 2).reshape(n_kv, group * len(rows), d)  # [Hk, g*S, d]
+    logits = torch.bmm(qs, k.float().permute(1, 2, 0)) * scale  # [Hk, g*S, n_ctx]
+    logits = logits.view(n_heads, len(rows), n_ctx)
+    future = torch.arange(n_ctx, device=q.device)[None, :] > positions[:, None]
+    logits.masked_fill_(future[None], float("-inf"))
+    return AttentionSample(rows=rows, positions=positions, probs=torch.softmax(logits, dim=-1))

@@ -1,0 +1,40 @@
+"""Block-sparse attention kernels over a ``BlockMask``; all share one signature.
+
+``kernel(q [n_new, H, d], k [n_ctx, Hk, d], v [n_ctx, Hk, d], mask) -> [n_new, H, d]``
+
+* ``reference``: dense masked softmax (the oracle; small inputs only);
+* ``gather``: batched gather + matmul, the CPU path;
+* ``triton``: a Triton kernel (GPU; CPU under ``TRITON_INTERPRET=1``);
+* ``flashinfer``: FlashInfer's paged prefill, one request per (head, block) pair (GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .gather import block_sparse_attention_gather
+from .reference import block_sparse_attention_reference
+
+
+def _triton(q, k, v, mask):
+    from .triton_kernel import block_sparse_attention_triton
+
+    return block_sparse_attention_triton(q, k, v, mask)
+
+
+def _flashinfer(q, k, v, mask):
+    from .flashinfer_kernel import block_sparse_attention_flashinfer
+
+    return block_sparse_attention_flashinfer(q, k, v, mask)
+
+
+KERNELS = {
+    "reference": block_sparse_attention_reference,
+    "gather": block_sparse_attention_gather,
+    "triton": _triton,
+    "flashinfer": _flashinfer,
+}
+
+
+def default_kernel(device: torch.device) -> str:
+    return "triton" if device.type == "cuda" else "gather"
