@@ -132,20 +132,38 @@ class BlockMask:
         out[rows, self.block_indices.long()] = True
         return out.view(self.num_heads, self.n_qblocks, self.n_kblocks)
 
-    def to_dense(self) -> torch.Tensor:
-        """``[H, n_new, n_ctx]`` bool: exactly the (query, key) pairs computed."""
+    def pair_keys_dense(self) -> torch.Tensor:
+        """``[H*nqb, n_ctx]`` bool: keys each pair visits, up to its last query's position."""
         bs, H, nqb = self.block_size, self.num_heads, self.n_qblocks
         dev = self.block_indptr.device
         keys = self.pair_blocks().repeat_interleave(bs, dim=-1)[..., : self.n_ctx]
+        keys = keys.reshape(H * nqb, self.n_ctx).clone()
         rows = torch.repeat_interleave(torch.arange(H * nqb, device=dev),
                                        (self.col_indptr[1:] - self.col_indptr[:-1]).long())
-        keys = keys.reshape(H * nqb, self.n_ctx).clone()
         keys[rows, self.col_indices.long()] = True
-        keys = keys.view(H, nqb, 1, self.n_ctx).expand(H, nqb, bs, self.n_ctx)
+        q_last = (self.offset + (torch.arange(nqb, device=dev) + 1) * bs).clamp(max=self.n_ctx) - 1
+        keys &= torch.arange(self.n_ctx, device=dev)[None, :] <= q_last.repeat(H)[:, None]
+        return keys
+
+    def key_lists(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per pair, the ascending key positions it visits (CSR: ``indptr[H*nqb+1]``, ``keys``).
+
+        Keys stop at the pair's last query position, so each list ends with
+        the query block's own positions: a kernel that aligns causality to
+        the bottom right of each list (FlashInfer) is then exact.
+        """
+        keys = self.pair_keys_dense()
+        indptr = torch.zeros(keys.shape[0] + 1, dtype=torch.long, device=keys.device)
+        indptr[1:] = keys.sum(-1).cumsum(0)
+        return indptr, keys.nonzero()[:, 1]
+
+    def to_dense(self) -> torch.Tensor:
+        """``[H, n_new, n_ctx]`` bool: exactly the (query, key) pairs computed."""
+        bs, H, nqb = self.block_size, self.num_heads, self.n_qblocks
+        keys = self.pair_keys_dense().view(H, nqb, 1, self.n_ctx).expand(H, nqb, bs, self.n_ctx)
         keys = keys.reshape(H, nqb * bs, self.n_ctx)[:, : self.n_new]
-        qpos = self.offset + torch.arange(self.n_new, device=dev)
-        causal = torch.arange(self.n_ctx, device=dev)[None, :] <= qpos[:, None]
-        return keys & causal
+        qpos = self.offset + torch.arange(self.n_new, device=keys.device)
+        return keys & (torch.arange(self.n_ctx, device=keys.device)[None, :] <= qpos[:, None])
 
     def computed_pairs(self) -> torch.Tensor:
         """``[H]``: number of causal (query, key) pairs each head computes."""

@@ -6,15 +6,19 @@ decreasing mass until the covered mass reaches ``alpha``.  Covered mass is the
 mass of the **union** of covered cells: a cell on a chosen column *and* a
 chosen diagonal counts once.  We compute it exactly on the sampled rows:
 
-1. rank all ``2 * n_ctx`` lines of a group of rows by their standalone mass
-   (columns and diagonals in one list; sink columns and local diagonals first);
-2. a cell ``(s, j)`` becomes covered at step ``min(rank(col j), rank(diag pos_s - j))``;
-3. a histogram of cell mass over that step, cumulated, gives the covered mass
-   after ``k`` lines for every ``k`` at once; the smallest ``k`` reaching
-   ``alpha`` of the total is the answer.
+1. rank the ``2 * n_ctx`` lines of a group of rows by standalone mass (columns
+   and diagonals in one list; sink columns and local diagonals first);
+2. walk the cells on the first ``w`` lines of that list, counting each cell
+   only through the earlier of its two lines (its column, its diagonal):
+   a histogram over the list position, cumulated, is the exact union mass
+   covered by the first ``k`` lines for every ``k <= w`` at once;
+3. the smallest ``k`` reaching ``alpha`` of the total is the answer.  ``w``
+   is twice the count the standalone masses alone would need (a lower bound,
+   since the union never exceeds the standalone sum), and the list is only
+   ranked that far (``topk``), growing it if a segment falls short.  The work
+   is ``rows x w`` cells, not ``rows x n_ctx``.
 
-Everything is one pass of tensor ops over ``[heads, rows, n_ctx]``: no loop
-per head, no iterative greedy.
+All of it is batched over heads and segments: no loop per head.
 
 Coverage must hold for *each part of the turn*, not only on average: a short
 question at the start of a long turn may look at other keys than the rest.
@@ -73,58 +77,13 @@ def select_vertical_slash(
     """Choose, per head and query block, the lines covering ``alpha`` of the mass."""
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-    probs, pos = sample.probs, sample.positions
-    n_heads, n_rows, n_ctx = probs.shape
-    dev = probs.device
-    seg = torch.arange(n_rows, device=dev) // rows_per_segment  # [S]
-    n_seg = int(seg[-1]) + 1
-
-    # Diagonal index of every cell; cells right of the causal limit get index
-    # n_ctx (a dump slot) and carry zero probability anyway.
-    j = torch.arange(n_ctx, device=dev)
-    delta = pos[:, None] - j[None, :]  # [S, n_ctx]
-    delta = torch.where(delta >= 0, delta, torch.full_like(delta, n_ctx))
-
-    # Standalone mass of each line per segment: [H, G, n_ctx] each.
-    col_mass = probs.new_zeros(n_heads, n_seg, n_ctx).index_add_(1, seg, probs)
-    diag_mass = probs.new_zeros(n_heads, n_seg * (n_ctx + 1))
-    flat_delta = (seg[:, None] * (n_ctx + 1) + delta).reshape(1, -1).expand(n_heads, -1)
-    diag_mass.scatter_add_(1, flat_delta, probs.reshape(n_heads, -1))
-    diag_mass = diag_mass.view(n_heads, n_seg, n_ctx + 1)[..., :n_ctx]
-
-    # Forced lines rank first: sink columns and local diagonals.
-    forced_col = j < sink
-    forced_diag = j < local
-    col_mass = col_mass.masked_fill(forced_col, float("inf"))
-    diag_mass = diag_mass.masked_fill(forced_diag, float("inf"))
-    n_forced = int(forced_col.sum() + forced_diag.sum())
-
-    # Rank of each line in the merged list (0 = heaviest).
-    order = torch.cat([col_mass, diag_mass], dim=-1).argsort(dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order, dtype=torch.int32)
-    rank.scatter_(-1, order, torch.arange(2 * n_ctx, device=dev, dtype=torch.int32).expand_as(order))
-    rank_col, rank_diag = rank[..., :n_ctx], rank[..., n_ctx:]
-
-    # Step at which each sampled cell becomes covered.
-    rc = rank_col[:, seg]  # [H, S, n_ctx]
-    rd = torch.cat([rank_diag, rank_diag.new_full((n_heads, n_seg, 1), 2 * n_ctx)], -1)
-    rd = rd[:, seg].gather(2, delta.expand(n_heads, -1, -1))
-    step = torch.minimum(rc, rd).long()  # [H, S, n_ctx]
-
-    # Covered mass after k lines, for every k: cumulated histogram over steps.
-    hist = probs.new_zeros(n_heads, n_seg * 2 * n_ctx)
-    flat_step = (seg[None, :, None] * (2 * n_ctx) + step).reshape(n_heads, -1)
-    hist.scatter_add_(1, flat_step, probs.reshape(n_heads, -1))
-    covered = hist.view(n_heads, n_seg, 2 * n_ctx).cumsum(-1)
-    total = covered[..., -1:]
-    n_lines = (covered < alpha * total).sum(-1) + 1  # [H, G]
-    n_lines = n_lines.clamp(min=n_forced, max=2 * n_ctx)
-
-    chosen_col = rank_col < n_lines[..., None]  # [H, G, n_ctx]
-    chosen_diag = rank_diag < n_lines[..., None]
+    chosen_col, chosen_diag = segment_lines(sample, alpha=alpha, sink=sink, local=local,
+                                            rows_per_segment=rows_per_segment)
     counts = torch.stack([chosen_col.sum(-1), chosen_diag.sum(-1)], dim=-1)
+    dev = chosen_col.device
 
     # Each query block takes the union of the segments its rows span.
+    n_ctx = chosen_col.shape[-1]
     starts = segment_bounds(sample.rows, rows_per_segment, n_new)
     n_qb = -(-n_new // block_size)
     first_row = torch.arange(n_qb, device=dev) * block_size
@@ -138,3 +97,95 @@ def select_vertical_slash(
         columns |= chosen_col[:, g]
         diagonals |= chosen_diag[:, g]
     return VerticalSlashLines(columns, diagonals, block_size, n_new, n_ctx, counts)
+
+
+def segment_lines(sample: AttentionSample, *, alpha: float, sink: int, local: int,
+                  rows_per_segment: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per head and segment of sampled rows, the chosen columns and diagonals.
+
+    Returns two ``[H, G, n_ctx]`` bool tensors; their union covers at least
+    ``alpha`` of each segment's sampled mass (``G = ceil(S / rows_per_segment)``).
+    """
+    probs, pos = sample.probs, sample.positions
+    n_heads, n_rows, n_ctx = probs.shape
+    dev = probs.device
+    seg = torch.arange(n_rows, device=dev) // rows_per_segment  # [S]
+    n_seg = int(seg[-1]) + 1
+
+    # Diagonal of every cell; cells right of the causal limit go to a dump
+    # slot (index n_ctx) and carry zero probability anyway.
+    j = torch.arange(n_ctx, device=dev)
+    delta = pos[:, None] - j[None, :]  # [S, n_ctx]
+    delta = torch.where(delta >= 0, delta, torch.full_like(delta, n_ctx))
+
+    # Standalone mass of each line per segment: [H, G, n_ctx] each.
+    col_mass = probs.new_zeros(n_heads, n_seg, n_ctx).index_add_(1, seg, probs)
+    diag_mass = probs.new_zeros(n_heads, n_seg * (n_ctx + 1))
+    flat_delta = (seg[:, None] * (n_ctx + 1) + delta).view(1, -1).expand(n_heads, -1)
+    diag_mass.scatter_add_(1, flat_delta, probs.view(n_heads, -1))
+    diag_mass = diag_mass.view(n_heads, n_seg, n_ctx + 1)[..., :n_ctx]
+    mass = torch.cat([col_mass, diag_mass], dim=-1)  # [H, G, 2n]
+
+    # Ranking: forced lines (sink columns, local diagonals) first, then by mass.
+    # Only the head of the list matters; ``topk`` of a short prefix is much
+    # cheaper than a full sort, which is the fallback for diffuse heads.
+    forced = torch.cat([j < sink, j < local])
+    n_forced = int(forced.sum())
+    ranked = mass.masked_fill(forced, float("inf"))
+    target = alpha * col_mass.sum(-1, keepdim=True)  # [H, G, 1]; every cell is in one column
+    prefix = min(2 * n_ctx, max(1024, 2 * n_forced))
+    width = None
+    while True:
+        order = ranked.topk(prefix, dim=-1).indices if prefix < 2 * n_ctx else ranked.argsort(
+            dim=-1, descending=True)
+        # Lines past the prefix rank after every line in it.
+        rank = torch.full_like(mass, prefix, dtype=torch.long)
+        rank.scatter_(-1, order, torch.arange(prefix, device=dev).expand_as(order))
+        if width is None:
+            # The union needs at least as many lines as the standalone sums say.
+            cum = mass.gather(-1, order).cumsum(-1)
+            lower = torch.searchsorted(cum, target.clamp(max=cum[..., -1:])) + 1
+            width = 2 * int(lower.max()) + 64
+        width = min(width, prefix)
+        covered = _union_coverage(probs, order, rank, width, seg, pos, n_seg)  # [H, G, width]
+        reached = bool((covered[..., -1] >= target.squeeze(-1) * (1 - 1e-6)).all())
+        if reached or width == 2 * n_ctx:
+            break
+        if width < prefix:
+            width *= 2
+        else:
+            prefix = 2 * n_ctx  # a diffuse head: rank everything
+    n_lines = (covered < target * (1 - 1e-6)).sum(-1) + 1
+    n_lines = n_lines.clamp(min=n_forced, max=2 * n_ctx)
+
+    chosen = rank < n_lines[..., None]
+    return chosen[..., :n_ctx], chosen[..., n_ctx:]
+
+
+
+def _union_coverage(probs, order, rank, width, seg, pos, n_seg):
+    """``[H, G, width]``: exact sampled mass covered by the first ``k = 1..width`` lines.
+
+    Every cell of a row on one of the first ``width`` lines of its segment is
+    visited through that line and counted only through the earlier of its two
+    lines (its column and its diagonal), so shared cells count once.
+    """
+    n_heads, _, n_ctx = probs.shape
+    lines = order[..., :width][:, seg]  # [H, S, w]
+    is_col = lines < n_ctx
+    p = pos[None, :, None]
+    key = torch.where(is_col, lines, p - (lines - n_ctx))  # the cell's key on this row
+    valid = (key >= 0) & (key <= p)
+    key = key.clamp(0, n_ctx - 1)
+    other = torch.where(is_col, n_ctx + (p - key).clamp(min=0), key)  # the cell's other line
+    first = valid & (torch.arange(width, device=probs.device) < _rank_at(rank, seg, other))
+    mass = probs.gather(-1, key) * first
+    hist = probs.new_zeros(n_heads, n_seg, width).index_add_(1, seg, mass)
+    return hist.cumsum(-1)
+
+
+def _rank_at(rank, seg, line):
+    """``rank[h, seg[s], line[h, s, i]]`` for every ``(h, s, i)``."""
+    n_heads, n_seg, n_lines = rank.shape
+    flat = seg[None, :, None] * n_lines + line
+    return rank.view(n_heads, -1).gather(1, flat.view(n_heads, -1)).view_as(line)

@@ -3,7 +3,8 @@
 ``kernel(q [n_new, H, d], k [n_ctx, Hk, d], v [n_ctx, Hk, d], mask) -> [n_new, H, d]``
 
 * ``reference``: dense masked softmax (the oracle; small inputs only);
-* ``gather``: batched gather + matmul, the CPU path;
+* ``gather``: batched gather + matmul over each pair's keys;
+* ``flex``: compiled torch FlexAttention over the blocks + gathered single columns;
 * ``triton``: a Triton kernel (GPU; CPU under ``TRITON_INTERPRET=1``);
 * ``flashinfer``: FlashInfer's paged prefill, one request per (head, block) pair (GPU).
 """
@@ -22,6 +23,12 @@ def _triton(q, k, v, mask):
     return block_sparse_attention_triton(q, k, v, mask)
 
 
+def _flex(q, k, v, mask):
+    from .flex import block_sparse_attention_flex
+
+    return block_sparse_attention_flex(q, k, v, mask)
+
+
 def _flashinfer(q, k, v, mask):
     from .flashinfer_kernel import block_sparse_attention_flashinfer
 
@@ -31,6 +38,7 @@ def _flashinfer(q, k, v, mask):
 KERNELS = {
     "reference": block_sparse_attention_reference,
     "gather": block_sparse_attention_gather,
+    "flex": _flex,
     "triton": _triton,
     "flashinfer": _flashinfer,
 }

@@ -1,7 +1,7 @@
 """Fast CPU path: batched gather + matmul over each pair's keys.
 
-Every ``(head, query block)`` pair gathers the keys it visits (its blocks'
-tokens, then its single columns) into a padded buffer; pairs are sorted by key
+Every ``(head, query block)`` pair gathers the keys it visits
+(``BlockMask.key_lists``) into a padded buffer; pairs are sorted by key
 count and processed in batches under a memory budget, so padding stays small
 and there is no Python loop per head or per block, only per batch.  Inside a
 batch one ``bmm`` computes the scores, one softmax (fp32) and one ``bmm`` the
@@ -19,36 +19,13 @@ from ..block_mask import BlockMask
 DEFAULT_BUDGET = 64 << 20
 
 
-def pair_keys(mask: BlockMask) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat key positions of all pairs in CSR order, and ``indptr[pairs+1]``.
-
-    A pair's keys: the tokens of its blocks (ascending), then its columns.
-    Tokens past ``n_ctx`` in a ragged last block are kept as ``n_ctx`` (a pad
-    the kernel masks).
-    """
-    bs, dev = mask.block_size, mask.block_indptr.device
-    nblk = (mask.block_indptr[1:] - mask.block_indptr[:-1]).long()
-    ncol = (mask.col_indptr[1:] - mask.col_indptr[:-1]).long()
-    count = nblk * bs + ncol
-    indptr = torch.zeros(len(count) + 1, dtype=torch.long, device=dev)
-    indptr[1:] = count.cumsum(0)
-    keys = torch.empty(int(indptr[-1]), dtype=torch.long, device=dev)
-
-    pair_of_blk = torch.repeat_interleave(torch.arange(len(count), device=dev), nblk)
-    blk_rank = torch.arange(len(pair_of_blk), device=dev) - mask.block_indptr[:-1].long()[pair_of_blk]
-    blk_start = indptr[:-1][pair_of_blk] + blk_rank * bs  # where the block's tokens go
-    tok = mask.block_indices.long()[:, None] * bs + torch.arange(bs, device=dev)
-    keys[(blk_start[:, None] + torch.arange(bs, device=dev)).reshape(-1)] = tok.clamp(
-        max=mask.n_ctx).reshape(-1)
-
-    pair_of_col = torch.repeat_interleave(torch.arange(len(count), device=dev), ncol)
-    col_rank = torch.arange(len(pair_of_col), device=dev) - mask.col_indptr[:-1].long()[pair_of_col]
-    keys[indptr[:-1][pair_of_col] + nblk[pair_of_col] * bs + col_rank] = mask.col_indices.long()
-    return keys, indptr
-
-
 def block_sparse_attention_gather(q, k, v, mask: BlockMask, scale: float | None = None,
-                                  budget_bytes: int = DEFAULT_BUDGET) -> torch.Tensor:
+                                  budget_bytes: int = DEFAULT_BUDGET, return_lse: bool = False):
+    """Exact attention over the mask's keys; with ``return_lse`` also ``lse [n_new, H]``.
+
+    A pair with no keys (possible for a columns-only mask) gets output 0 and
+    log-sum-exp ``-inf``, so partial results can be merged with ``merge_partials``.
+    """
     n_new, n_heads, d = q.shape
     n_ctx, n_kv, _ = k.shape
     group = n_heads // n_kv
@@ -65,8 +42,9 @@ def block_sparse_attention_gather(q, k, v, mask: BlockMask, scale: float | None 
     qh[:, :n_new] = q.transpose(0, 1).to(cdt)
     qh = qh.view(n_heads * nqb, bs, d)
     out = torch.zeros(n_heads * nqb, bs, d, dtype=cdt, device=dev)
+    lse = torch.full((n_heads * nqb, bs), float("-inf"), dtype=cdt, device=dev)
 
-    keys, indptr = pair_keys(mask)
+    indptr, keys = mask.key_lists()
     count = indptr[1:] - indptr[:-1]
     order = torch.argsort(count, descending=True)
     sorted_count = count[order].tolist()
@@ -75,7 +53,7 @@ def block_sparse_attention_gather(q, k, v, mask: BlockMask, scale: float | None 
     row = torch.arange(bs, device=dev)
 
     start = 0
-    n_pairs = len(sorted_count)
+    n_pairs = sum(1 for c in sorted_count if c > 0)  # sorted descending: empty pairs last
     while start < n_pairs:
         width = max(sorted_count[start], 1)
         batch = max(1, budget_bytes // (bs * width * 4))
@@ -91,8 +69,21 @@ def block_sparse_attention_gather(q, k, v, mask: BlockMask, scale: float | None 
         qpos = qpos_base[pairs][:, None] + row[None, :]  # [P, bs]
         allowed = (kpos[:, None, :] <= qpos[:, :, None]) & (kpos < n_ctx)[:, None, :]
         scores.masked_fill_(~allowed, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)  # every row sees its own position
+        row_lse = torch.logsumexp(scores, dim=-1)  # [P, bs]; -inf for a row with no key
+        probs = torch.exp(scores - row_lse.clamp(min=-1e30)[..., None])
         out[pairs] = torch.bmm(probs, vb)
+        lse[pairs] = row_lse
         start = stop
-    out = out.view(n_heads, nqb * bs, d)[:, :n_new]
-    return out.transpose(0, 1).to(q.dtype)
+    out = out.view(n_heads, nqb * bs, d)[:, :n_new].transpose(0, 1).to(q.dtype)
+    if return_lse:
+        return out, lse.view(n_heads, nqb * bs)[:, :n_new].transpose(0, 1)
+    return out
+
+
+def merge_partials(out_a, lse_a, out_b, lse_b):
+    """Combine attention over two disjoint key sets from their outputs and log-sum-exps."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    safe = lse.clamp(min=-1e30)
+    wa = torch.exp(lse_a - safe)[..., None]
+    wb = torch.exp(lse_b - safe)[..., None]
+    return (out_a.float() * wa + out_b.float() * wb).to(out_a.dtype), lse

@@ -1,0 +1,175 @@
+"""Online prefill sparsification: accuracy, sparsity and input validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglang_loopserve.attention import (BlockMask, build_block_mask, sample_attention,
+                                        sample_query_rows, select_vertical_slash,
+                                        sparse_prefill_attention)
+from sglang_loopserve.attention.kernels import KERNELS
+from sglang_loopserve.attention.kernels.reference import (block_sparse_attention_reference,
+                                                          causal_attention)
+from sglang_loopserve.attention.synthetic import planted_qkv
+
+
+def rel_err(out, ref, rows=slice(None)):
+    out, ref = out[rows].double(), ref[rows].double()
+    return float((out - ref).norm() / ref.norm())
+
+
+def random_qkv(n_new, n_ctx, heads, kv_heads, d=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n_new, heads, d, generator=g), torch.randn(n_ctx, kv_heads, d, generator=g),
+            torch.randn(n_ctx, kv_heads, d, generator=g))
+
+
+SHAPES = [  # n_new, n_ctx, H, Hk, block
+    (100, 300, 4, 2, 32),  # GQA, n_new < n_ctx, nothing a multiple of the block
+    (64, 64, 2, 1, 16),  # n_new == n_ctx, exact blocks
+    (130, 130, 3, 3, 64),  # MHA, n_new == n_ctx, ragged
+    (1, 77, 9, 3, 16),  # a single new token
+    (257, 1000, 9, 3, 64),  # SmolLM2's head layout
+]
+
+
+@pytest.mark.parametrize("n_new, n_ctx, H, Hk, bs", SHAPES)
+def test_alpha_one_is_dense(n_new, n_ctx, H, Hk, bs):
+    q, k, v = random_qkv(n_new, n_ctx, H, Hk)
+    ref = causal_attention(q.double(), k.double(), v.double(), compute_dtype=torch.float64)
+    out, stats = sparse_prefill_attention(q, k, v, alpha=1.0, block_size=bs, return_stats=True)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert (out.double() - ref).abs().max() < 2e-4
+    assert stats.density == pytest.approx(1.0)
+
+
+def test_planted_structure_is_sparse_and_accurate():
+    p = planted_qkv(512, 2048)
+    ref = causal_attention(p.q, p.k, p.v)
+    out, stats = sparse_prefill_attention(p.q, p.k, p.v, alpha=0.95, return_stats=True)
+    assert stats.density < 0.5
+    assert rel_err(out, ref) < 0.1
+    assert 0 < stats.density <= 1
+    assert stats.head_density.shape == (4,) and stats.vertical_counts.shape == (4,)
+    # Every planted hot column is chosen (as a column or inside a visited block).
+    allowed = BlockMask.from_lines(select_vertical_slash(
+        sample_attention(p.q, p.k, sample_query_rows(512, 64)), 512, alpha=0.95,
+        block_size=64)).to_dense()
+    last_row = allowed[:, -1]  # [H, n_ctx]
+    for h in range(4):
+        assert last_row[h, p.columns[h // 2]].all()
+
+
+def test_density_falls_as_alpha_falls():
+    p = planted_qkv(512, 2048)
+    dens = [sparse_prefill_attention(p.q, p.k, p.v, alpha=a, return_stats=True)[1].density
+            for a in (0.5, 0.9, 0.99, 1.0)]
+    assert dens == sorted(dens) and dens[0] < dens[-1] == pytest.approx(1.0)
+
+
+def test_question_at_start_keeps_its_own_lines():
+    """64 question rows at the start of a 512-token turn look at other keys than the rest."""
+    p = planted_qkv(512, 2048, question_rows=64)
+    ref = causal_attention(p.q, p.k, p.v)
+    out, stats = sparse_prefill_attention(p.q, p.k, p.v, alpha=0.95, return_stats=True)
+    assert rel_err(out, ref, slice(0, 64)) < 0.1
+    assert rel_err(out, ref) < 0.1
+    assert stats.density < 0.6
+
+    # Control: lines estimated from the last queries alone (MInference's rule)
+    # miss the question's keys, so the test above can fail.
+    last_only = sample_attention(p.q, p.k, torch.arange(448, 512))
+    lines = select_vertical_slash(last_only, 512, alpha=0.95, block_size=64, rows_per_segment=64)
+    mask = BlockMask.from_lines(lines)
+    control = block_sparse_attention_reference(p.q, p.k, p.v, mask)
+    assert rel_err(control, ref, slice(0, 64)) > 0.3
+
+
+def test_union_coverage_counts_shared_cells_once():
+    """One row; a column and a diagonal through the same heavy cell: one line suffices."""
+    n = 64
+    probs = torch.zeros(1, 1, n)
+    probs[0, 0, 10] = 0.96  # cell (query at 63, key 10): column 10 and diagonal 53
+    probs[0, 0, 20] = 0.04
+    from sglang_loopserve.attention.estimate import AttentionSample
+
+    sample = AttentionSample(rows=torch.tensor([63]), positions=torch.tensor([63]), probs=probs)
+    lines = select_vertical_slash(sample, 64, alpha=0.95, block_size=16, sink=0, local=0)
+    assert int(lines.columns[0, -1].sum() + lines.diagonals[0, -1].sum()) == 1
+    # At 0.99, key 20 is needed too.  A greedy that counted the shared cell
+    # twice would stop after column 10 + diagonal 53 ("1.92") and miss key 20.
+    lines = select_vertical_slash(sample, 64, alpha=0.99, block_size=16, sink=0, local=0)
+    chosen_keys = set(lines.columns[0, -1].nonzero().flatten().tolist()) | {
+        63 - d for d in lines.diagonals[0, -1].nonzero().flatten().tolist()}
+    assert chosen_keys == {10, 20}
+
+
+def test_sampled_rows_cover_start_middle_end():
+    rows = sample_query_rows(512, 64)
+    assert rows.unique().numel() == rows.numel() == 128
+    assert (rows[-64:] == torch.arange(448, 512)).all()
+    assert rows[0] < 8 and rows[63] > 430  # strided over the rest
+    assert (sample_query_rows(40, 64) == torch.arange(40)).all()
+
+
+@pytest.mark.parametrize("name", ["gather", "reference"])
+@pytest.mark.parametrize("n_new, n_ctx, H, Hk, bs", SHAPES)
+def test_kernel_equals_reference_on_same_mask(name, n_new, n_ctx, H, Hk, bs):
+    q, k, v = random_qkv(n_new, n_ctx, H, Hk, seed=1)
+    mask, _ = build_block_mask(q, k, alpha=0.6, q_window=16, block_size=bs)
+    ref = block_sparse_attention_reference(q.double(), k.double(), v.double(), mask,
+                                           compute_dtype=torch.float64)
+    out = KERNELS[name](q, k, v, mask)
+    assert (out.double() - ref).abs().max() < 2e-4
+
+
+def test_kernels_on_planted_sparse_mask():
+    p = planted_qkv(200, 900, head_dim=64)
+    mask, _ = build_block_mask(p.q, p.k, alpha=0.9, q_window=32, block_size=32)
+    assert mask.density() < 0.8 and mask.col_indices.numel() > 0  # blocks and single columns
+    ref = block_sparse_attention_reference(p.q.double(), p.k.double(), p.v.double(), mask,
+                                           compute_dtype=torch.float64)
+    out = KERNELS["gather"](p.q, p.k, p.v, mask)
+    assert (out.double() - ref).abs().max() < 2e-4
+
+
+def test_block_mask_density_matches_dense_mask():
+    p = planted_qkv(300, 1000, head_dim=64)
+    mask, _ = build_block_mask(p.q, p.k, alpha=0.9, q_window=32, block_size=32)
+    dense = mask.to_dense()
+    assert torch.equal(mask.computed_pairs(), dense.sum((1, 2)))
+    assert mask.density() == pytest.approx(float(dense.sum()) / (4 * mask.causal_pairs()))
+
+
+def test_bf16_inputs():
+    p = planted_qkv(256, 1024, dtype=torch.bfloat16)
+    ref = causal_attention(p.q.float(), p.k.float(), p.v.float())
+    out = sparse_prefill_attention(p.q, p.k, p.v, alpha=1.0)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out.float(), ref) < 1e-2
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(alpha=0.0), "alpha"), (dict(alpha=1.5), "alpha"), (dict(alpha=-0.1), "alpha"),
+    (dict(q_window=0), "q_window"), (dict(block_size=48), "block_size"),
+    (dict(block_size=8), "block_size"), (dict(kernel="nope"), "kernel"),
+])
+def test_bad_parameters(kwargs, match):
+    q, k, v = random_qkv(8, 16, 2, 1)
+    with pytest.raises(ValueError, match=match):
+        sparse_prefill_attention(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("shapes, match", [
+    (((8, 3, 32), (16, 2, 32), (16, 2, 32)), "H % Hk"),
+    (((8, 2, 16), (16, 1, 32), (16, 1, 32)), "head dims"),
+    (((20, 2, 32), (16, 1, 32), (16, 1, 32)), "n_new"),
+    (((8, 2, 32), (16, 1, 32), (15, 1, 32)), "k and v"),
+    (((8, 2, 32), (16, 1, 32), (16, 1, 16)), "k and v"),
+    (((8, 64), (16, 1, 32), (16, 1, 32)), "q must be"),
+])
+def test_bad_shapes(shapes, match):
+    q, k, v = (torch.randn(*s) for s in shapes)
+    with pytest.raises(ValueError, match=match):
+        sparse_prefill_attention(q, k, v)
