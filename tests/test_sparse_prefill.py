@@ -113,7 +113,7 @@ def test_sampled_rows_cover_start_middle_end():
     assert (sample_query_rows(40, 64) == torch.arange(40)).all()
 
 
-@pytest.mark.parametrize("name", ["gather", "reference"])
+@pytest.mark.parametrize("name", ["gather", "flex", "reference"])
 @pytest.mark.parametrize("n_new, n_ctx, H, Hk, bs", SHAPES)
 def test_kernel_equals_reference_on_same_mask(name, n_new, n_ctx, H, Hk, bs):
     q, k, v = random_qkv(n_new, n_ctx, H, Hk, seed=1)
@@ -130,8 +130,9 @@ def test_kernels_on_planted_sparse_mask():
     assert mask.density() < 0.8 and mask.col_indices.numel() > 0  # blocks and single columns
     ref = block_sparse_attention_reference(p.q.double(), p.k.double(), p.v.double(), mask,
                                            compute_dtype=torch.float64)
-    out = KERNELS["gather"](p.q, p.k, p.v, mask)
-    assert (out.double() - ref).abs().max() < 2e-4
+    for name in ("gather", "flex"):
+        out = KERNELS[name](p.q, p.k, p.v, mask)
+        assert (out.double() - ref).abs().max() < 2e-4, name
 
 
 def test_block_mask_density_matches_dense_mask():

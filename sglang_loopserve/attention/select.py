@@ -135,26 +135,30 @@ def segment_lines(sample: AttentionSample, *, alpha: float, sink: int, local: in
     target = alpha * col_mass.sum(-1, keepdim=True)  # [H, G, 1]; every cell is in one column
     prefix = min(2 * n_ctx, max(1024, 2 * n_forced))
     width = None
-    while True:
+    while True:  # at most twice: a short prefix, then (diffuse heads) everything
         order = ranked.topk(prefix, dim=-1).indices if prefix < 2 * n_ctx else ranked.argsort(
             dim=-1, descending=True)
-        # Lines past the prefix rank after every line in it.
-        rank = torch.full_like(mass, prefix, dtype=torch.long)
-        rank.scatter_(-1, order, torch.arange(prefix, device=dev).expand_as(order))
         if width is None:
             # The union needs at least as many lines as the standalone sums say.
             cum = mass.gather(-1, order).cumsum(-1)
             lower = torch.searchsorted(cum, target.clamp(max=cum[..., -1:])) + 1
             width = 2 * int(lower.max()) + 64
-        width = min(width, prefix)
-        covered = _union_coverage(probs, order, rank, width, seg, pos, n_seg)  # [H, G, width]
-        reached = bool((covered[..., -1] >= target.squeeze(-1) * (1 - 1e-6)).all())
-        if reached or width == 2 * n_ctx:
-            break
-        if width < prefix:
+        # Lines past the prefix rank after every line in it.
+        rank = torch.full_like(mass, prefix, dtype=torch.long)
+        rank.scatter_(-1, order, torch.arange(prefix, device=dev).expand_as(order))
+        hist, done = [], 0  # the coverage histogram, grown in chunks of list positions
+        while True:
+            width = min(width, prefix)
+            hist.append(_union_hist(probs, order, rank, done, width, seg, pos, n_seg))
+            done = width
+            covered = torch.cat(hist, -1).cumsum(-1)  # [H, G, width]
+            reached = bool((covered[..., -1] >= target.squeeze(-1) * (1 - 1e-6)).all())
+            if reached or width == prefix:
+                break
             width *= 2
-        else:
-            prefix = 2 * n_ctx  # a diffuse head: rank everything
+        if reached or prefix == 2 * n_ctx:
+            break
+        prefix = 2 * n_ctx
     n_lines = (covered < target * (1 - 1e-6)).sum(-1) + 1
     n_lines = n_lines.clamp(min=n_forced, max=2 * n_ctx)
 
@@ -163,25 +167,25 @@ def segment_lines(sample: AttentionSample, *, alpha: float, sink: int, local: in
 
 
 
-def _union_coverage(probs, order, rank, width, seg, pos, n_seg):
-    """``[H, G, width]``: exact sampled mass covered by the first ``k = 1..width`` lines.
+def _union_hist(probs, order, rank, start, stop, seg, pos, n_seg):
+    """``[H, G, stop - start]``: sampled mass first covered by the line at each list position.
 
-    Every cell of a row on one of the first ``width`` lines of its segment is
-    visited through that line and counted only through the earlier of its two
-    lines (its column and its diagonal), so shared cells count once.
+    Every cell of a row on one of the lines at positions ``start..stop-1`` of
+    its segment's list is visited through that line and counted only through
+    the earlier of its two lines (its column and its diagonal), so shared cells
+    count once; the cumulated histogram is the exact union coverage.
     """
     n_heads, _, n_ctx = probs.shape
-    lines = order[..., :width][:, seg]  # [H, S, w]
+    lines = order[..., start:stop][:, seg]  # [H, S, w]
     is_col = lines < n_ctx
     p = pos[None, :, None]
     key = torch.where(is_col, lines, p - (lines - n_ctx))  # the cell's key on this row
     valid = (key >= 0) & (key <= p)
     key = key.clamp(0, n_ctx - 1)
     other = torch.where(is_col, n_ctx + (p - key).clamp(min=0), key)  # the cell's other line
-    first = valid & (torch.arange(width, device=probs.device) < _rank_at(rank, seg, other))
+    first = valid & (torch.arange(start, stop, device=probs.device) < _rank_at(rank, seg, other))
     mass = probs.gather(-1, key) * first
-    hist = probs.new_zeros(n_heads, n_seg, width).index_add_(1, seg, mass)
-    return hist.cumsum(-1)
+    return probs.new_zeros(n_heads, n_seg, stop - start).index_add_(1, seg, mass)
 
 
 def _rank_at(rank, seg, line):

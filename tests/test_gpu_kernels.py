@@ -1,4 +1,4 @@
-"""The Triton block-sparse kernel equals the torch reference on the same mask.
+"""The GPU kernels (Triton, FlashInfer) equal the torch reference on the same mask.
 
 On this CPU the kernel runs under ``TRITON_INTERPRET=1`` at small sizes.  The
 interpreter is chosen when a kernel is decorated, so the check runs in a
@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 CHECK = r"""
@@ -58,3 +59,21 @@ def test_triton_kernel_matches_reference():
     for r in results:
         tol = 2e-4 if r["case"][-1] == "float32" else 2e-2
         assert not r["nan"] and r["err"] < tol, r
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashInfer's kernels need a CUDA GPU")
+def test_flashinfer_kernel_matches_reference():
+    pytest.importorskip("flashinfer", reason="FlashInfer is not installed")
+    from sglang_loopserve.attention import build_block_mask
+    from sglang_loopserve.attention.kernels import KERNELS
+    from sglang_loopserve.attention.kernels.reference import block_sparse_attention_reference
+    from sglang_loopserve.attention.synthetic import planted_qkv
+
+    for n_new, n_ctx in [(777, 3001), (256, 256), (100, 2000)]:
+        p = planted_qkv(n_new, n_ctx, 9, 3, 64, diagonals=(0, 1, 300), seed=n_new)
+        q, k, v = (t.cuda() for t in (p.q, p.k, p.v))
+        mask, _ = build_block_mask(q, k, alpha=0.9, q_window=64, block_size=64)
+        ref = block_sparse_attention_reference(q.double(), k.double(), v.double(), mask,
+                                               compute_dtype=torch.float64)
+        out = KERNELS["flashinfer"](q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
+        assert float((out.double() - ref).norm() / ref.norm()) < 1e-2
