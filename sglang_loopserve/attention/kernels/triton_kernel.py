@@ -17,6 +17,30 @@ from ..block_mask import BlockMask
 
 
 @triton.jit
+def _online_softmax_step(q, K, V, keys, key_ok, ok, dims, dim_ok, kvh, stride_kt, stride_kh,
+                         scale, m_i, l_i, acc, IEEE: tl.constexpr):
+    """Fold one tile of gathered keys (``ok``: which scores count) into the running softmax."""
+    kv_mask = key_ok[:, None] & dim_ok[None, :]
+    k = tl.load(K + keys[:, None] * stride_kt + kvh * stride_kh + dims[None, :], mask=kv_mask, other=0.0)
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = tl.where(ok, s * scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
+    p = tl.exp(s - m_use[:, None])
+    corr = tl.exp(m_i - m_use)
+    l_i = l_i * corr + tl.sum(p, 1)
+    v = tl.load(V + keys[:, None] * stride_kt + kvh * stride_kh + dims[None, :], mask=kv_mask, other=0.0)
+    if IEEE:
+        acc = acc * corr[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * corr[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _block_sparse_fwd(
     Q, K, V, Out,
     block_indptr, block_indices, col_indptr, col_indices,
@@ -43,58 +67,23 @@ def _block_sparse_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     cols = tl.arange(0, BLOCK_N)
 
-    # Dense key blocks.
-    b_start = tl.load(block_indptr + pair)
-    b_end = tl.load(block_indptr + pair + 1)
-    for i in range(b_start, b_end):
-        kb = tl.load(block_indices + i)
-        keys = kb * BLOCK_N + cols
+    # Dense key blocks, causal against each query's position.
+    for i in range(tl.load(block_indptr + pair), tl.load(block_indptr + pair + 1)):
+        keys = tl.load(block_indices + i) * BLOCK_N + cols
         key_ok = keys < n_ctx
-        kv_mask = key_ok[:, None] & dim_ok[None, :]
-        k = tl.load(K + keys[:, None] * stride_kt + kvh * stride_kh + dims[None, :], mask=kv_mask, other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * scale
-        s = tl.where(key_ok[None, :] & (keys[None, :] <= qpos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
-        p = tl.exp(s - m_use[:, None])
-        corr = tl.exp(m_i - m_use)
-        l_i = l_i * corr + tl.sum(p, 1)
-        v = tl.load(V + keys[:, None] * stride_kt + kvh * stride_kh + dims[None, :], mask=kv_mask, other=0.0)
-        if IEEE:
-            acc = acc * corr[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * corr[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        ok = key_ok[None, :] & (keys[None, :] <= qpos[:, None])
+        m_i, l_i, acc = _online_softmax_step(q, K, V, keys, key_ok, ok, dims, dim_ok, kvh, stride_kt,
+                                             stride_kh, scale, m_i, l_i, acc, IEEE)
 
     # Single columns, gathered BLOCK_N at a time; all lie before the block.
-    c_start = tl.load(col_indptr + pair)
     c_end = tl.load(col_indptr + pair + 1)
-    for c in range(c_start, c_end, BLOCK_N):
+    for c in range(tl.load(col_indptr + pair), c_end, BLOCK_N):
         slot = c + cols
         slot_ok = slot < c_end
         keys = tl.load(col_indices + slot, mask=slot_ok, other=0)
-        kv_mask = slot_ok[:, None] & dim_ok[None, :]
-        k = tl.load(K + keys[:, None] * stride_kt + kvh * stride_kh + dims[None, :], mask=kv_mask, other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(slot_ok[None, :], s * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
-        p = tl.exp(s - m_use[:, None])
-        corr = tl.exp(m_i - m_use)
-        l_i = l_i * corr + tl.sum(p, 1)
-        v = tl.load(V + keys[:, None] * stride_kt + kvh * stride_kh + dims[None, :], mask=kv_mask, other=0.0)
-        if IEEE:
-            acc = acc * corr[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * corr[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        ok = (qpos[:, None] >= 0) & slot_ok[None, :]  # every row sees every column
+        m_i, l_i, acc = _online_softmax_step(q, K, V, keys, slot_ok, ok, dims, dim_ok, kvh, stride_kt,
+                                             stride_kh, scale, m_i, l_i, acc, IEEE)
 
     out = acc / l_i[:, None]
     tl.store(Out + rows[:, None] * stride_ot + h * stride_oh + dims[None, :],
