@@ -166,7 +166,6 @@ def segment_lines(sample: AttentionSample, *, alpha: float, sink: int, local: in
     return chosen[..., :n_ctx], chosen[..., n_ctx:]
 
 
-
 def _union_hist(probs, order, rank, start, stop, seg, pos, n_seg):
     """``[H, G, stop - start]``: sampled mass first covered by the line at each list position.
 
