@@ -1,1 +1,14 @@
-"""Decode-time KV compression and radix-cache eviction policies."""
+"""Decode-time KV compression (and, later, radix-cache eviction policies).
+
+Engine-agnostic: torch tensors in, tensors out; the SGLang backend drives it.
+"""
+
+from .batched import batched_decode_attention, select_decode_kv_batched
+from .decode import DecodeCompressor, attention_mass, decode_attention, keep_top, select_decode_kv
+from .methods import METHODS, FullAttention, KVScorer, LoopServe, ScoreContext, SnapKV, StreamingLLM
+
+__all__ = [
+    "DecodeCompressor", "FullAttention", "KVScorer", "LoopServe", "METHODS", "ScoreContext", "SnapKV",
+    "StreamingLLM", "attention_mass", "batched_decode_attention", "decode_attention", "keep_top",
+    "select_decode_kv", "select_decode_kv_batched",
+]

@@ -1,0 +1,202 @@
+"""Progressive decode KV compression and the baselines, engine-agnostic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglang_loopserve.cache_policy import (METHODS, DecodeCompressor, FullAttention, LoopServe,
+                                           ScoreContext, SnapKV, StreamingLLM,
+                                           batched_decode_attention, decode_attention,
+                                           select_decode_kv, select_decode_kv_batched)
+
+D = 64
+
+
+def unit(g, *shape):
+    x = torch.randn(*shape, D, generator=g)
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def planted(length=2000, heads=6, kv_heads=2, n_hot=40, seed=0):
+    """Keys with a hot set per KV head; queries that attend to it (logit ~ 12 above the rest)."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(length, kv_heads, D, generator=g) * 0.3
+    v = torch.randn(length, kv_heads, D, generator=g)
+    hot = torch.stack([torch.randperm(length - 200, generator=g)[:n_hot] + 100 for _ in range(kv_heads)])
+    u = unit(g, kv_heads)
+    for h in range(kv_heads):
+        k[hot[h], h] += u[h] * 4
+    return k, v, hot, u
+
+
+def queries(u, n, heads, strength=24.0, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    kv = u.shape[0]
+    q = torch.randn(n, heads, D, generator=g) * 0.3
+    q += strength * u.repeat_interleave(heads // kv, 0)[None]
+    return q
+
+
+def full_ref(q, k, v):
+    return decode_attention(q.double(), k.double(), v.double(), None, compute_dtype=torch.float64)
+
+
+def test_budget_at_least_length_is_exact():
+    k, v, _, u = planted(300)
+    q = queries(u, 16, 6)
+    idx = select_decode_kv(q, k, budget=300)
+    assert torch.equal(idx, torch.arange(300).expand(2, -1))
+    assert torch.equal(select_decode_kv(q, k, budget=5000), idx)
+    out = decode_attention(q[-1], k, v, idx)
+    assert (out.double() - full_ref(q[-1], k, v)).abs().max() < 2e-4
+    comp = DecodeCompressor(budget=400, interval=4, window=4)
+    comp.seed(None, 290)
+    for step in range(10):
+        length = 290 + step + 1
+        out = comp.attend(q[step], k[:length], v[:length])
+        assert (out.double() - full_ref(q[step], k[:length], v[:length])).abs().max() < 2e-4
+    assert comp.reselections == 2
+
+
+def test_planted_keys_recalled_sink_and_recent_kept():
+    k, v, hot, u = planted(4000)
+    q = queries(u, 16, 6)
+    idx = select_decode_kv(q, k, budget=256, sink=4, recent=32)
+    assert idx.shape == (2, 256)
+    for h in range(2):
+        kept = set(idx[h].tolist())
+        assert sum(int(x) in kept for x in hot[h]) >= 0.9 * hot.shape[1]
+        assert set(range(4)) <= kept and set(range(4000 - 32, 4000)) <= kept
+        assert idx[h].tolist() == sorted(kept)  # ascending, no duplicates
+    # The attention output over the selection is close to full attention.
+    out = decode_attention(q[-1], k, v, idx)
+    ref = full_ref(q[-1], k, v)
+    assert float((out.double() - ref).norm() / ref.norm()) < 0.05
+
+
+def test_topic_shift_followed_by_reselection_not_by_snapkv():
+    g = torch.Generator().manual_seed(3)
+    k, v, hot_a, u_a = planted(3000, seed=3)
+    hot_b = torch.stack([torch.randperm(2700, generator=g)[:40] + 150 for _ in range(2)])
+    u_b = unit(g, 2)
+    for h in range(2):
+        k[hot_b[h], h] += u_b[h] * 4
+    prompt_len = 2936
+    prompt_q = queries(u_a, 32, 6, seed=4)  # the prompt's question looks at A
+    gen = torch.cat([queries(u_a, 32, 6, seed=5), queries(u_b, 32, 6, seed=6)])  # then B
+    comp = DecodeCompressor(budget=400, interval=16, window=16, sink=4, recent=32)
+    comp.seed(None, prompt_len)
+    for t in range(64):
+        comp.attend(gen[t], k[: prompt_len + t + 1], v[: prompt_len + t + 1])
+    loop = comp.indices(prompt_len + 64)
+    snap = SnapKV(window=32).select(ScoreContext(k=k[: prompt_len + 64], prompt_len=prompt_len,
+                                                 prompt_q=prompt_q), budget=400)
+
+    def recall(idx, hot):
+        return min(sum(int(x) in set(idx[h].tolist()) for x in hot[h]) / hot.shape[1] for h in range(2))
+
+    assert comp.reselections == 4
+    assert recall(loop, hot_b) >= 0.9  # followed the shift
+    assert recall(snap, hot_a) >= 0.9 and recall(snap, hot_b) < 0.3  # selected once, on A
+
+
+def test_tokens_since_last_selection_are_attended_and_dropped_tokens_can_return():
+    k, v, hot, u = planted(1000)
+    comp = DecodeCompressor(budget=64, interval=8, window=8, sink=4, recent=8)
+    comp.seed(None, 900)
+    q = queries(u, 40, 6)
+    for t in range(8):
+        comp.attend(q[t], k[: 901 + t], v[: 901 + t])
+    first = comp.selection.clone()
+    idx = comp.indices(912)
+    assert set(range(908, 912)) <= set(idx[0].tolist())  # generated since the selection at 908
+    # A selection is an index subset: the keys themselves are untouched, and a
+    # position left out can be chosen again when the queries change.
+    other = queries(unit(torch.Generator().manual_seed(9), 2), 8, 6, seed=9)
+    for t in range(8, 16):
+        comp.attend(other[t - 8], k[: 901 + t], v[: 901 + t])
+    for t in range(16, 24):
+        comp.attend(q[t], k[: 901 + t], v[: 901 + t])
+    assert comp.reselections == 3
+    assert set(first[0, 4:20].tolist()) <= set(comp.selection[0].tolist())
+
+
+def test_seed_from_prefill_scores():
+    scores = torch.zeros(2, 500)
+    scores[:, 200:210] = 1.0
+    comp = DecodeCompressor(budget=50, interval=16, window=16, sink=4, recent=32)
+    comp.seed(scores, 500)
+    assert comp.seeded_from == "prefill"
+    assert set(range(200, 210)) <= set(comp.indices(500)[0].tolist())
+    comp.seed(None, 500)
+    assert comp.seeded_from == "full" and comp.indices(500) is None
+
+
+def test_batched_equals_per_request():
+    g = torch.Generator().manual_seed(7)
+    lengths = [700, 64, 1500, 333]
+    pool_k = torch.randn(4000, 2, D, generator=g)
+    pool_v = torch.randn(4000, 2, D, generator=g)
+    perm = torch.randperm(4000, generator=g)
+    slots = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    start = 0
+    for b, n in enumerate(lengths):
+        slots[b, :n] = perm[start: start + n]
+        start += n
+    recent_q = torch.randn(len(lengths), 8, 6, D, generator=g)
+    q = torch.randn(len(lengths), 6, D, generator=g)
+    lens = torch.tensor(lengths)
+    indptr, pos = select_decode_kv_batched(recent_q, pool_k, slots, lens, budget=100, sink=4, recent=16)
+    out = batched_decode_attention(q, pool_k, pool_v, slots, indptr, pos)
+    for b, n in enumerate(lengths):
+        k, v = pool_k[slots[b, :n]], pool_v[slots[b, :n]]
+        idx = select_decode_kv(recent_q[b], k, budget=100, sink=4, recent=16)
+        rows = [pos[indptr[b * 2 + h]: indptr[b * 2 + h + 1]] for h in range(2)]
+        assert all(torch.equal(rows[h], idx[h]) for h in range(2))
+        assert (out[b] - decode_attention(q[b], k, v, idx)).abs().max() < 1e-5
+
+
+def test_baselines_on_hand_made_case():
+    g = torch.Generator().manual_seed(11)
+    k = torch.randn(200, 1, D, generator=g) * 0.1
+    spike = unit(g, 1)[0]
+    k[50, 0] += spike * 3
+    ctx = ScoreContext(k=k, prompt_len=180, recent_q=(spike * 30).expand(4, 2, D),
+                       prompt_q=(spike * 30).expand(8, 2, D))
+    stream = StreamingLLM().select(ctx, budget=40, sink=4, recent=8)
+    assert stream[0].tolist() == list(range(4)) + list(range(164, 200))
+    snap = SnapKV(window=8, kernel=5).select(ctx, budget=40, sink=4, recent=8)[0].tolist()
+    assert {48, 49, 50, 51, 52} <= set(snap)  # the spike and its pooled neighbours
+    assert set(range(172, 200)) <= set(snap)  # observation window + generated tokens
+    loop = LoopServe().select(ctx, budget=13, sink=4, recent=8)[0].tolist()
+    assert 50 in loop and len(loop) == 13
+    assert FullAttention().select(ctx, budget=1)[0].tolist() == list(range(200))
+    assert set(METHODS) == {"loopserve", "snapkv", "streaming_llm", "full"}
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(budget=0), "budget"), (dict(budget=10, sink=4, recent=32), "sink \\+ recent"),
+    (dict(interval=0), "interval"), (dict(window=0), "window"),
+])
+def test_compressor_bad_parameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DecodeCompressor(**kwargs)
+
+
+def test_bad_inputs():
+    k = torch.randn(100, 2, D)
+    with pytest.raises(ValueError, match="budget"):
+        select_decode_kv(torch.randn(4, 6, D), k, budget=0)
+    with pytest.raises(ValueError, match="sink \\+ recent"):
+        select_decode_kv(torch.randn(4, 6, D), k, budget=20, sink=4, recent=32)
+    with pytest.raises(ValueError, match="H % Hk"):
+        select_decode_kv(torch.randn(4, 5, D), k, budget=50)
+    with pytest.raises(ValueError, match="head dims"):
+        select_decode_kv(torch.randn(4, 6, 32), k, budget=50)
+    with pytest.raises(ValueError, match="recent_q must be"):
+        select_decode_kv(torch.randn(6, D), k, budget=50)
+    with pytest.raises(ValueError, match="idx must be"):
+        decode_attention(torch.randn(6, D), k, k, torch.zeros(3, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="H % Hk"):
+        decode_attention(torch.randn(5, D), k, k, None)
