@@ -1,0 +1,110 @@
+"""Decode fidelity: how much of full attention's mass each selection keeps, on real SmolLM2.
+
+The embedded model answers the last turn of ``capture.build_conversation``
+(question at the start, middle or end of that turn) greedily for ``--steps``
+tokens; every layer's q/k of prompt + answer is captured.  At each decode step
+after the first ``interval`` ones, each method's selection at budget ``B`` is
+scored by the share of the step's full attention mass (per query head, over
+all keys it may see) that falls on the selected positions:
+
+* LoopServe: re-selected every ``interval`` steps from the last ``window``
+  output queries, plus every token generated since (``DecodeCompressor``);
+* SnapKV: selected once from the prompt's last 32 queries (pooling 5), plus
+  the generated tokens;
+* StreamingLLM: 4 sink tokens + the most recent.
+
+    python benchmarks/decode_fidelity.py [--budgets 512 1024] [--steps 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from capture import QUESTIONS, build_conversation, capture_qkv, load_model  # noqa: E402
+
+from sglang_loopserve.cache_policy import DecodeCompressor, ScoreContext, SnapKV, StreamingLLM  # noqa: E402
+
+METHOD_NAMES = ("loopserve", "snapkv", "streaming_llm")
+
+
+def kept_mass(q, k, idx):
+    """Mean over query heads of the softmax mass of ``q [H, d]`` over ``k [L, Hk, d]`` on ``idx [Hk, n]``."""
+    n_heads, d = q.shape
+    n_kv = k.shape[1]
+    p = torch.softmax(torch.einsum("hd,lhd->hl", q.float(), k.float().repeat_interleave(n_heads // n_kv, 1))
+                      * d**-0.5, dim=-1)
+    sel = torch.zeros(n_kv, k.shape[0], dtype=torch.bool)
+    sel[torch.arange(n_kv)[:, None], idx] = True
+    return float((p * sel.repeat_interleave(n_heads // n_kv, 0)).sum(-1).mean())
+
+
+def run_layer(layer, prompt_len, steps, budget, interval, window):
+    q, k = layer["q"], layer["k"]
+    comp = DecodeCompressor(budget=budget, interval=interval, window=window)
+    comp.seed(None, prompt_len)
+    ctx = ScoreContext(k=k[:prompt_len], prompt_len=prompt_len, prompt_q=q[prompt_len - 32:prompt_len])
+    snap = SnapKV(window=32).select(ctx, budget=budget)
+    stream = StreamingLLM().select(ctx, budget=budget)
+    kept = {m: [] for m in METHOD_NAMES}
+    for t in range(steps):
+        length = prompt_len + t + 1
+        qt = q[prompt_len + t]
+        if t >= interval:
+            since = torch.arange(prompt_len, length).expand(k.shape[1], -1)
+            kept["loopserve"].append(kept_mass(qt, k[:length], comp.indices(length)))
+            kept["snapkv"].append(kept_mass(qt, k[:length], torch.cat([snap, since], 1)))
+            stream_now = StreamingLLM().select(ScoreContext(k=k[:length], prompt_len=prompt_len), budget=budget)
+            kept["streaming_llm"].append(kept_mass(qt, k[:length], stream_now))
+        comp.observe(qt, k[:length])
+    return {m: sum(v) / len(v) for m, v in kept.items()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--budgets", type=int, nargs="+", default=[512, 1024])
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--interval", type=int, default=16)
+    p.add_argument("--window", type=int, default=16)
+    p.add_argument("--history-tokens", type=int, default=5700)
+    p.add_argument("--positions", nargs="+", default=list(QUESTIONS))
+    a = p.parse_args(argv)
+    torch.set_grad_enabled(False)
+    model, tok = load_model()
+    summary = {}
+    for position in a.positions:
+        conv = build_conversation(tok, position, history_tokens=a.history_tokens)
+        t0 = time.time()
+        gen = model.generate(conv.input_ids[None], max_new_tokens=a.steps, min_new_tokens=a.steps,
+                             do_sample=False)[0]
+        layers = capture_qkv(model, gen)
+        prompt_len = len(conv.input_ids)
+        print(f"\n== question at the {position}: prompt {prompt_len} tokens, {a.steps} generated "
+              f"({time.time() - t0:.0f} s): {tok.decode(gen[prompt_len:prompt_len + 24])!r}...", flush=True)
+        cols = [f"{m[:9]}@{b}" for b in a.budgets for m in METHOD_NAMES]
+        print(f"{'layer':>5} " + " ".join(f"{c:>16}" for c in cols))
+        for li, layer in enumerate(layers):
+            row = []
+            for b in a.budgets:
+                res = run_layer(layer, prompt_len, a.steps, b, a.interval, a.window)
+                for m in METHOD_NAMES:
+                    summary.setdefault((position, b, m), []).append(res[m])
+                    row.append(res[m])
+            print(f"{li:>5} " + " ".join(f"{x:>16.3f}" for x in row), flush=True)
+    print("\nmean share of full-attention mass kept (over layers, steps, query heads)")
+    print(f"{'question':>8} " + " ".join(f"{m[:9] + '@' + str(b):>16}" for b in a.budgets for m in METHOD_NAMES))
+    for position in a.positions:
+        vals = [sum(summary[position, b, m]) / len(summary[position, b, m]) for b in a.budgets for m in METHOD_NAMES]
+        print(f"{position:>8} " + " ".join(f"{x:>16.3f}" for x in vals))
+
+
+if __name__ == "__main__":
+    main()
