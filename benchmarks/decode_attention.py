@@ -14,31 +14,18 @@ steps, amortised).  SmolLM2's head layout: 9 query / 3 KV heads of 64.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from prefill_attention import timeit  # noqa: E402
 
 from sglang_loopserve.cache_policy import batched_decode_attention, select_decode_kv_batched  # noqa: E402
-
-
-def timeit(fn, device, repeats=5):
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main(argv=None):
@@ -72,12 +59,12 @@ def main(argv=None):
             rq = torch.randn(batch, a.window, H, d, generator=g).to(dev, dtype)
             kc = pool_k.view(batch, length, Hk, d).transpose(1, 2)
             vc = pool_v.view(batch, length, Hk, d).transpose(1, 2)
-            t_full = timeit(lambda: F.scaled_dot_product_attention(q[:, :, None], kc, vc, enable_gqa=True), dev)
+            t_full = timeit(lambda: F.scaled_dot_product_attention(q[:, :, None], kc, vc, enable_gqa=True), dev, 5)
             for budget in a.budgets:
                 if budget >= length:
                     continue
                 indptr, pos = select_decode_kv_batched(rq, pool_k, slots, lens, budget=budget)
-                t_sel = timeit(lambda: attend(q, pool_k, pool_v, slots, indptr, pos), dev)
+                t_sel = timeit(lambda: attend(q, pool_k, pool_v, slots, indptr, pos), dev, 5)
                 t_re = timeit(lambda: select_decode_kv_batched(rq, pool_k, slots, lens, budget=budget), dev,
                               repeats=3)
                 share = (t_re / a.interval) / (t_sel + t_re / a.interval)

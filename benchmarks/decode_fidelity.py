@@ -53,7 +53,6 @@ def run_layer(layer, prompt_len, steps, budget, interval, window):
     comp.seed(None, prompt_len)
     ctx = ScoreContext(k=k[:prompt_len], prompt_len=prompt_len, prompt_q=q[prompt_len - 32:prompt_len])
     snap = SnapKV(window=32).select(ctx, budget=budget)
-    stream = StreamingLLM().select(ctx, budget=budget)
     kept = {m: [] for m in METHOD_NAMES}
     for t in range(steps):
         length = prompt_len + t + 1
