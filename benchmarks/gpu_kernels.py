@@ -62,15 +62,14 @@ def main():
 
 def random_block_mask(heads, n_new, n_ctx, bs, density, device, seed=0):
     """Random visited blocks at about ``density`` of the causal blocks, plus each diagonal."""
-    from sglang_loopserve.attention.block_mask import BlockMask
+    from sglang_loopserve.attention.block_mask import BlockMask, query_block_span
 
     g = torch.Generator(device=device).manual_seed(seed)
     nqb, nkb = -(-n_new // bs), -(-n_ctx // bs)
-    q_last = (n_ctx - n_new + (torch.arange(nqb, device=device) + 1) * bs).clamp(max=n_ctx) - 1
-    q_first_blk = (n_ctx - n_new + torch.arange(nqb, device=device) * bs) // bs
+    q_first, q_last = query_block_span(n_new, n_ctx, bs, device)
     kb = torch.arange(nkb, device=device)
     causal = kb[None, :] <= (q_last // bs)[:, None]
-    diag = kb[None, :] >= q_first_blk[:, None]
+    diag = kb[None, :] >= (q_first // bs)[:, None]
     blocks = (torch.rand(heads, nqb, nkb, generator=g, device=device) < density) & causal | (diag & causal)
     cols = torch.zeros(heads, nqb, n_ctx, dtype=torch.bool, device=device)
     return BlockMask._from_dense(blocks, cols, n_new, n_ctx, bs)

@@ -30,6 +30,19 @@ import torch
 from .select import VerticalSlashLines
 
 
+def query_block_span(n_new: int, n_ctx: int, block_size: int, device=None):
+    """First and last absolute position of each query block: two ``[n_qblocks]`` tensors."""
+    first = n_ctx - n_new + torch.arange(-(-n_new // block_size), device=device) * block_size
+    return first, (first + block_size).clamp(max=n_ctx) - 1
+
+
+def per_key_block(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """View ``[..., n_ctx]`` as ``[..., n_kblocks, block_size]``, zero-padding a ragged last block."""
+    pad = -x.shape[-1] % block_size
+    x = torch.nn.functional.pad(x, (0, pad)) if pad else x
+    return x.view(*x.shape[:-1], -1, block_size)
+
+
 def _csr(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """CSR of a ``[R, C]`` bool matrix: ``indptr[R+1]`` and ascending column ids."""
     counts = mask.sum(-1)
@@ -68,12 +81,9 @@ class BlockMask:
         n_heads, n_qb, n_ctx = lines.columns.shape
         bs, n_new = lines.block_size, lines.n_new
         dev = lines.columns.device
-        off = n_ctx - n_new
         n_kb = -(-n_ctx // bs)
         promote = bs // 2 if promote_columns is None else promote_columns
-
-        q_first = off + torch.arange(n_qb, device=dev) * bs  # [nqb] first position
-        q_last = (q_first + bs).clamp(max=n_ctx) - 1  # last position
+        q_first, q_last = query_block_span(n_new, n_ctx, bs, dev)
         delta = torch.arange(n_ctx, device=dev)
         # Key block of the first and last key a diagonal touches; a diagonal
         # that lies wholly before key 0 goes to the dump slot n_kb.
@@ -95,10 +105,7 @@ class BlockMask:
         # Columns strictly before the query block; later ones are in its own
         # (visited) diagonal blocks or in its future.
         cols = lines.columns & (delta[None, None, :] < q_first[None, :, None])
-        per_block = cols.view(n_heads, n_qb, -1, bs).sum(-1) if n_ctx % bs == 0 else (
-            torch.zeros(n_heads, n_qb, n_kb, device=dev, dtype=torch.long).index_add_(
-                2, delta // bs, cols.long()))
-        blocks |= per_block >= promote
+        blocks |= per_key_block(cols, bs).sum(-1) >= promote
         cols &= ~blocks.repeat_interleave(bs, dim=-1)[..., :n_ctx]
 
         return cls._from_dense(blocks, cols, n_new, n_ctx, bs)
@@ -107,8 +114,7 @@ class BlockMask:
     def dense(cls, num_heads: int, n_new: int, n_ctx: int, block_size: int, device=None) -> "BlockMask":
         """Every causal block: attention over everything (``alpha == 1``)."""
         n_qb, n_kb = -(-n_new // block_size), -(-n_ctx // block_size)
-        q_last = (n_ctx - n_new + torch.arange(n_qb, device=device) * block_size + block_size).clamp(
-            max=n_ctx) - 1
+        _, q_last = query_block_span(n_new, n_ctx, block_size, device)
         blocks = torch.arange(n_kb, device=device)[None, :] <= (q_last // block_size)[:, None]
         blocks = blocks.expand(num_heads, -1, -1)
         cols = torch.zeros(num_heads, n_qb, n_ctx, dtype=torch.bool, device=device)
@@ -141,7 +147,7 @@ class BlockMask:
         rows = torch.repeat_interleave(torch.arange(H * nqb, device=dev),
                                        (self.col_indptr[1:] - self.col_indptr[:-1]).long())
         keys[rows, self.col_indices.long()] = True
-        q_last = (self.offset + (torch.arange(nqb, device=dev) + 1) * bs).clamp(max=self.n_ctx) - 1
+        _, q_last = query_block_span(self.n_new, self.n_ctx, bs, dev)
         keys &= torch.arange(self.n_ctx, device=dev)[None, :] <= q_last.repeat(H)[:, None]
         return keys
 

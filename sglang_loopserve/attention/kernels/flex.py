@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..block_mask import BlockMask
+from ..block_mask import BlockMask, per_key_block, query_block_span
 
 _compiled = None
 
@@ -39,9 +39,8 @@ def _flex_block_mask(mask: BlockMask):
     bs, dev, nqb = mask.block_size, mask.block_indptr.device, mask.n_qblocks
     keys = mask.pair_keys_dense()  # [H*nqb, n_ctx]
     n_kb = mask.n_kblocks
-    pad = n_kb * bs - mask.n_ctx
-    touched = torch.nn.functional.pad(keys, (0, pad)).view(mask.num_heads, nqb, n_kb, bs).any(-1)
-    q_first = mask.offset + torch.arange(nqb, device=dev) * bs
+    touched = per_key_block(keys, bs).any(-1).view(mask.num_heads, nqb, n_kb)
+    q_first, _ = query_block_span(mask.n_new, mask.n_ctx, bs, dev)
     k_end = (torch.arange(n_kb, device=dev) + 1) * bs - 1
     before = k_end[None, :] <= q_first[:, None]  # every key visible to every row
     full = mask.pair_blocks() & before

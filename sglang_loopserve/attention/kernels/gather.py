@@ -20,12 +20,8 @@ DEFAULT_BUDGET = 64 << 20
 
 
 def block_sparse_attention_gather(q, k, v, mask: BlockMask, scale: float | None = None,
-                                  budget_bytes: int = DEFAULT_BUDGET, return_lse: bool = False):
-    """Exact attention over the mask's keys; with ``return_lse`` also ``lse [n_new, H]``.
-
-    A pair with no keys (possible for a columns-only mask) gets output 0 and
-    log-sum-exp ``-inf``, so partial results can be merged with ``merge_partials``.
-    """
+                                  budget_bytes: int = DEFAULT_BUDGET) -> torch.Tensor:
+    """Exact attention over the mask's keys; every row sees at least its own position."""
     n_new, n_heads, d = q.shape
     n_ctx, n_kv, _ = k.shape
     group = n_heads // n_kv
@@ -42,7 +38,6 @@ def block_sparse_attention_gather(q, k, v, mask: BlockMask, scale: float | None 
     qh[:, :n_new] = q.transpose(0, 1).to(cdt)
     qh = qh.view(n_heads * nqb, bs, d)
     out = torch.zeros(n_heads * nqb, bs, d, dtype=cdt, device=dev)
-    lse = torch.full((n_heads * nqb, bs), float("-inf"), dtype=cdt, device=dev)
 
     indptr, keys = mask.key_lists()
     count = indptr[1:] - indptr[:-1]
@@ -53,7 +48,7 @@ def block_sparse_attention_gather(q, k, v, mask: BlockMask, scale: float | None 
     row = torch.arange(bs, device=dev)
 
     start = 0
-    n_pairs = sum(1 for c in sorted_count if c > 0)  # sorted descending: empty pairs last
+    n_pairs = len(sorted_count)
     while start < n_pairs:
         width = max(sorted_count[start], 1)
         batch = max(1, budget_bytes // (bs * width * 4))
@@ -69,21 +64,7 @@ def block_sparse_attention_gather(q, k, v, mask: BlockMask, scale: float | None 
         qpos = qpos_base[pairs][:, None] + row[None, :]  # [P, bs]
         allowed = (kpos[:, None, :] <= qpos[:, :, None]) & (kpos < n_ctx)[:, None, :]
         scores.masked_fill_(~allowed, float("-inf"))
-        row_lse = torch.logsumexp(scores, dim=-1)  # [P, bs]; -inf for a row with no key
-        probs = torch.exp(scores - row_lse.clamp(min=-1e30)[..., None])
-        out[pairs] = torch.bmm(probs, vb)
-        lse[pairs] = row_lse
+        out[pairs] = torch.bmm(torch.softmax(scores, dim=-1), vb)
         start = stop
-    out = out.view(n_heads, nqb * bs, d)[:, :n_new].transpose(0, 1).to(q.dtype)
-    if return_lse:
-        return out, lse.view(n_heads, nqb * bs)[:, :n_new].transpose(0, 1)
-    return out
-
-
-def merge_partials(out_a, lse_a, out_b, lse_b):
-    """Combine attention over two disjoint key sets from their outputs and log-sum-exps."""
-    lse = torch.logaddexp(lse_a, lse_b)
-    safe = lse.clamp(min=-1e30)
-    wa = torch.exp(lse_a - safe)[..., None]
-    wb = torch.exp(lse_b - safe)[..., None]
-    return (out_a.float() * wa + out_b.float() * wb).to(out_a.dtype), lse
+    out = out.view(n_heads, nqb * bs, d)[:, :n_new]
+    return out.transpose(0, 1).to(q.dtype)
