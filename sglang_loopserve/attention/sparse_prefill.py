@@ -52,6 +52,13 @@ def validate_prefill_inputs(q, k, v, alpha, q_window, block_size) -> None:
         raise ValueError("q must hold at least one new token (n_new >= 1)")
 
 
+def _now(device) -> float:
+    """Wall time after the device's queued work (GPU kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def build_block_mask(q, k, *, alpha, q_window, block_size, sink=4, local=None,
                      rows_per_segment=8, timings=None) -> tuple[BlockMask, torch.Tensor]:
     """Estimate, select and index: the ``BlockMask`` and per-segment line counts."""
@@ -61,17 +68,17 @@ def build_block_mask(q, k, *, alpha, q_window, block_size, sink=4, local=None,
         mask = BlockMask.dense(n_heads, n_new, k.shape[0], block_size, device=q.device)
         counts = torch.full((n_heads, 1, 2), k.shape[0], device=q.device)
         if timings is not None:
-            timings.update(estimate=0.0, index=time.perf_counter() - t0)
+            timings.update(estimate=0.0, index=_now(q.device) - t0)
         return mask, counts
     rows = sample_query_rows(n_new, q_window, device=q.device)
     sample = sample_attention(q, k, rows)
-    t1 = time.perf_counter()
+    t1 = _now(q.device) if timings is not None else 0.0
     lines = select_vertical_slash(sample, n_new, alpha=alpha, block_size=block_size, sink=sink,
                                   local=block_size if local is None else local,
                                   rows_per_segment=rows_per_segment)
     mask = BlockMask.from_lines(lines)
     if timings is not None:
-        timings.update(estimate=t1 - t0, index=time.perf_counter() - t1)
+        timings.update(estimate=t1 - t0, index=_now(q.device) - t1)
     return mask, lines.segment_counts
 
 
@@ -106,9 +113,7 @@ def sparse_prefill_attention(q, k, v, *, alpha: float = 0.95, q_window: int = 64
                                     block_size=block_size, sink=sink, local=local, timings=timings)
     t = time.perf_counter()
     out = KERNELS[name](q, k, v, mask)
-    if q.device.type == "cuda":
-        torch.cuda.synchronize(q.device)
-    timings["attention"] = time.perf_counter() - t
+    timings["attention"] = _now(q.device) - t
     if not return_stats:
         return out
     head_density = mask.head_density()
