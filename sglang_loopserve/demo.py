@@ -1,10 +1,13 @@
-"""``make run``: serve the embedded model on this CPU and hold a long conversation.
+"""``make run``: the same multi-turn conversation on stock SGLang and on LoopServe.
 
-Prepares the model, starts ``sglang.launch_server`` with a bounded KV pool,
-waits for ``/health``, runs the multi-turn program of
-``sglang_loopserve.frontends.multiturn`` and prints, per turn, the answer,
-prompt tokens, cached tokens (radix reuse) and latency.  The server is
-stopped on success, error, Ctrl-C or SIGTERM.
+Prepares the embedded model, then for each configuration starts
+``sglang.launch_server`` on this CPU (bounded KV pool), runs the program of
+``frontends.multiturn`` (a new document every turn: about 2K, 4K and 7K
+tokens of history before turns 2, 3 and 4; radix reuse on), stops the server,
+and finally prints a side-by-side table per turn: time to first token and
+decode rate (measured by the client, streaming), prefill density and decode
+KV attended / cached (``meta_info["loopserve"]``), and whether the greedy
+answers agree.  Servers are stopped on success, error, Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import textwrap
 import time
 
 from . import models
-from .frontends import connect, python_docs, run_document_chat
+from .frontends import GROWING_CONVERSATION, connect, run_growing_chat
 from .server import DEFAULT_MAX_TOTAL_TOKENS, SGLangServer, ServerStartError, raise_on_sigterm
 
 
@@ -23,22 +26,73 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m sglang_loopserve.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-path", help="model folder (default: the embedded SmolLM2)")
-    p.add_argument("--doc-tokens", type=int, default=3000,
-                   help="minimum length of the document, in tokens (default 3000)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per turn")
     p.add_argument("--max-total-tokens", type=int, default=DEFAULT_MAX_TOTAL_TOKENS,
                    help="KV pool size in tokens")
-    p.add_argument("--log", default="server.log", help="server log file")
+    p.add_argument("--only", choices=("stock", "loopserve"), help="run one configuration only")
+    p.add_argument("--log-prefix", default="server", help="server logs: <prefix>-<config>.log")
     p.add_argument("server_args", nargs=argparse.REMAINDER,
-                   help="after '--': extra arguments for sglang.launch_server")
+                   help="after '--': extra arguments for sglang.launch_server (both servers), "
+                        "e.g. -- --loopserve-alpha 0.9")
     args = p.parse_args(argv)
-    if args.doc_tokens < 1:
-        p.error("--doc-tokens must be >= 1")
     if args.max_tokens < 1:
         p.error("--max-tokens must be >= 1")
     if args.server_args[:1] == ["--"]:
         args.server_args = args.server_args[1:]
     return args
+
+
+def run_config(name, model_path, args):
+    """Start a server, hold the conversation, stop it: the turns."""
+    extra = list(args.server_args)
+    if name == "loopserve":
+        extra = ["--enable-loopserve"] + extra
+    else:
+        extra = [a for a in extra if not a.startswith("--loopserve")]
+    log = f"{args.log_prefix}-{name}.log"
+    server = SGLangServer(model_path, extra_args=extra, max_total_tokens=args.max_total_tokens,
+                          log_path=log)
+    t = time.monotonic()
+    print(f"[{name}] starting server on {server.url} (log: {log}) ...", flush=True)
+    with server:
+        print(f"[{name}] server healthy after {time.monotonic() - t:.1f} s", flush=True)
+        t = time.monotonic()
+        turns = run_growing_chat(connect(server.url, timing=True), max_tokens=args.max_tokens)
+        print(f"[{name}] conversation: {time.monotonic() - t:.1f} s; server stopped", flush=True)
+    return turns
+
+
+def _fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def print_report(results: dict) -> None:
+    stock, loop = results.get("stock"), results.get("loopserve")
+    ref = stock or loop
+    for i, (_, question) in enumerate(GROWING_CONVERSATION):
+        print(f"\n=== turn {i + 1}: {question}")
+        for name, turns in results.items():
+            print(f"  [{name}]")
+            print(textwrap.indent(turns[i].answer or "(empty)", "    "))
+    print("\nhistory = cached tokens of the turn (radix reuse); ttft = time to first token;"
+          "\ndensity = prefill pairs computed / causal pairs (mean over layers and heads);"
+          "\nKV = decode tokens attended / cached (mean per step over layers and KV heads)\n")
+    head = (f"{'turn':>4} {'prompt':>6} {'history':>7} | {'stock ttft':>10} {'tok/s':>6} | "
+            f"{'loopserve ttft':>14} {'tok/s':>6} {'density':>7} {'KV attended/cached':>19} | same")
+    print(head)
+    print("-" * len(head))
+    for i, r in enumerate(ref):
+        s = stock[i] if stock else None
+        lp = loop[i] if loop else None
+        ls = (lp.loopserve or {}) if lp else {}
+        kv = "-"
+        if ls.get("decode_tokens_cached"):
+            kv = f"{ls['decode_tokens_attended']:.0f} / {ls['decode_tokens_cached']:.0f}"
+        same = "-" if not (s and lp) else ("yes" if s.answer == lp.answer else "no")
+        print(f"{i + 1:>4} {r.prompt_tokens:>6} {r.cached_tokens:>7} | "
+              f"{_fmt(s and s.time_to_first_token_s, '10.2f')} {_fmt(s and s.decode_tokens_per_s, '6.1f')} | "
+              f"{_fmt(lp and lp.time_to_first_token_s, '14.2f')} {_fmt(lp and lp.decode_tokens_per_s, '6.1f')} "
+              f"{_fmt(ls.get('prefill_density'), '7.3f')} {kv:>19} | {same}")
 
 
 def main(argv=None) -> int:
@@ -47,31 +101,19 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     model_path = args.model_path or str(models.prepare())
     print(f"model: {model_path}  [{time.monotonic() - t0:.1f} s]", flush=True)
-    server = SGLangServer(model_path, extra_args=args.server_args,
-                          max_total_tokens=args.max_total_tokens, log_path=args.log)
-    t1 = time.monotonic()
-    print(f"starting server on {server.url} (log: {args.log}) ...", flush=True)
+    configs = [args.only] if args.only else ["stock", "loopserve"]
+    results = {}
     try:
-        with server:
-            print(f"server healthy after {time.monotonic() - t1:.1f} s", flush=True)
-            turns = run_document_chat(connect(server.url), python_docs(args.doc_tokens),
-                                      max_tokens=args.max_tokens)
+        for name in configs:
+            results[name] = run_config(name, model_path, args)
     except ServerStartError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; server stopped", file=sys.stderr)
         return 130
-    for i, t in enumerate(turns, 1):
-        print(f"\n=== turn {i}: {t.question}")
-        print(textwrap.indent(t.answer or "(empty)", "    "))
-        print(f"    prompt tokens {t.prompt_tokens}, cached tokens {t.cached_tokens}, "
-              f"generated {t.completion_tokens}, latency {t.latency_s:.2f} s")
-    print(f"\n{'turn':>4} {'prompt':>7} {'cached':>7} {'gen':>5} {'latency s':>10}")
-    for i, t in enumerate(turns, 1):
-        print(f"{i:>4} {t.prompt_tokens:>7} {t.cached_tokens:>7} {t.completion_tokens:>5} "
-              f"{t.latency_s:>10.2f}")
-    print(f"total {time.monotonic() - t0:.1f} s; server stopped")
+    print_report(results)
+    print(f"\ntotal {time.monotonic() - t0:.1f} s; servers stopped")
     return 0
 
 

@@ -31,3 +31,34 @@ def tokenizer(model_path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_path)
+
+
+def _loopserve_server(model_path, name, extra):
+    srv = SGLangServer(model_path, max_total_tokens=32768, extra_args=["--enable-loopserve", *extra],
+                       log_path=LOG_DIR / f"server-{name}.log")
+    return srv
+
+
+@pytest.fixture(scope="session")
+def loopserve_server(model_path):
+    """LoopServe at its default settings, with SGLang's Prometheus metrics on."""
+    with _loopserve_server(model_path, "loopserve", ["--enable-metrics"]) as srv:
+        yield srv
+
+
+#: Keep-everything settings: every attention cell in prefill, a decode budget above the context.
+KEEP_EVERYTHING = ["--loopserve-alpha", "1.0", "--loopserve-decode-budget", "100000"]
+
+
+@pytest.fixture(scope="session")
+def keep_all_server(model_path):
+    with _loopserve_server(model_path, "keep-all", KEEP_EVERYTHING) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def keep_all_chunked_server(model_path):
+    """Keep-everything with a prefill chunk far below the prompts' length."""
+    with _loopserve_server(model_path, "keep-all-chunked",
+                           KEEP_EVERYTHING + ["--chunked-prefill-size", "512"]) as srv:
+        yield srv

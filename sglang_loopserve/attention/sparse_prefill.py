@@ -25,6 +25,10 @@ class SparsePrefillStats:
     slash_counts: torch.Tensor  # [H] mean chosen diagonals per segment
     kernel: str
     timings: dict = field(default_factory=dict)  # seconds: estimate, index, attention
+    #: ``[Hk, n_ctx]`` estimated attention mass per key (summed over the sampled
+    #: rows and the query heads of each group); ``None`` when alpha = 1 (no estimate).
+    #: Seeds the decode selection (``DecodeCompressor.seed``).
+    key_scores: torch.Tensor | None = None
 
 
 def validate_prefill_inputs(q, k, v, alpha, q_window, block_size) -> None:
@@ -59,9 +63,8 @@ def _now(device) -> float:
     return time.perf_counter()
 
 
-def build_block_mask(q, k, *, alpha, q_window, block_size, sink=4, local=None,
-                     rows_per_segment=8, timings=None) -> tuple[BlockMask, torch.Tensor]:
-    """Estimate, select and index: the ``BlockMask`` and per-segment line counts."""
+def _plan(q, k, *, alpha, q_window, block_size, sink, local, rows_per_segment, timings):
+    """Estimate, select and index: ``(BlockMask, segment counts [H, S, 2], sample or None)``."""
     t0 = time.perf_counter()
     n_new, n_heads = q.shape[0], q.shape[1]
     if alpha >= 1.0:
@@ -69,7 +72,7 @@ def build_block_mask(q, k, *, alpha, q_window, block_size, sink=4, local=None,
         counts = torch.full((n_heads, 1, 2), k.shape[0], device=q.device)
         if timings is not None:
             timings.update(estimate=0.0, index=_now(q.device) - t0)
-        return mask, counts
+        return mask, counts, None
     rows = sample_query_rows(n_new, q_window, device=q.device)
     sample = sample_attention(q, k, rows)
     t1 = _now(q.device) if timings is not None else 0.0
@@ -79,7 +82,15 @@ def build_block_mask(q, k, *, alpha, q_window, block_size, sink=4, local=None,
     mask = BlockMask.from_lines(lines)
     if timings is not None:
         timings.update(estimate=t1 - t0, index=_now(q.device) - t1)
-    return mask, lines.segment_counts
+    return mask, lines.segment_counts, sample
+
+
+def build_block_mask(q, k, *, alpha, q_window, block_size, sink=4, local=None,
+                     rows_per_segment=8, timings=None) -> tuple[BlockMask, torch.Tensor]:
+    """Estimate, select and index: the ``BlockMask`` and per-segment line counts."""
+    mask, counts, _ = _plan(q, k, alpha=alpha, q_window=q_window, block_size=block_size, sink=sink,
+                            local=local, rows_per_segment=rows_per_segment, timings=timings)
+    return mask, counts
 
 
 def sparse_prefill_attention(q, k, v, *, alpha: float = 0.95, q_window: int = 64,
@@ -109,16 +120,19 @@ def sparse_prefill_attention(q, k, v, *, alpha: float = 0.95, q_window: int = 64
     if name not in KERNELS:
         raise ValueError(f"kernel must be 'auto' or one of {sorted(KERNELS)}, got {kernel!r}")
     timings: dict = {}
-    mask, counts = build_block_mask(q, k, alpha=float(alpha), q_window=q_window,
-                                    block_size=block_size, sink=sink, local=local, timings=timings)
+    mask, counts, sample = _plan(q, k, alpha=float(alpha), q_window=q_window, block_size=block_size,
+                                 sink=sink, local=local, rows_per_segment=8, timings=timings)
     t = time.perf_counter()
     out = KERNELS[name](q, k, v, mask)
     timings["attention"] = _now(q.device) - t
     if not return_stats:
         return out
     head_density = mask.head_density()
+    key_scores = None
+    if sample is not None:
+        key_scores = sample.probs.sum(1).view(k.shape[1], -1, k.shape[0]).sum(1)  # [Hk, n_ctx]
     stats = SparsePrefillStats(
         density=float(head_density.mean()), head_density=head_density,
         vertical_counts=counts[..., 0].float().mean(-1), slash_counts=counts[..., 1].float().mean(-1),
-        kernel=name, timings=timings)
+        kernel=name, timings=timings, key_scores=key_scores)
     return out, stats

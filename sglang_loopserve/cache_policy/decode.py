@@ -159,18 +159,26 @@ class DecodeCompressor:
         fresh = torch.arange(self.selected_at, length, device=self.selection.device)
         return torch.cat([self.selection, fresh.expand(self.selection.shape[0], -1)], dim=1)
 
-    def observe(self, q: torch.Tensor, k: torch.Tensor) -> None:
-        """Record this step's query ``[H, d]`` (cache ``k [L, Hk, d]`` includes its token);
-        re-select when ``interval`` tokens were generated since the last selection."""
+    def record(self, q: torch.Tensor) -> bool:
+        """Record this step's query ``[H, d]``; True when a re-selection is due
+        (``interval`` tokens generated since the last one)."""
         self._queries.append(q.detach())
         del self._queries[: -self.window]
         self.steps += 1
-        if self.steps % self.interval == 0:
-            recent_q = torch.stack(self._queries)  # [w, H, d]
-            self.selection = select_decode_kv(recent_q, k, budget=self.budget, sink=self.sink,
-                                              recent=self.recent)
-            self.selected_at = k.shape[0]
-            self.reselections += 1
+        return self.steps % self.interval == 0
+
+    def reselect(self, k: torch.Tensor) -> None:
+        """Re-select from the recorded queries over the whole cache ``k [L, Hk, d]``."""
+        recent_q = torch.stack(self._queries)  # [w, H, d]
+        self.selection = select_decode_kv(recent_q, k, budget=self.budget, sink=self.sink,
+                                          recent=self.recent)
+        self.selected_at = k.shape[0]
+        self.reselections += 1
+
+    def observe(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        """``record`` then, when due, ``reselect`` (cache ``k`` includes this step's token)."""
+        if self.record(q):
+            self.reselect(k)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One decode step: attention of ``q`` over the current selection, then bookkeeping."""

@@ -1,7 +1,11 @@
 """SGLang frontend programs and chat helpers."""
 
-from .documents import python_docs
-from .multiturn import DEFAULT_QUESTIONS, TurnResult, connect, document_chat, run_document_chat
+from .documents import module_doc, python_docs
+from .endpoint import LoopServeEndpoint
+from .multiturn import (DEFAULT_QUESTIONS, GROWING_CONVERSATION, TurnResult, chat, connect,
+                        document_messages, growing_messages, run_chat, run_document_chat,
+                        run_growing_chat)
 
-__all__ = ["python_docs", "DEFAULT_QUESTIONS", "TurnResult", "connect", "document_chat",
-           "run_document_chat"]
+__all__ = ["DEFAULT_QUESTIONS", "GROWING_CONVERSATION", "LoopServeEndpoint", "TurnResult", "chat",
+           "connect", "document_messages", "growing_messages", "module_doc", "python_docs",
+           "run_chat", "run_document_chat", "run_growing_chat"]

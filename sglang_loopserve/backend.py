@@ -1,0 +1,311 @@
+"""``LoopServeAttnBackend``: SGLang attention with LoopServe's two phases.
+
+It wraps the platform's own backend (``base``: torch-native on the CPU,
+FlashInfer or Triton on a GPU) and takes over only the requests it can make
+cheaper:
+
+* ``forward_extend``: a request whose sequence reaches ``min_prefill_len`` and
+  whose forward brings at least ``block_size`` new tokens runs its new tokens
+  over its whole cached prefix (radix hit or earlier chunks) with
+  ``sparse_prefill_attention``; the others run on ``base``.
+* ``forward_decode``: a request whose ``DecodeCompressor`` selection is smaller
+  than its cache reads only the selected tokens (``batched_decode_attention``,
+  one padded gather for the whole batch); the others run on ``base``.
+
+So with everything kept (``alpha`` 1, a budget above the context) or LoopServe
+disabled for a request, that request's numbers are exactly ``base``'s.
+
+Both phases share the KV pool: the backend never writes or frees KV other than
+the forward's own new tokens, so radix-shared prefixes are untouched; decode
+selection is a per-request index set.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+
+from .attention import sparse_prefill_attention
+from .attention.kernels import default_kernel
+from .cache_policy import batched_decode_attention
+from .config import LoopServeConfig
+from .request_state import RequestStats, live_requests, store
+
+logger = logging.getLogger(__name__)
+
+
+def causal_pairs(prefix: int, n_new: int) -> int:
+    """(query, key) pairs of ``n_new`` queries after ``prefix`` cached keys, causal."""
+    return n_new * prefix + n_new * (n_new + 1) // 2
+
+
+def _request(rid: str):
+    return live_requests.get(rid)
+
+
+def request_options(rid: str, default: LoopServeConfig) -> LoopServeConfig:
+    req = _request(rid)
+    return getattr(req, "loopserve_options", None) or default
+
+
+def request_stats(rid: str) -> RequestStats | None:
+    return getattr(_request(rid), "loopserve_stats", None)
+
+
+class LoopServeAttnBackend:
+    """One backend for the whole batch; ``base`` serves what LoopServe leaves dense.
+
+    Duck-types SGLang's ``AttentionBackend``: the methods LoopServe changes are
+    defined here, every other attribute (CUDA-graph hooks, metadata helpers)
+    is ``base``'s.
+    """
+
+    def __init__(self, model_runner, base, config: LoopServeConfig, metrics=None):
+        self.base = base
+        self.config = config
+        self.device = model_runner.device
+        self.req_to_token_pool = model_runner.req_to_token_pool
+        self.token_to_kv_pool = model_runner.token_to_kv_pool
+        self.num_layers = model_runner.model_config.num_hidden_layers
+        self.kernel = default_kernel(torch.device(self.device))
+        self.store = store
+        self.metrics = metrics
+        # The torch-native base computes one request at a time from plain
+        # tensors, so a subset of the batch can run on it exactly as stock
+        # would.  Other bases plan the whole batch in init_forward_metadata:
+        # they run it all and LoopServe overwrites its requests' rows.
+        self._base_subsets = hasattr(base, "_run_sdpa_forward_extend")
+        self._warm_up(model_runner)
+
+    def _warm_up(self, model_runner) -> None:
+        """Compile the sparse kernel now, not inside the first long turn's time to first token
+        (FlexAttention on the CPU compiles once per process, ~30 s cold)."""
+        cfg = model_runner.model_config
+        tp = max(getattr(model_runner, "tp_size", 1), 1)
+        heads = max(cfg.num_attention_heads // tp, 1)
+        kv_heads = max(cfg.get_num_kv_heads(tp), 1)
+        dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        dtype = getattr(model_runner, "dtype", torch.float32)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        n_new, n_ctx = 4 * self.config.block_size, 8 * self.config.block_size
+        q, k, v = (torch.randn(n, h, dim, generator=gen).to(self.device, dtype)
+                   for n, h in ((n_new, heads), (n_ctx, kv_heads), (n_ctx, kv_heads)))
+        t = time.perf_counter()
+        sparse_prefill_attention(q, k, v, alpha=0.5, q_window=self.config.q_window,
+                                 block_size=self.config.block_size, kernel=self.kernel)
+        logger.info("LoopServe: %s kernel ready in %.1f s", self.kernel, time.perf_counter() - t)
+
+    def __getattr__(self, name):
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    # ------------------------------------------------------------------ glue
+    def init_forward_metadata(self, forward_batch):
+        self.store.drop_missing()
+        self.base.init_forward_metadata(forward_batch)
+
+    def forward(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        mode = forward_batch.forward_mode
+        if mode.is_idle():
+            return q.new_empty(q.shape[0], layer.tp_q_head_num * layer.v_head_dim)
+        if not self._layer_supported(layer) or kwargs:
+            return self.base.forward(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+        if mode.is_decode():
+            return self.forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
+        if mode == type(mode).EXTEND:
+            return self.forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        # Mixed chunks, speculative verify/draft: stock path.
+        return self.base.forward(q, k, v, layer, forward_batch, save_kv_cache)
+
+    @staticmethod
+    def _layer_supported(layer) -> bool:
+        # Plain causal self-attention; sliding windows, cross attention, logit
+        # caps and differing q/v head dims stay on the base backend.
+        return (not getattr(layer, "is_cross_attention", False)
+                and (getattr(layer, "sliding_window_size", None) is None or layer.sliding_window_size < 0)
+                and not getattr(layer, "logit_cap", 0)
+                and layer.qk_head_dim == layer.v_head_dim)
+
+    def _scaled(self, q, layer):
+        # Our kernels use 1/sqrt(d); fold the layer's own scaling into q.
+        factor = layer.scaling * math.sqrt(layer.qk_head_dim)
+        return q if abs(factor - 1.0) < 1e-6 else q * factor
+
+    def _save_kv(self, layer, forward_batch, k, v):
+        from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+        self.token_to_kv_pool.set_kv_buffer(
+            layer, KVWriteLoc(forward_batch.out_cache_loc, getattr(self.base, "swa_out_cache_loc", None)),
+            k, v)
+
+    def _kv_of(self, layer, pool_idx: int, length: int, dtype):
+        slots = self.req_to_token_pool.req_to_token[pool_idx, :length].long()
+        k = self.token_to_kv_pool.get_key_buffer(layer.layer_id)[slots]
+        v = self.token_to_kv_pool.get_value_buffer(layer.layer_id)[slots]
+        return k.to(dtype), v.to(dtype)
+
+    # ---------------------------------------------------------------- extend
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        fb = forward_batch
+        rids = fb.rids or []
+        prefix_lens, new_lens = fb.extend_prefix_lens_cpu, fb.extend_seq_lens_cpu
+        seq_lens = fb.seq_lens_cpu.tolist()
+        plans = []  # (i, options, sparse?)
+        for i, rid in enumerate(rids):
+            opts = request_options(rid, self.config)
+            sparse = (opts.enabled and opts.alpha < 1.0 and seq_lens[i] >= opts.min_prefill_len
+                      and new_lens[i] >= self.config.block_size)
+            plans.append((i, opts, sparse))
+        sparse_idx = [i for i, _, s in plans if s]
+
+        if not sparse_idx:
+            o = self.base.forward_extend(q, k, v, layer, fb, save_kv_cache=save_kv_cache)
+        elif self._base_subsets:
+            if save_kv_cache:
+                self._save_kv(layer, fb, k, v)
+            o = torch.empty_like(q)
+            dense_idx = [i for i, _, s in plans if not s]
+            if dense_idx:
+                self._extend_subset_on_base(q, o, layer, fb, dense_idx)
+        else:
+            o = self.base.forward_extend(q, k, v, layer, fb, save_kv_cache=save_kv_cache)
+
+        q_ = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        o_ = o.view(-1, layer.tp_q_head_num, layer.v_head_dim)
+        starts = [0]
+        for n in new_lens:
+            starts.append(starts[-1] + n)
+        for i, opts, sparse in plans:
+            rid = rids[i]
+            stats = request_stats(rid)
+            if stats is not None:
+                stats.enabled, stats.num_layers = opts.enabled, self.num_layers
+            if not opts.enabled:
+                continue
+            # A prefill starts the turn's decode state afresh (at the first layer).
+            state = None if layer.layer_id == 0 else self.store.get(rid)
+            state = state or self.store.new_turn(rid, opts)
+            comp = state.compressor(layer.layer_id)
+            causal = causal_pairs(prefix_lens[i], new_lens[i]) * layer.tp_q_head_num
+            if not sparse:
+                comp.seed(None, seq_lens[i])
+                if stats is not None:
+                    stats.add_prefill(causal, causal, sparse=False)
+                continue
+            lo, hi = starts[i], starts[i + 1]
+            k_all, v_all = self._kv_of(layer, int(fb.req_pool_indices[i]), seq_lens[i], q.dtype)
+            out, st = sparse_prefill_attention(
+                self._scaled(q_[lo:hi], layer), k_all, v_all, alpha=opts.alpha, q_window=opts.q_window,
+                block_size=self.config.block_size, sink=opts.sink, kernel=self.kernel, return_stats=True)
+            o_[lo:hi] = out.to(o_.dtype)
+            comp.seed(st.key_scores, seq_lens[i])
+            select_s = st.timings.get("estimate", 0.0) + st.timings.get("index", 0.0)
+            if stats is not None:
+                stats.add_prefill(st.density * causal, causal, sparse=True, select_s=select_s)
+                stats.seeded_from = comp.seeded_from
+            if self.metrics is not None:
+                self.metrics.observe_prefill(st.density, select_s)
+        return o
+
+    def _extend_subset_on_base(self, q, o, layer, fb, idx):
+        """Stock torch-native attention for the requests ``idx`` of the batch."""
+        new_lens = fb.extend_seq_lens_cpu
+        starts = [0]
+        for n in new_lens:
+            starts.append(starts[-1] + n)
+        rows = torch.cat([torch.arange(starts[i], starts[i + 1], device=q.device) for i in idx])
+        sel = torch.tensor(idx, device=fb.seq_lens.device)
+        q_ = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)[rows]
+        o_sub = torch.empty_like(q_)
+        self.base._run_sdpa_forward_extend(
+            q_, o_sub, self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+            self.token_to_kv_pool.get_value_buffer(layer.layer_id), self.req_to_token_pool.req_to_token,
+            fb.req_pool_indices[sel], fb.seq_lens[sel], fb.extend_prefix_lens[sel], fb.extend_seq_lens[sel],
+            None, scaling=layer.scaling, enable_gqa=layer.tp_q_head_num != layer.tp_k_head_num,
+            causal=True)
+        o.view(-1, layer.tp_q_head_num, layer.v_head_dim)[rows] = o_sub
+
+    # ---------------------------------------------------------------- decode
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        fb = forward_batch
+        rids = fb.rids or []
+        seq_lens = fb.seq_lens_cpu.tolist()
+        q = q.reshape(-1, layer.tp_q_head_num * layer.qk_head_dim)
+        q_ = self._scaled(q.view(-1, layer.tp_q_head_num, layer.qk_head_dim), layer)
+        comps, sparse = {}, {}  # i -> compressor, i -> selected positions [Hk, n]
+        for i, rid in enumerate(rids):
+            req = _request(rid)
+            opts = request_options(rid, self.config)
+            if not opts.enabled or req is None or req.finished():
+                continue
+            state = self.store.get(rid) or self.store.new_turn(rid, opts)
+            comp = comps[i] = state.compressor(layer.layer_id)
+            idx = comp.indices(seq_lens[i])
+            if idx is not None and idx.shape[1] < seq_lens[i]:
+                sparse[i] = idx
+
+        if not sparse:
+            o = self.base.forward_decode(q, k, v, layer, fb, save_kv_cache=save_kv_cache)
+        elif self._base_subsets:
+            if save_kv_cache:
+                self._save_kv(layer, fb, k, v)
+            o = torch.empty_like(q)
+            dense_idx = [i for i in range(len(rids)) if i not in sparse]
+            if dense_idx:
+                sel = torch.tensor(dense_idx, device=fb.seq_lens.device)
+                o_sub = torch.empty_like(q[sel]).view(len(dense_idx), layer.tp_q_head_num, -1)
+                self.base._run_sdpa_forward_decode(
+                    q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)[sel], o_sub,
+                    self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+                    self.token_to_kv_pool.get_value_buffer(layer.layer_id),
+                    self.req_to_token_pool.req_to_token, fb.req_pool_indices[sel], fb.seq_lens[sel],
+                    None, scaling=layer.scaling, enable_gqa=layer.tp_q_head_num != layer.tp_k_head_num,
+                    causal=False)
+                o.view(-1, layer.tp_q_head_num, layer.v_head_dim)[sel] = o_sub
+        else:
+            o = self.base.forward_decode(q, k, v, layer, fb, save_kv_cache=save_kv_cache)
+
+        if sparse:
+            self._decode_selected(q_, o, layer, fb, sparse)
+        self._record(q_, layer, fb, comps, sparse, seq_lens)
+        return o
+
+    def _decode_selected(self, q_, o, layer, fb, sparse):
+        """Attention of the compressed requests over their selections, one batched call."""
+        order = sorted(sparse)
+        sel = torch.tensor(order, device=fb.seq_lens.device)
+        n_kv = layer.tp_k_head_num
+        counts = torch.tensor([sparse[i].shape[1] for i in order], device=q_.device)
+        indptr = torch.zeros(len(order) * n_kv + 1, dtype=torch.long, device=q_.device)
+        indptr[1:] = counts.repeat_interleave(n_kv).cumsum(0)
+        positions = torch.cat([sparse[i].reshape(-1) for i in order])
+        slots = self.req_to_token_pool.req_to_token[fb.req_pool_indices[sel].long()].long()
+        out = batched_decode_attention(
+            q_[sel], self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+            self.token_to_kv_pool.get_value_buffer(layer.layer_id), slots, indptr, positions)
+        o.view(-1, layer.tp_q_head_num, layer.v_head_dim)[sel] = out.to(o.dtype)
+
+    def _record(self, q_, layer, fb, comps, sparse, seq_lens):
+        """Feed each request's query to its compressor; re-select where due."""
+        for i, comp in comps.items():
+            rid = fb.rids[i]
+            stats = request_stats(rid)
+            if stats is not None:
+                attended = sparse[i].shape[1] if i in sparse else seq_lens[i]
+                stats.add_decode(attended, seq_lens[i])
+            if self.metrics is not None:
+                self.metrics.observe_decode(sparse[i].shape[1] if i in sparse else seq_lens[i], seq_lens[i])
+            if comp.record(q_[i].clone()):
+                t = time.perf_counter()
+                k_all, _ = self._kv_of(layer, int(fb.req_pool_indices[i]), seq_lens[i], q_.dtype)
+                comp.reselect(k_all)
+                dt = time.perf_counter() - t
+                if stats is not None:
+                    stats.reselections += 1
+                    stats.select_time_s += dt
+                if self.metrics is not None:
+                    self.metrics.observe_reselection(dt)

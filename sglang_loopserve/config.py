@@ -1,0 +1,122 @@
+"""LoopServe's settings: one dataclass for the server flags and the per-request overrides.
+
+The server-wide values come from ``--loopserve-*`` flags (``plugin.py``); a
+request may override some of them with ``custom_params={"loopserve": {...}}``.
+Both go through ``LoopServeConfig.validated``, so a bad value is reported the
+same way, naming the flag (start-up) or the field (HTTP 400).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, fields
+
+#: Environment variable carrying the launcher's resolved config (JSON) to the
+#: scheduler and detokenizer processes, which SGLang spawns with a fresh argv.
+CONFIG_ENV = "SGLANG_LOOPSERVE_CONFIG"
+
+#: Key of the per-request object inside ``custom_params``.
+REQUEST_KEY = "loopserve"
+
+
+class LoopServeConfigError(ValueError):
+    """A setting is out of range; ``field`` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class LoopServeConfig:
+    """Defaults from docs (method.md); every field has a ``--loopserve-<name>`` flag."""
+
+    enabled: bool = True
+    #: Prefill: fraction of the estimated attention mass the kept lines cover, in (0, 1].
+    alpha: float = 0.95
+    #: Prefill: last queries of the turn sampled for the estimate (plus as many strided).
+    q_window: int = 64
+    #: Prefill: query/key block size of the block-sparse kernel (power of two >= 16).
+    block_size: int = 64
+    #: Prefill: sequences shorter than this (cached + new tokens) run dense; so do
+    #: forwards with fewer than ``block_size`` new tokens.
+    min_prefill_len: int = 1024
+    #: Decode: cached tokens each KV head attends to between re-selections.
+    decode_budget: int = 1024
+    #: Decode: re-select every this many generated tokens.
+    decode_interval: int = 16
+    #: Decode: latest generated queries that score the cached tokens.
+    decode_window: int = 16
+    #: First tokens always kept (prefill columns and decode selection).
+    sink: int = 4
+    #: Decode: last tokens always kept.
+    recent: int = 32
+
+    # Fields a request may override through custom_params (block_size is fixed
+    # per server: the kernels are compiled for it).
+    REQUEST_FIELDS = ("enabled", "alpha", "q_window", "min_prefill_len", "decode_budget",
+                      "decode_interval", "decode_window", "sink", "recent")
+
+    def validated(self, name=lambda field: field) -> "LoopServeConfig":
+        """``self`` if every value is in range, else ``LoopServeConfigError``;
+        ``name(field)`` spells the field in the message (a flag, a JSON path)."""
+
+        def fail(field, why):
+            raise LoopServeConfigError(field, f"{name(field)} {why}, got {getattr(self, field)!r}")
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not isinstance(self.enabled, bool):
+            fail("enabled", "must be true or false")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) \
+                or not 0.0 < float(self.alpha) <= 1.0:
+            fail("alpha", "must be a number in (0, 1]")
+        for f in ("q_window", "decode_budget", "decode_interval", "decode_window"):
+            if not is_int(getattr(self, f)) or getattr(self, f) < 1:
+                fail(f, "must be an integer >= 1")
+        for f in ("min_prefill_len", "sink", "recent"):
+            if not is_int(getattr(self, f)) or getattr(self, f) < 0:
+                fail(f, "must be an integer >= 0")
+        bs = self.block_size
+        if not is_int(bs) or bs < 16 or bs & (bs - 1):
+            fail("block_size", "must be a power of two >= 16")
+        if self.decode_budget < self.sink + self.recent:
+            fail("decode_budget", f"must be >= sink + recent = {self.sink + self.recent}")
+        return self
+
+    def override(self, values: dict, name=lambda field: field) -> "LoopServeConfig":
+        """A copy with a request's ``values`` applied, validated; unknown keys are errors."""
+        if not isinstance(values, dict):
+            raise LoopServeConfigError("", f"{name('')} must be an object of settings, got "
+                                           f"{type(values).__name__}")
+        for key in values:
+            if key not in self.REQUEST_FIELDS:
+                raise LoopServeConfigError(key, f"{name(key)} is not a per-request setting; "
+                                                f"known: {', '.join(self.REQUEST_FIELDS)}")
+        return dataclasses.replace(self, **values).validated(name)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "LoopServeConfig":
+        return cls(**json.loads(text)).validated()
+
+    @classmethod
+    def from_env(cls) -> "LoopServeConfig | None":
+        """The launcher's config in this process, or ``None`` when LoopServe is off."""
+        text = os.environ.get(CONFIG_ENV)
+        return cls.from_json(text) if text else None
+
+
+#: ``field -> flag``; ``enabled`` is ``--enable-loopserve``.
+FLAGS = {f.name: ("--enable-loopserve" if f.name == "enabled" else "--loopserve-" + f.name.replace("_", "-"))
+         for f in fields(LoopServeConfig)}
+
+
+def request_field_name(field: str) -> str:
+    """How a per-request field is named in errors: its JSON path."""
+    return f"custom_params.{REQUEST_KEY}" + (f".{field}" if field else "")

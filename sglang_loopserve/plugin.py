@@ -1,0 +1,302 @@
+"""The SGLang plugin (entry point group ``sglang.srt.plugins``): ``--enable-loopserve``.
+
+SGLang runs ``register()`` in every one of its processes (launcher/HTTP server,
+scheduler, detokenizer) and then applies the hooks registered here.  No file
+of SGLang is edited.  What each hook does:
+
+* launcher: ``ServerArgs.add_cli_args`` gains the ``--loopserve-*`` flags (so
+  ``--help`` lists them); ``prepare_server_args`` validates them, disables
+  decode CUDA graphs for LoopServe on a GPU, and hands the resolved settings to
+  the child processes through ``SGLANG_LOOPSERVE_CONFIG``.
+* launcher: ``SamplingParams.verify`` checks ``custom_params["loopserve"]``, so
+  a bad per-request value is a 400 naming the field.
+* scheduler: ``_build_resolved_backend`` wraps the attention backend SGLang
+  resolved (torch-native on the CPU, FlashInfer/Triton on a GPU) in
+  ``LoopServeAttnBackend``; ``Req.__init__`` attaches the request's settings
+  and stats; ``release_kv_cache`` frees its decode state (finish, abort,
+  retraction); the output streamer puts the stats into ``meta_info["loopserve"]``;
+  ``/server_info`` reports the backend's state and the KV pool.
+
+Without ``--enable-loopserve`` every hook returns at once: SGLang is stock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pkgutil
+from dataclasses import dataclass, fields
+
+from .config import (CONFIG_ENV, FLAGS, REQUEST_KEY, LoopServeConfig, LoopServeConfigError,
+                     request_field_name)
+
+logger = logging.getLogger(__name__)
+
+# Where the hooks attach (checked at start-up: a missing one stops the launch).
+T_ADD_CLI_ARGS = "sglang.srt.server_args.ServerArgs.add_cli_args"
+T_PREPARE = "sglang.srt.server_args.prepare_server_args"
+T_VERIFY = "sglang.srt.sampling.sampling_params.SamplingParams.verify"
+T_BUILD_BACKEND = ("sglang.srt.model_executor.model_runner_components.attention_backend_setup."
+                   "_build_resolved_backend")
+T_REQ_INIT = "sglang.srt.managers.schedule_batch.Req.__init__"
+T_RELEASE = "sglang.srt.mem_cache.common.release_kv_cache"
+T_STREAM = ("sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer."
+            "_stream_output_generation")
+T_META = "sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info"
+T_INTERNAL_STATE = ("sglang.srt.managers.scheduler_components.internal_state."
+                    "SchedulerInternalStateController.get_internal_state")
+T_SCHEDULER_INIT = "sglang.srt.managers.scheduler.Scheduler.__init__"
+SCHEDULER_TARGETS = (T_BUILD_BACKEND, T_REQ_INIT, T_RELEASE, T_STREAM, T_INTERNAL_STATE)
+ALL_TARGETS = (T_ADD_CLI_ARGS, T_PREPARE, T_VERIFY, T_META, T_SCHEDULER_INIT) + SCHEDULER_TARGETS
+
+_DEFAULTS = LoopServeConfig()
+_TYPES = {"alpha": float}
+
+
+@dataclass(frozen=True)
+class LaunchSettings:
+    """What the launcher hands to its children (JSON in ``SGLANG_LOOPSERVE_CONFIG``)."""
+
+    config: LoopServeConfig
+    enable_metrics: bool = False
+
+    def to_env(self) -> str:
+        return json.dumps({"config": json.loads(self.config.to_json()),
+                           "enable_metrics": self.enable_metrics})
+
+    @classmethod
+    def from_env(cls) -> "LaunchSettings | None":
+        text = os.environ.get(CONFIG_ENV)
+        if not text:
+            return None
+        data = json.loads(text)
+        return cls(LoopServeConfig(**data["config"]).validated(), bool(data.get("enable_metrics")))
+
+
+_settings_cache: list = []
+
+
+def launch_settings() -> LaunchSettings | None:
+    """This process's settings (``None``: LoopServe is off)."""
+    if not _settings_cache:
+        _settings_cache.append(LaunchSettings.from_env())
+    return _settings_cache[0]
+
+
+# ---------------------------------------------------------------- CLI flags
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "LoopServe", "Sparse prefill over cached history and progressive decode KV compression "
+                     "for long multi-turn conversations (sglang-loopserve).")
+    group.add_argument(FLAGS["enabled"], action="store_true",
+                       help="Serve with LoopServe: sparse prefill and decode KV selection.")
+    helps = {
+        "alpha": "Prefill: fraction of the estimated attention mass the kept vertical/slash "
+                 "lines cover, in (0, 1]; 1 keeps everything.",
+        "q_window": "Prefill: last queries of a turn sampled to estimate attention (plus as many "
+                    "spread over the turn).",
+        "block_size": "Prefill: block size of the block-sparse kernel (power of two >= 16).",
+        "min_prefill_len": "Prefill: sequences shorter than this (cached + new tokens), and forwards "
+                           "with fewer new tokens than the block size, run dense.",
+        "decode_budget": "Decode: cached tokens each KV head reads between re-selections.",
+        "decode_interval": "Decode: re-select the attended tokens every this many generated tokens.",
+        "decode_window": "Decode: latest generated queries that score the cached tokens.",
+        "sink": "First tokens always kept (prefill columns and decode selection).",
+        "recent": "Decode: last tokens always kept.",
+    }
+    for f in fields(LoopServeConfig):
+        if f.name == "enabled":
+            continue
+        default = getattr(_DEFAULTS, f.name)
+        group.add_argument(FLAGS[f.name], type=_TYPES.get(f.name, int), default=default,
+                           metavar=f.name.upper(), help=f"{helps[f.name]} Default: {default}.")
+
+
+def parse_flags(argv) -> LoopServeConfig:
+    """The ``--loopserve-*`` settings in ``argv``; exits (status 2) naming a bad flag."""
+    parser = argparse.ArgumentParser(prog="sglang serve", add_help=False)
+    add_flags(parser)
+    ns, _ = parser.parse_known_args(argv)
+    values = {f.name: getattr(ns, FLAGS[f.name].lstrip("-").replace("-", "_"))
+              for f in fields(LoopServeConfig)}
+    try:
+        return LoopServeConfig(**values).validated(lambda field: FLAGS[field])
+    except LoopServeConfigError as exc:
+        parser.error(str(exc))
+
+
+def _check_targets() -> None:
+    missing = []
+    for target in ALL_TARGETS:
+        try:
+            pkgutil.resolve_name(target)
+        except (ImportError, AttributeError) as exc:
+            missing.append(f"{target} ({exc})")
+    if missing:
+        raise SystemExit("--enable-loopserve: this SGLang lacks what LoopServe hooks into: "
+                         + "; ".join(missing))
+
+
+def _on_add_cli_args(result, parser):
+    add_flags(parser)
+
+
+def _around_prepare_server_args(original, argv, *args, **kwargs):
+    config = parse_flags(argv)
+    if not config.enabled:
+        os.environ.pop(CONFIG_ENV, None)
+        _settings_cache.clear()
+        return original(argv, *args, **kwargs)
+    _check_targets()
+    argv = list(argv)
+    server_args = original(argv, *args, **kwargs)
+    if server_args.device not in (None, "cpu") and not _decode_graphs_disabled(argv):
+        # LoopServe's decode path has data-dependent shapes (per-request
+        # selections): it runs eagerly.  Prefill graphs are untouched.
+        server_args = original(argv + ["--cuda-graph-backend-decode", "disabled"], *args, **kwargs)
+        logger.info("LoopServe: decode CUDA graphs disabled (--cuda-graph-backend-decode disabled)")
+    settings = LaunchSettings(config, bool(getattr(server_args, "enable_metrics", False)))
+    os.environ[CONFIG_ENV] = settings.to_env()  # spawned children inherit it
+    _settings_cache.clear()
+    logger.info("LoopServe enabled: %s", config)
+    return server_args
+
+
+def _decode_graphs_disabled(argv) -> bool:
+    text = " ".join(argv)
+    return "--cuda-graph-backend-decode disabled" in text or "--disable-cuda-graph" in argv
+
+
+# ------------------------------------------------------- per-request params
+def request_options(custom_params, config: LoopServeConfig) -> LoopServeConfig:
+    """``config`` with a request's ``custom_params["loopserve"]`` applied (validated)."""
+    values = (custom_params or {}).get(REQUEST_KEY) if isinstance(custom_params, dict) else None
+    if values is None:
+        return config
+    return config.override(values, request_field_name)
+
+
+def _after_verify(result, sampling_params, *args, **kwargs):
+    settings = launch_settings()
+    if settings is not None:
+        request_options(sampling_params.custom_params, settings.config)  # raises -> HTTP 400
+
+
+def _after_req_init(result, req, *args, **kwargs):
+    settings = launch_settings()
+    if settings is None:
+        return
+    from .request_state import RequestStats, live_requests
+
+    try:
+        options = request_options(getattr(req.sampling_params, "custom_params", None), settings.config)
+    except LoopServeConfigError:  # verified by the tokenizer; never expected here
+        logger.exception("LoopServe: request %s has invalid settings; using the server's", req.rid)
+        options = settings.config
+    req.loopserve_options = options
+    req.loopserve_stats = RequestStats(enabled=options.enabled)
+    live_requests[req.rid] = req
+
+
+# ------------------------------------------------------------------ backend
+def _around_build_backend(original, *args, model_runner, resolved, **kwargs):
+    backend = original(*args, model_runner=model_runner, resolved=resolved, **kwargs)
+    settings = launch_settings()
+    if settings is None or getattr(resolved, "is_draft_override", False):
+        return backend
+    from .backend import LoopServeAttnBackend
+    from .metrics import LoopServeMetrics
+
+    metrics = LoopServeMetrics() if settings.enable_metrics else None
+    logger.info("LoopServe: wrapping %s", type(backend).__name__)
+    return LoopServeAttnBackend(model_runner, backend, settings.config, metrics=metrics)
+
+
+def _after_scheduler_init(result, scheduler, *args, **kwargs):
+    """Fail the launch if LoopServe was asked for but is not in place."""
+    if launch_settings() is None:
+        return
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from .backend import LoopServeAttnBackend
+
+    missing = [t for t in SCHEDULER_TARGETS if t not in HookRegistry._patched]
+    backend = getattr(getattr(getattr(scheduler, "tp_worker", None), "model_runner", None), "attn_backend", None)
+    if missing or not isinstance(backend, LoopServeAttnBackend):
+        raise RuntimeError(f"--enable-loopserve: LoopServe is not installed in the scheduler "
+                           f"(hooks not applied: {missing or 'none'}; attention backend: "
+                           f"{type(backend).__name__}); refusing to serve stock attention")
+
+
+def _after_release(result, req, *args, **kwargs):
+    if launch_settings() is None:
+        return
+    from .request_state import store
+
+    store.drop(req.rid)
+
+
+# -------------------------------------------------------------------- stats
+def _before_stream(streamer, reqs, *args, **kwargs):
+    if launch_settings() is None:
+        return None
+    for req in reqs:
+        stats = getattr(req, "loopserve_stats", None)
+        if stats is None:
+            continue
+        if req.customized_info is None:
+            req.customized_info = {}
+        # A per-token value: SGLang slices it to each emitted chunk (a
+        # request-level one would reach a streaming client with its first
+        # chunk only), so every slot holds the current summary.
+        summary = stats.summary()
+        req.customized_info[REQUEST_KEY] = [summary] * max(len(req.output_ids), 1)
+    return None
+
+
+def _after_meta_info(result, manager, meta_info, state, *args, **kwargs):
+    value = meta_info.get(REQUEST_KEY)
+    if isinstance(value, list):
+        # Accumulated per-token values; the latest is the request's summary.
+        latest = next((v for v in reversed(value) if v is not None), None)
+        if latest is None:
+            meta_info.pop(REQUEST_KEY)
+        else:
+            meta_info[REQUEST_KEY] = latest
+
+
+def _after_internal_state(result, controller, *args, **kwargs):
+    if launch_settings() is None:
+        return
+    from .request_state import store
+
+    scheduler = controller.scheduler
+    store.drop_missing()
+    result.internal_state[REQUEST_KEY] = {
+        "tracked_requests": len(store),
+        "kv_available_tokens": int(scheduler.token_to_kv_pool_allocator.available_size()),
+        "kv_evictable_tokens": int(scheduler.tree_cache.evictable_size()),
+    }
+
+
+# ------------------------------------------------------------------ entry point
+def register() -> None:
+    """Entry point: register the hooks (applied by SGLang right after)."""
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    hooks = [
+        (T_ADD_CLI_ARGS, _on_add_cli_args, HookType.AFTER),
+        (T_PREPARE, _around_prepare_server_args, HookType.AROUND),
+        (T_VERIFY, _after_verify, HookType.AFTER),
+        (T_BUILD_BACKEND, _around_build_backend, HookType.AROUND),
+        (T_SCHEDULER_INIT, _after_scheduler_init, HookType.AFTER),
+        (T_REQ_INIT, _after_req_init, HookType.AFTER),
+        (T_RELEASE, _after_release, HookType.AFTER),
+        (T_STREAM, _before_stream, HookType.BEFORE),
+        (T_META, _after_meta_info, HookType.AFTER),
+        (T_INTERNAL_STATE, _after_internal_state, HookType.AFTER),
+    ]
+    for target, fn, kind in hooks:
+        HookRegistry.register(target, fn, kind)

@@ -1,0 +1,125 @@
+"""What the scheduler process knows about each request LoopServe serves.
+
+* ``RequestStats`` lives on SGLang's ``Req`` (``req.loopserve_stats``), so it
+  survives a retraction and dies with the request; it becomes
+  ``meta_info["loopserve"]``.
+* ``DecodeState`` (one ``DecodeCompressor`` per layer) lives in
+  ``RequestStore``, keyed by request id; the backend creates it at a prefill
+  and the plugin drops it when SGLang releases the request's KV row (finish,
+  abort, retraction).
+* ``live_requests`` maps ids to their ``Req`` weakly: the backend only sees ids.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from dataclasses import dataclass, field
+
+from .cache_policy import DecodeCompressor
+from .config import LoopServeConfig
+
+#: rid -> Req, weakly: an entry disappears with its request, whatever path it took.
+live_requests: "weakref.WeakValueDictionary[str, object]" = weakref.WeakValueDictionary()
+
+
+@dataclass
+class RequestStats:
+    """Sums over layers (and heads, chunks, steps); ``summary()`` turns them into means."""
+
+    enabled: bool = True
+    num_layers: int = 1  # attention layers of the model (set by the backend)
+    prefill_pairs_computed: float = 0.0  # causal (query, key) pairs computed, summed over layers
+    prefill_pairs_causal: float = 0.0  # the same for dense attention
+    prefill_layer_forwards: int = 0
+    prefill_sparse_layer_forwards: int = 0
+    decode_layer_steps: int = 0
+    decode_tokens_attended: float = 0.0  # per layer-step: mean over KV heads of tokens read
+    decode_tokens_cached: float = 0.0  # per layer-step: tokens in the cache
+    reselections: int = 0  # per layer
+    select_time_s: float = 0.0  # prefill estimate + index, decode re-selection
+    seeded_from: str = "full"
+
+    def add_prefill(self, computed: float, causal: float, sparse: bool, select_s: float = 0.0):
+        self.prefill_pairs_computed += computed
+        self.prefill_pairs_causal += causal
+        self.prefill_layer_forwards += 1
+        self.prefill_sparse_layer_forwards += int(sparse)
+        self.select_time_s += select_s
+
+    def add_decode(self, attended: float, cached: int):
+        self.decode_layer_steps += 1
+        self.decode_tokens_attended += attended
+        self.decode_tokens_cached += cached
+
+    def summary(self) -> dict:
+        """The figures of ``meta_info["loopserve"]``."""
+        steps, num_layers = self.decode_layer_steps, self.num_layers
+        return {
+            "enabled": self.enabled,
+            # Mean over layers and heads, weighted by the causal pairs of each forward.
+            "prefill_density": (self.prefill_pairs_computed / self.prefill_pairs_causal
+                                if self.prefill_pairs_causal else None),
+            "prefill_sparse_fraction": (self.prefill_sparse_layer_forwards / self.prefill_layer_forwards
+                                        if self.prefill_layer_forwards else 0.0),
+            "decode_steps": steps // max(num_layers, 1),
+            "decode_tokens_attended": self.decode_tokens_attended / steps if steps else None,
+            "decode_tokens_cached": self.decode_tokens_cached / steps if steps else None,
+            "reselections": self.reselections // max(num_layers, 1),
+            "select_time_s": round(self.select_time_s, 6),
+            "seeded_from": self.seeded_from,
+        }
+
+
+@dataclass
+class DecodeState:
+    """A request's decode selection, one compressor per layer, for the current turn."""
+
+    options: LoopServeConfig
+    layers: dict = field(default_factory=dict)  # layer_id -> DecodeCompressor
+
+    def compressor(self, layer_id: int) -> DecodeCompressor:
+        comp = self.layers.get(layer_id)
+        if comp is None:
+            o = self.options
+            comp = self.layers[layer_id] = DecodeCompressor(
+                budget=o.decode_budget, interval=o.decode_interval, window=o.decode_window,
+                sink=o.sink, recent=o.recent)
+        return comp
+
+
+class RequestStore:
+    """``rid -> DecodeState`` for the requests in flight in this scheduler process."""
+
+    def __init__(self):
+        self._states: dict[str, DecodeState] = {}
+        self._lock = threading.Lock()  # the overlap scheduler releases from another thread
+
+    def new_turn(self, rid: str, options: LoopServeConfig) -> DecodeState:
+        """Fresh state: a prefill (a new turn, or a retracted request's redo) starts over."""
+        with self._lock:
+            state = self._states[rid] = DecodeState(options)
+        return state
+
+    def get(self, rid: str) -> DecodeState | None:
+        return self._states.get(rid)
+
+    def drop(self, rid: str) -> None:
+        with self._lock:
+            self._states.pop(rid, None)
+
+    def drop_missing(self) -> None:
+        """Forget states whose request object is gone (a backstop for exotic exit paths)."""
+        with self._lock:
+            for rid in [r for r in self._states if r not in live_requests]:
+                del self._states[rid]
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def __contains__(self, rid: str) -> bool:
+        return rid in self._states
+
+
+#: The store of this process (SGLang builds one attention backend per model runner).
+store = RequestStore()

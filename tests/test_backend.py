@@ -1,0 +1,152 @@
+"""``LoopServeAttnBackend`` in-process, on a fake KV pool: mixed batches against references.
+
+The backend only reads ``req_to_token``, the pool's key/value buffers and the
+forward batch's lengths, so small stand-ins exercise the same code SGLang runs.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from sglang_loopserve.attention import sparse_prefill_attention
+from sglang_loopserve.backend import LoopServeAttnBackend
+from sglang_loopserve.cache_policy import decode_attention
+from sglang_loopserve.config import LoopServeConfig
+from sglang_loopserve.request_state import RequestStats, live_requests, store
+
+H, HK, D, SLOTS = 4, 2, 16, 4096
+
+
+class Pool:
+    def __init__(self):
+        self.k = torch.zeros(SLOTS, HK, D)
+        self.v = torch.zeros(SLOTS, HK, D)
+
+    def get_key_buffer(self, layer_id):
+        return self.k
+
+    def get_value_buffer(self, layer_id):
+        return self.v
+
+    def set_kv_buffer(self, layer, loc, k, v):
+        self.k[loc.loc] = k.view(-1, HK, D)
+        self.v[loc.loc] = v.view(-1, HK, D)
+
+
+class Req:
+    def __init__(self, rid, options):
+        self.rid, self.loopserve_options = rid, options
+        self.loopserve_stats = RequestStats(enabled=options.enabled)
+        live_requests[rid] = self
+
+    def finished(self):
+        return False
+
+
+@pytest.fixture
+def setup():
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+    from sglang.srt.layers.radix_attention import AttentionType
+
+    pool = Pool()
+    req_to_token = torch.zeros(4, 2048, dtype=torch.int32)
+    runner = types.SimpleNamespace(
+        device="cpu", req_to_token_pool=types.SimpleNamespace(req_to_token=req_to_token),
+        token_to_kv_pool=pool, dtype=torch.float32, tp_size=1,
+        model_config=types.SimpleNamespace(num_hidden_layers=1, num_attention_heads=H, hidden_size=H * D,
+                                           head_dim=D, get_num_kv_heads=lambda tp: HK))
+    base = TorchNativeAttnBackend(runner)
+    config = LoopServeConfig(alpha=0.5, q_window=16, block_size=16, min_prefill_len=64,
+                             decode_budget=40, decode_interval=4, decode_window=4, sink=2, recent=4)
+    backend = LoopServeAttnBackend(runner, base, config)
+    layer = types.SimpleNamespace(layer_id=0, tp_q_head_num=H, tp_k_head_num=HK, qk_head_dim=D,
+                                  v_head_dim=D, scaling=D**-0.5, is_cross_attention=False,
+                                  sliding_window_size=-1, logit_cap=0, attn_type=AttentionType.DECODER)
+    yield types.SimpleNamespace(pool=pool, req_to_token=req_to_token, base=base, backend=backend,
+                                layer=layer, config=config)
+    for rid in ("sparse", "dense", "off"):
+        store.drop(rid)
+
+
+def _batch(mode, rids, pool_idx, prefix, new, out_loc):
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    seq = [p + n for p, n in zip(prefix, new)]
+    return types.SimpleNamespace(
+        forward_mode=ForwardMode.EXTEND if mode == "extend" else ForwardMode.DECODE, rids=rids,
+        req_pool_indices=torch.tensor(pool_idx), seq_lens=torch.tensor(seq), seq_lens_cpu=torch.tensor(seq),
+        extend_prefix_lens=torch.tensor(prefix), extend_prefix_lens_cpu=prefix,
+        extend_seq_lens=torch.tensor(new), extend_seq_lens_cpu=new, out_cache_loc=out_loc,
+        encoder_lens=None)
+
+
+def test_mixed_batch_extend_then_decode(setup):
+    s, gen = setup, torch.Generator().manual_seed(0)
+    cfg = s.config
+    reqs = [Req("sparse", cfg), Req("dense", cfg.override({"alpha": 1.0, "decode_budget": 1000}))]  # noqa: F841 (alive)
+    # Request 0: 160 cached + 96 new (sparse path); request 1: 40 new tokens (dense: short).
+    prefix, new = [160, 0], [96, 40]
+    s.req_to_token[0, :256] = torch.arange(256)
+    s.req_to_token[1, :40] = torch.arange(1000, 1040)
+    s.pool.k[:160] = torch.randn(160, HK, D, generator=gen)
+    s.pool.v[:160] = torch.randn(160, HK, D, generator=gen)
+    out_loc = torch.cat([torch.arange(160, 256), torch.arange(1000, 1040)])
+    q = torch.randn(136, H * D, generator=gen)
+    k = torch.randn(136, HK * D, generator=gen)
+    v = torch.randn(136, HK * D, generator=gen)
+    fb = _batch("extend", ["sparse", "dense"], [0, 1], prefix, new, out_loc)
+    o = s.backend.forward(q, k, v, s.layer, fb).view(-1, H, D)
+
+    ref_sparse = sparse_prefill_attention(q[:96].view(-1, H, D), s.pool.k[:256], s.pool.v[:256], alpha=0.5,
+                                          q_window=16, block_size=16, sink=2, kernel="reference")
+    torch.testing.assert_close(o[:96], ref_sparse, atol=2e-5, rtol=1e-4)
+    # The dense request is exactly what the base backend computes for it alone.
+    alone = s.base.forward_extend(q[96:], k[96:], v[96:], s.layer,
+                                  _batch("extend", ["dense"], [1], [0], [40], out_loc[96:]))
+    assert torch.equal(o[96:].reshape(40, -1), alone)
+    st = live_requests["sparse"].loopserve_stats.summary()
+    assert 0 < st["prefill_density"] < 1 and st["seeded_from"] == "prefill"
+    assert live_requests["dense"].loopserve_stats.summary()["prefill_density"] == 1.0
+
+    # Decode: the sparse request reads its 40-token selection; the other request reads everything.
+    s.req_to_token[0, 256] = 256
+    s.req_to_token[1, 40] = 1040
+    for step in range(6):
+        fb = _batch("decode", ["sparse", "dense"], [0, 1], [256 + step, 40 + step], [1, 1],
+                    torch.tensor([256 + step, 1040 + step]))
+        s.req_to_token[0, 256 + step] = 256 + step
+        s.req_to_token[1, 40 + step] = 1040 + step
+        qd = torch.randn(2, H * D, generator=gen)
+        kd = torch.randn(2, HK * D, generator=gen)
+        vd = torch.randn(2, HK * D, generator=gen)
+        comp = store.get("sparse").compressor(0)
+        idx = comp.indices(257 + step)
+        # Selection + every token since it (re-selected after the 4th step, at length 260).
+        fresh = step + 1 if step < 4 else step - 3
+        assert idx.shape == (HK, cfg.decode_budget + fresh)
+        o = s.backend.forward(qd, kd, vd, s.layer, fb).view(2, H, D)
+        rows = s.req_to_token[0, :257 + step].long()
+        ref = decode_attention(qd[0].view(H, D), s.pool.k[rows], s.pool.v[rows], idx)
+        torch.testing.assert_close(o[0], ref, atol=1e-5, rtol=1e-4)
+        rows1 = s.req_to_token[1, :41 + step].long()
+        dense = decode_attention(qd[1].view(H, D), s.pool.k[rows1], s.pool.v[rows1], None)
+        torch.testing.assert_close(o[1], dense, atol=1e-5, rtol=1e-4)
+    st = live_requests["sparse"].loopserve_stats.summary()
+    assert st["reselections"] == 1 and st["decode_steps"] == 6
+    assert st["decode_tokens_attended"] < st["decode_tokens_cached"]
+
+
+def test_disabled_request_is_the_base_backend(setup):
+    s, gen = setup, torch.Generator().manual_seed(1)
+    req = Req("off", s.config.override({"enabled": False}))  # noqa: F841 (kept alive)
+    s.req_to_token[2, :200] = torch.arange(2000, 2200)
+    q = torch.randn(200, H * D, generator=gen)
+    k = torch.randn(200, HK * D, generator=gen)
+    v = torch.randn(200, HK * D, generator=gen)
+    fb = _batch("extend", ["off"], [2], [0], [200], torch.arange(2000, 2200))
+    o = s.backend.forward(q, k, v, s.layer, fb)
+    assert torch.equal(o, s.base.forward_extend(q, k, v, s.layer, fb))
+    assert "off" not in store

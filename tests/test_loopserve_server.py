@@ -1,0 +1,202 @@
+"""``--enable-loopserve`` end to end: SGLang servers on this CPU with the embedded model.
+
+Acceptance of the integration issue: keep-everything = stock; defaults sparsify a
+long conversation; per-request control and 400s; concurrent conversations with
+client aborts leave no state and no KV behind; chunked = unchunked; flags.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+
+from sglang_loopserve.config import FLAGS
+from sglang_loopserve.frontends import (GROWING_CONVERSATION, connect, module_doc, python_docs,
+                                        run_chat, run_document_chat, run_growing_chat)
+
+DOC_TOKENS = 2500
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def document():
+    return python_docs(DOC_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def stock_turns(server, document):
+    return run_document_chat(connect(server.url), document, max_tokens=MAX_TOKENS)
+
+
+def answers(turns):
+    return [t.answer for t in turns]
+
+
+# 1 ---------------------------------------------------------------------------
+def test_keep_everything_is_identical_to_stock(keep_all_server, stock_turns, document):
+    turns = run_document_chat(connect(keep_all_server.url), document, max_tokens=MAX_TOKENS)
+    assert answers(turns) == answers(stock_turns)
+    for prev, cur in zip(turns, turns[1:]):
+        assert cur.cached_tokens >= prev.prompt_tokens  # radix reuse across turns
+    for t in turns:
+        assert t.loopserve["enabled"] is True
+        assert t.loopserve["prefill_density"] == 1.0
+        assert t.loopserve["decode_tokens_attended"] == t.loopserve["decode_tokens_cached"]
+
+
+# 5 ---------------------------------------------------------------------------
+def test_chunked_prefill_matches_unchunked(keep_all_chunked_server, stock_turns, document):
+    turns = run_document_chat(connect(keep_all_chunked_server.url), document, max_tokens=MAX_TOKENS)
+    assert turns[0].prompt_tokens > 4 * 512  # really chunked
+    assert answers(turns) == answers(stock_turns)
+
+
+# 2 ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def growing_turns(loopserve_server):
+    return run_growing_chat(connect(loopserve_server.url, timing=True),
+                            GROWING_CONVERSATION[:3], max_tokens=MAX_TOKENS)
+
+
+def test_defaults_sparsify_long_conversation(growing_turns):
+    turns = growing_turns
+    assert turns[2].cached_tokens > 4000  # > 2,000 tokens of history
+    for t in turns[1:]:
+        ls = t.loopserve
+        assert t.cached_tokens > 1800
+        assert 0.0 < ls["prefill_density"] < 1.0, ls
+        assert ls["decode_tokens_attended"] < ls["decode_tokens_cached"], ls
+        assert ls["seeded_from"] == "prefill"
+        assert ls["select_time_s"] > 0
+        assert t.answer.strip()
+        assert t.time_to_first_token_s > 0 and t.decode_tokens_per_s > 0
+    # A decode budget of 1024 out of > 4000 cached tokens: about a quarter read.
+    assert turns[2].loopserve["decode_tokens_attended"] < 0.5 * turns[2].loopserve["decode_tokens_cached"]
+
+
+def test_stats_exported_to_prometheus(loopserve_server, growing_turns):
+    text = requests.get(loopserve_server.url + "/metrics", timeout=30).text
+    for name in ("sglang:loopserve_prefill_density", "sglang:loopserve_select_seconds",
+                 "sglang:loopserve_decode_tokens_attended", "sglang:loopserve_decode_tokens_cached",
+                 "sglang:loopserve_reselections"):
+        assert name in text, name
+    attended = _metric(text, "sglang:loopserve_decode_tokens_attended_total")
+    cached = _metric(text, "sglang:loopserve_decode_tokens_cached_total")
+    assert 0 < attended < cached
+
+
+def _metric(text, name):
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+# 3 ---------------------------------------------------------------------------
+def test_request_disabled_is_identical_to_stock(loopserve_server, stock_turns, document):
+    backend = connect(loopserve_server.url, loopserve={"enabled": False})
+    turns = run_document_chat(backend, document, max_tokens=MAX_TOKENS)
+    assert answers(turns) == answers(stock_turns)
+    assert all(t.loopserve["enabled"] is False for t in turns)
+    assert all(t.loopserve["prefill_density"] is None for t in turns)
+
+
+def _generate(url, custom_params=None, **kw):
+    params = {"max_new_tokens": 4, "temperature": 0}
+    if custom_params is not None:
+        params["custom_params"] = custom_params
+    return requests.post(url + "/generate", json={"text": "Hello there", "sampling_params": params},
+                         timeout=120, **kw)
+
+
+@pytest.mark.parametrize("bad,field", [({"alpha": 1.5}, "alpha"), ({"alpha": 0}, "alpha"),
+                                       ({"decode_budget": 0}, "decode_budget"), ({"nope": 1}, "nope")])
+def test_invalid_request_settings_get_400(loopserve_server, bad, field):
+    r = _generate(loopserve_server.url, {"loopserve": bad})
+    assert r.status_code == 400, r.text
+    assert f"custom_params.loopserve.{field}" in r.text
+    ok = _generate(loopserve_server.url, {"loopserve": {"alpha": 0.9}})
+    assert ok.status_code == 200 and ok.json()["meta_info"]["loopserve"]["enabled"] is True
+
+
+# 4 ---------------------------------------------------------------------------
+SMALL_MODULES = ("fnmatch", "glob", "reprlib", "pprint", "shlex", "bisect", "copy", "string")
+
+
+def _state(url):
+    info = requests.get(url + "/server_info", timeout=30).json()
+    return info["internal_states"][0]["loopserve"]
+
+
+def _flush_and_count(url, deadline=120):
+    """Free KV tokens after the radix cache is flushed (waits for running requests)."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if requests.post(url + "/flush_cache", timeout=30).status_code == 200:
+            state = _state(url)
+            if state["kv_evictable_tokens"] == 0:
+                return state
+        time.sleep(1)
+    raise AssertionError("server did not become idle")
+
+
+def _conversation(url, shared_doc, i, abort, results):
+    """Three turns by raw /generate; ``abort``: drop the connection in turn 2."""
+    text = (f"<|im_start|>user\nDocument:\n\n{shared_doc}\n\nQuestion {i}: what is this document "
+            f"about?<|im_end|>\n<|im_start|>assistant\n")
+    messages = [f"Another document:\n\n{module_doc(SMALL_MODULES[i])}\n\nSummarise it.",
+                "Name one function from it."]
+    for turn in range(3):
+        params = {"max_new_tokens": 16, "temperature": 0}
+        if abort and turn == 1:
+            with requests.post(url + "/generate", json={"text": text, "sampling_params": params | {
+                    "max_new_tokens": 200}, "stream": True}, stream=True, timeout=300) as r:
+                for n, _ in enumerate(r.iter_lines()):
+                    if n >= 2:
+                        break  # client disconnect mid-generation
+            results[i] = "aborted"
+            return
+        r = requests.post(url + "/generate", json={"text": text, "sampling_params": params}, timeout=600)
+        r.raise_for_status()
+        text += r.json()["text"] + "<|im_end|>\n"
+        if turn < 2:
+            text += f"<|im_start|>user\n{messages[turn]}<|im_end|>\n<|im_start|>assistant\n"
+    results[i] = "done"
+
+
+def test_concurrent_conversations_with_aborts_leave_nothing_behind(loopserve_server):
+    url = loopserve_server.url
+    idle = _flush_and_count(url)
+    assert idle["tracked_requests"] == 0
+    shared = module_doc("textwrap")
+    results = {}
+    threads = [threading.Thread(target=_conversation, args=(url, shared, i, i in (1, 4, 6), results))
+               for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=900)
+    assert results == {i: ("aborted" if i in (1, 4, 6) else "done") for i in range(8)}
+    after = _flush_and_count(url)
+    assert after["tracked_requests"] == 0
+    assert after["kv_available_tokens"] == idle["kv_available_tokens"]
+    assert _generate(url).status_code == 200  # still serving
+
+
+# 6 ---------------------------------------------------------------------------
+def test_every_flag_in_launch_server_help():
+    out = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--help"], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for flag in FLAGS.values():
+        assert flag in out.stdout, flag
+
+
+def test_invalid_flag_fails_startup(model_path):
+    out = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path),
+                          "--device", "cpu", "--enable-loopserve", "--loopserve-alpha", "1.5"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0
+    assert "--loopserve-alpha must be a number in (0, 1], got 1.5" in out.stderr

@@ -1,0 +1,110 @@
+"""The plugin's pieces in-process: settings, flags, per-request overrides, endpoint, stats."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sglang_loopserve import plugin
+from sglang_loopserve.config import (CONFIG_ENV, FLAGS, LoopServeConfig, LoopServeConfigError,
+                                     request_field_name)
+from sglang_loopserve.request_state import RequestStats
+
+BAD_FLAG_VALUES = [
+    ("alpha", "0"), ("alpha", "1.5"), ("alpha", "-0.1"), ("q_window", "0"), ("block_size", "48"),
+    ("block_size", "8"), ("min_prefill_len", "-1"), ("decode_budget", "0"), ("decode_interval", "0"),
+    ("decode_window", "0"), ("sink", "-1"), ("recent", "-2"), ("decode_budget", "20"),
+]
+
+
+def test_defaults_follow_method_doc():
+    c = LoopServeConfig()
+    assert (c.alpha, c.q_window, c.block_size, c.decode_budget, c.decode_interval) == (0.95, 64, 64, 1024, 16)
+    assert c.decode_window == c.decode_interval
+    assert c.validated() is c
+
+
+@pytest.mark.parametrize("field,value", BAD_FLAG_VALUES)
+def test_each_invalid_flag_stops_startup_naming_it(field, value, capsys, monkeypatch):
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    called = []
+    argv = ["--model-path", "m", "--enable-loopserve", FLAGS[field], value]
+    with pytest.raises(SystemExit) as exc:
+        plugin._around_prepare_server_args(lambda a: called.append(a), argv)
+    assert exc.value.code == 2
+    assert FLAGS[field] in capsys.readouterr().err
+    assert not called  # SGLang never started
+    assert CONFIG_ENV not in __import__("os").environ
+
+
+def test_non_numeric_flag_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit):
+        plugin.parse_flags(["--loopserve-decode-budget", "many"])
+    assert "--loopserve-decode-budget" in capsys.readouterr().err
+
+
+def test_flags_reach_children_through_the_environment(monkeypatch):
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+
+    class Args:
+        device = "cpu"
+        enable_metrics = True
+
+    argv = ["--model-path", "m", "--enable-loopserve", "--loopserve-alpha", "0.9",
+            "--loopserve-decode-budget", "256"]
+    got = plugin._around_prepare_server_args(lambda a: Args(), argv)
+    assert isinstance(got, Args)
+    settings = plugin.LaunchSettings.from_env()
+    assert settings.config == LoopServeConfig(alpha=0.9, decode_budget=256)
+    assert settings.enable_metrics is True
+    # Without the flag, LoopServe is off in every process: hooks return at once.
+    plugin._around_prepare_server_args(lambda a: Args(), ["--model-path", "m"])
+    assert CONFIG_ENV not in __import__("os").environ
+
+
+def test_request_overrides_are_validated_naming_the_field():
+    base = LoopServeConfig()
+    assert plugin.request_options({"loopserve": {"alpha": 0.8}}, base).alpha == 0.8
+    assert plugin.request_options({"other": 1}, base) is base
+    assert plugin.request_options(None, base) is base
+    for bad, field in [({"alpha": 1.5}, "alpha"), ({"alpha": "high"}, "alpha"),
+                       ({"decode_budget": 0}, "decode_budget"), ({"enabled": "no"}, "enabled"),
+                       ({"block_size": 32}, "block_size"), ({"bogus": 1}, "bogus")]:
+        with pytest.raises(LoopServeConfigError) as exc:
+            plugin.request_options({"loopserve": bad}, base)
+        assert request_field_name(field) in str(exc.value)
+    with pytest.raises(ValueError, match="custom_params.loopserve must be an object"):
+        plugin.request_options({"loopserve": 0.5}, base)
+
+
+def test_endpoint_adds_settings_to_every_request_body():
+    from sglang_loopserve.frontends import LoopServeEndpoint
+
+    ep = LoopServeEndpoint.__new__(LoopServeEndpoint)
+    ep.loopserve = {"enabled": False}
+
+    class S:
+        images_ = []
+
+    data = {"text": "x", "sampling_params": {"max_new_tokens": 3, "custom_params": {"k": 1}}}
+    ep._add_images(S(), data)
+    assert data["sampling_params"]["custom_params"] == {"k": 1, "loopserve": {"enabled": False}}
+    with pytest.raises(LoopServeConfigError, match="custom_params.loopserve.alpha"):
+        LoopServeEndpoint("http://127.0.0.1:9", loopserve={"alpha": 2.0})
+
+
+def test_stats_summary_means():
+    s = RequestStats(num_layers=2)
+    s.add_prefill(computed=30, causal=100, sparse=True, select_s=0.5)
+    s.add_prefill(computed=100, causal=100, sparse=False)
+    for _ in range(3):  # 3 steps x 2 layers
+        s.add_decode(attended=10, cached=40)
+        s.add_decode(attended=20, cached=40)
+    out = s.summary()
+    assert out["prefill_density"] == pytest.approx(0.65)
+    assert out["prefill_sparse_fraction"] == 0.5
+    assert out["decode_steps"] == 3
+    assert out["decode_tokens_attended"] == pytest.approx(15)
+    assert out["decode_tokens_cached"] == 40
+    json.dumps(out)  # travels in meta_info
