@@ -162,18 +162,7 @@ class LoopServeAttnBackend:
             plans.append((i, opts, sparse))
         sparse_idx = [i for i, _, s in plans if s]
 
-        if not sparse_idx:
-            o = self.base.forward_extend(q, k, v, layer, fb, save_kv_cache=save_kv_cache)
-        elif self._base_subsets:
-            if save_kv_cache:
-                self._save_kv(layer, fb, k, v)
-            o = torch.empty_like(q)
-            dense_idx = [i for i, _, s in plans if not s]
-            if dense_idx:
-                self._extend_subset_on_base(q, o, layer, fb, dense_idx)
-        else:
-            o = self.base.forward_extend(q, k, v, layer, fb, save_kv_cache=save_kv_cache)
-
+        o = self._run_base(False, q, k, v, layer, fb, save_kv_cache, taken=set(sparse_idx))
         q_ = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
         o_ = o.view(-1, layer.tp_q_head_num, layer.v_head_dim)
         starts = [0]
@@ -211,6 +200,36 @@ class LoopServeAttnBackend:
                 self.metrics.observe_prefill(st.density, select_s)
         return o
 
+    def _run_base(self, decode, q, k, v, layer, fb, save_kv_cache, taken):
+        """The base backend's output for every request LoopServe does not ``take``.
+
+        With a torch-native base, only those requests run on it (exactly as
+        stock would run them); other bases run the whole batch and LoopServe
+        overwrites its own requests' rows afterwards.
+        """
+        whole = self.base.forward_decode if decode else self.base.forward_extend
+        if not taken or not self._base_subsets:
+            return whole(q, k, v, layer, fb, save_kv_cache=save_kv_cache)
+        if save_kv_cache:
+            self._save_kv(layer, fb, k, v)
+        o = torch.empty_like(q)
+        rest = [i for i in range(len(fb.rids)) if i not in taken]
+        if rest:
+            (self._decode_subset_on_base if decode else self._extend_subset_on_base)(q, o, layer, fb, rest)
+        return o
+
+    def _decode_subset_on_base(self, q, o, layer, fb, idx):
+        """Stock torch-native decode attention for the requests ``idx`` of the batch."""
+        sel = torch.tensor(idx, device=fb.seq_lens.device)
+        o_sub = torch.empty_like(q[sel]).view(len(idx), layer.tp_q_head_num, -1)
+        self.base._run_sdpa_forward_decode(
+            q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)[sel], o_sub,
+            self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+            self.token_to_kv_pool.get_value_buffer(layer.layer_id), self.req_to_token_pool.req_to_token,
+            fb.req_pool_indices[sel], fb.seq_lens[sel], None, scaling=layer.scaling,
+            enable_gqa=layer.tp_q_head_num != layer.tp_k_head_num, causal=False)
+        o.view(-1, layer.tp_q_head_num, layer.v_head_dim)[sel] = o_sub
+
     def _extend_subset_on_base(self, q, o, layer, fb, idx):
         """Stock torch-native attention for the requests ``idx`` of the batch."""
         new_lens = fb.extend_seq_lens_cpu
@@ -234,8 +253,7 @@ class LoopServeAttnBackend:
         fb = forward_batch
         rids = fb.rids or []
         seq_lens = fb.seq_lens_cpu.tolist()
-        q = q.reshape(-1, layer.tp_q_head_num * layer.qk_head_dim)
-        q_ = self._scaled(q.view(-1, layer.tp_q_head_num, layer.qk_head_dim), layer)
+        q_ = self._scaled(q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim), layer)
         comps, sparse = {}, {}  # i -> compressor, i -> selected positions [Hk, n]
         for i, rid in enumerate(rids):
             req = _request(rid)
@@ -248,27 +266,8 @@ class LoopServeAttnBackend:
             if idx is not None and idx.shape[1] < seq_lens[i]:
                 sparse[i] = idx
 
-        if not sparse:
-            o = self.base.forward_decode(q, k, v, layer, fb, save_kv_cache=save_kv_cache)
-        elif self._base_subsets:
-            if save_kv_cache:
-                self._save_kv(layer, fb, k, v)
-            o = torch.empty_like(q)
-            dense_idx = [i for i in range(len(rids)) if i not in sparse]
-            if dense_idx:
-                sel = torch.tensor(dense_idx, device=fb.seq_lens.device)
-                o_sub = torch.empty_like(q[sel]).view(len(dense_idx), layer.tp_q_head_num, -1)
-                self.base._run_sdpa_forward_decode(
-                    q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)[sel], o_sub,
-                    self.token_to_kv_pool.get_key_buffer(layer.layer_id),
-                    self.token_to_kv_pool.get_value_buffer(layer.layer_id),
-                    self.req_to_token_pool.req_to_token, fb.req_pool_indices[sel], fb.seq_lens[sel],
-                    None, scaling=layer.scaling, enable_gqa=layer.tp_q_head_num != layer.tp_k_head_num,
-                    causal=False)
-                o.view(-1, layer.tp_q_head_num, layer.v_head_dim)[sel] = o_sub
-        else:
-            o = self.base.forward_decode(q, k, v, layer, fb, save_kv_cache=save_kv_cache)
-
+        q = q.reshape(-1, layer.tp_q_head_num * layer.qk_head_dim)
+        o = self._run_base(True, q, k, v, layer, fb, save_kv_cache, taken=set(sparse))
         if sparse:
             self._decode_selected(q_, o, layer, fb, sparse)
         self._record(q_, layer, fb, comps, sparse, seq_lens)
@@ -277,13 +276,14 @@ class LoopServeAttnBackend:
     def _decode_selected(self, q_, o, layer, fb, sparse):
         """Attention of the compressed requests over their selections, one batched call."""
         order = sorted(sparse)
-        sel = torch.tensor(order, device=fb.seq_lens.device)
+        sel = torch.tensor(order, device=q_.device)
         n_kv = layer.tp_k_head_num
         counts = torch.tensor([sparse[i].shape[1] for i in order], device=q_.device)
         indptr = torch.zeros(len(order) * n_kv + 1, dtype=torch.long, device=q_.device)
         indptr[1:] = counts.repeat_interleave(n_kv).cumsum(0)
         positions = torch.cat([sparse[i].reshape(-1) for i in order])
-        slots = self.req_to_token_pool.req_to_token[fb.req_pool_indices[sel].long()].long()
+        pool_idx = fb.req_pool_indices[torch.tensor(order, device=fb.req_pool_indices.device)]
+        slots = self.req_to_token_pool.req_to_token[pool_idx.long()].long()
         out = batched_decode_attention(
             q_[sel], self.token_to_kv_pool.get_key_buffer(layer.layer_id),
             self.token_to_kv_pool.get_value_buffer(layer.layer_id), slots, indptr, positions)

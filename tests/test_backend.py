@@ -150,3 +150,111 @@ def test_disabled_request_is_the_base_backend(setup):
     o = s.backend.forward(q, k, v, s.layer, fb)
     assert torch.equal(o, s.base.forward_extend(q, k, v, s.layer, fb))
     assert "off" not in store
+
+
+class _Mode:
+    """Stand-in for SGLang's ForwardMode (the GPU image has no SGLang)."""
+
+    EXTEND, DECODE = "extend", "decode"
+
+    def __init__(self, name):
+        self.name = name
+
+    def is_idle(self):
+        return False
+
+    def is_decode(self):
+        return self.name == "decode"
+
+    def __eq__(self, other):
+        return self.name == other
+
+
+_Mode.EXTEND, _Mode.DECODE = _Mode("extend"), _Mode("decode")
+
+
+class DenseBase:
+    """A whole-batch base backend, like FlashInfer/Triton on a GPU: writes KV, dense causal attention."""
+
+    def __init__(self, pool, req_to_token):
+        self.pool, self.req_to_token = pool, req_to_token
+
+    def init_forward_metadata(self, fb):
+        pass
+
+    def _run(self, q, k, v, fb, decode):
+        self.pool.k[fb.out_cache_loc] = k.view(-1, HK, D).to(self.pool.k.dtype)
+        self.pool.v[fb.out_cache_loc] = v.view(-1, HK, D).to(self.pool.v.dtype)
+        out, start = torch.empty_like(q).view(-1, H, D), 0
+        for i, n in enumerate([1] * len(fb.rids) if decode else fb.extend_seq_lens_cpu):
+            length = int(fb.seq_lens_cpu[i])
+            rows = self.req_to_token[int(fb.req_pool_indices[i]), :length].long()
+            qi = q.view(-1, H, D)[start:start + n].float().transpose(0, 1)
+            ki = self.pool.k[rows].float().repeat_interleave(H // HK, 1).transpose(0, 1)
+            vi = self.pool.v[rows].float().repeat_interleave(H // HK, 1).transpose(0, 1)
+            mask = torch.arange(length, device=q.device)[None, :] <= (length - n + torch.arange(n, device=q.device))[:, None]
+            p = torch.softmax((qi @ ki.transpose(1, 2) * D**-0.5).masked_fill(~mask, float("-inf")), -1)
+            out[start:start + n] = (p @ vi).transpose(0, 1).to(q.dtype)
+            start += n
+        return out.view(q.shape[0], -1)
+
+    def forward_extend(self, q, k, v, layer, fb, save_kv_cache=True):
+        return self._run(q, k, v, fb, decode=False)
+
+    def forward_decode(self, q, k, v, layer, fb, save_kv_cache=True):
+        return self._run(q, k, v, fb, decode=True)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_whole_batch_base_path(device):
+    """The GPU-shaped path: base runs the whole batch, LoopServe overwrites its requests' rows."""
+    gen = torch.Generator().manual_seed(2)
+    pool = Pool()
+    pool.k, pool.v = pool.k.to(device), pool.v.to(device)
+    req_to_token = torch.zeros(2, 2048, dtype=torch.int32, device=device)
+    runner = types.SimpleNamespace(
+        device=device, req_to_token_pool=types.SimpleNamespace(req_to_token=req_to_token),
+        token_to_kv_pool=pool, dtype=torch.float16 if device == "cuda" else torch.float32, tp_size=1,
+        model_config=types.SimpleNamespace(num_hidden_layers=1, num_attention_heads=H, hidden_size=H * D,
+                                           head_dim=D, get_num_kv_heads=lambda tp: HK))
+    config = LoopServeConfig(alpha=0.5, q_window=16, block_size=16, min_prefill_len=64, decode_budget=40,
+                             decode_interval=4, decode_window=4, sink=2, recent=4)
+    backend = LoopServeAttnBackend(runner, DenseBase(pool, req_to_token), config)
+    layer = types.SimpleNamespace(layer_id=0, tp_q_head_num=H, tp_k_head_num=HK, qk_head_dim=D, v_head_dim=D,
+                                  scaling=D**-0.5, is_cross_attention=False, sliding_window_size=-1, logit_cap=0)
+    reqs = [Req("gpu-sparse", config), Req("gpu-dense", config.override({"enabled": False}))]  # noqa: F841
+    req_to_token[0, :300] = torch.arange(300)
+    req_to_token[1, :50] = torch.arange(1000, 1050)
+    dt = runner.dtype
+    q, k, v = (torch.randn(350, h * D, generator=gen).to(device, dt) for h in (H, HK, HK))
+    fb = types.SimpleNamespace(
+        forward_mode=_Mode.EXTEND, rids=["gpu-sparse", "gpu-dense"], req_pool_indices=torch.tensor([0, 1]),
+        seq_lens_cpu=torch.tensor([300, 50]), extend_prefix_lens_cpu=[0, 0], extend_seq_lens_cpu=[300, 50],
+        out_cache_loc=torch.cat([torch.arange(300), torch.arange(1000, 1050)]).to(device))
+    o = backend.forward(q, k, v, layer, fb).view(-1, H, D)
+    ref = sparse_prefill_attention(q[:300].view(-1, H, D).float().cpu(), pool.k[:300].float().cpu(),
+                                   pool.v[:300].float().cpu(), alpha=0.5, q_window=16, block_size=16,
+                                   sink=2, kernel="reference")
+    tol = dict(atol=3e-3, rtol=3e-3) if device == "cuda" else dict(atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(o[:300].float().cpu(), ref, **tol)
+    dense = DenseBase(pool, req_to_token).forward_extend(q, k, v, layer, fb).view(-1, H, D)
+    assert torch.equal(o[300:], dense[300:])  # the disabled request: the base's own numbers
+
+    req_to_token[0, 300] = 300
+    req_to_token[1, 50] = 1050
+    fb = types.SimpleNamespace(
+        forward_mode=_Mode.DECODE, rids=["gpu-sparse", "gpu-dense"], req_pool_indices=torch.tensor([0, 1]),
+        seq_lens_cpu=torch.tensor([301, 51]), out_cache_loc=torch.tensor([300, 1050], device=device))
+    qd, kd, vd = (torch.randn(2, h * D, generator=gen).to(device, dt) for h in (H, HK, HK))
+    idx = store.get("gpu-sparse").compressor(0).indices(301)
+    assert idx.shape[1] == 41  # budget + the new token, out of 301
+    o = backend.forward(qd, kd, vd, layer, fb).view(2, H, D)
+    rows = req_to_token[0, :301].long()
+    ref = decode_attention(qd[0].view(H, D).float().cpu(), pool.k[rows].float().cpu(), pool.v[rows].float().cpu(),
+                           idx.cpu())
+    torch.testing.assert_close(o[0].float().cpu(), ref, **tol)
+    for rid in ("gpu-sparse", "gpu-dense"):
+        store.drop(rid)
