@@ -74,6 +74,10 @@ class SGLangServer:
                "--host", self.host, "--port", str(self.port)]
         if self.device:
             cmd += ["--device", self.device]
+        if self.device == "cpu":
+            # An idle scheduler otherwise polls without pause and takes a whole
+            # core from the ones that compute (several servers share 2 cores in tests).
+            cmd += ["--sleep-on-idle"]
         if self.max_total_tokens:
             cmd += ["--max-total-tokens", str(self.max_total_tokens)]
         return cmd + self.extra_args
