@@ -32,7 +32,7 @@ from .attention import sparse_prefill_attention
 from .attention.kernels import default_kernel
 from .cache_policy import batched_decode_attention
 from .config import LoopServeConfig
-from .request_state import RequestStats, live_requests, store
+from .request_state import RequestStats, live_requests, set_model_context, store
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class LoopServeAttnBackend:
         self.req_to_token_pool = model_runner.req_to_token_pool
         self.token_to_kv_pool = model_runner.token_to_kv_pool
         self.num_layers = model_runner.model_config.num_hidden_layers
+        set_model_context(getattr(model_runner.model_config, "context_len", 1 << 62))
         self.kernel = default_kernel(torch.device(self.device))
         self.store = store
         self.metrics = metrics

@@ -198,6 +198,25 @@ def _after_req_init(result, req, *args, **kwargs):
     req.loopserve_options = options
     req.loopserve_stats = RequestStats(enabled=options.enabled)
     live_requests[req.rid] = req
+    namespace = cache_namespace(options)
+    if namespace:
+        # KV computed with approximate attention must not be reused by a request
+        # that asked for exact attention (or other settings): SGLang scopes the
+        # radix tree by extra_key (as it does for LoRA and elastic EP).
+        req.extra_key = f"{req.extra_key}|{namespace}" if req.extra_key else namespace
+
+
+def cache_namespace(options: LoopServeConfig) -> str | None:
+    """The radix-cache namespace of a request's KV: ``None`` (stock's) when its attention is exact
+    (LoopServe disabled, or alpha 1 with a decode budget above the model's context)."""
+    from .request_state import model_context
+
+    exact = not options.enabled or (options.alpha >= 1.0 and options.decode_budget >= model_context())
+    if exact:
+        return None
+    o = options
+    return (f"loopserve(a={o.alpha},q={o.q_window},b={o.block_size},m={o.min_prefill_len},s={o.sink},"
+            f"B={o.decode_budget},i={o.decode_interval},w={o.decode_window},r={o.recent})")
 
 
 # ------------------------------------------------------------------ backend

@@ -19,6 +19,18 @@ from dataclasses import dataclass, field
 from .cache_policy import DecodeCompressor
 from .config import LoopServeConfig
 
+_context = [1 << 62]
+
+
+def set_model_context(tokens: int) -> None:
+    _context[0] = int(tokens)
+
+
+def model_context() -> int:
+    """The served model's context length (set by the backend; huge until then)."""
+    return _context[0]
+
+
 #: rid -> Req, weakly: an entry disappears with its request, whatever path it took.
 live_requests: "weakref.WeakValueDictionary[str, object]" = weakref.WeakValueDictionary()
 

@@ -108,3 +108,15 @@ def test_stats_summary_means():
     assert out["decode_tokens_attended"] == pytest.approx(15)
     assert out["decode_tokens_cached"] == 40
     json.dumps(out)  # travels in meta_info
+
+
+def test_radix_namespace_separates_approximate_kv(monkeypatch):
+    from sglang_loopserve import request_state
+
+    monkeypatch.setattr(request_state, "_context", [8192])
+    base = LoopServeConfig()
+    assert plugin.cache_namespace(base.override({"enabled": False})) is None
+    assert plugin.cache_namespace(base.override({"alpha": 1.0, "decode_budget": 8192})) is None
+    ns = {plugin.cache_namespace(base), plugin.cache_namespace(base.override({"alpha": 0.9})),
+          plugin.cache_namespace(base.override({"alpha": 1.0}))}  # decode still compressed
+    assert None not in ns and len(ns) == 3
