@@ -42,11 +42,19 @@ def causal_pairs(prefix: int, n_new: int) -> int:
     return n_new * prefix + n_new * (n_new + 1) // 2
 
 
+def _token_starts(new_lens) -> list[int]:
+    """Offsets of each request's new tokens in the batch's flat token axis."""
+    starts = [0]
+    for n in new_lens:
+        starts.append(starts[-1] + n)
+    return starts
+
+
 def _request(rid: str):
     return live_requests.get(rid)
 
 
-def request_options(rid: str, default: LoopServeConfig) -> LoopServeConfig:
+def options_of(rid: str, default: LoopServeConfig) -> LoopServeConfig:
     req = _request(rid)
     return getattr(req, "loopserve_options", None) or default
 
@@ -157,7 +165,7 @@ class LoopServeAttnBackend:
         seq_lens = fb.seq_lens_cpu.tolist()
         plans = []  # (i, options, sparse?)
         for i, rid in enumerate(rids):
-            opts = request_options(rid, self.config)
+            opts = options_of(rid, self.config)
             sparse = (opts.enabled and opts.alpha < 1.0 and seq_lens[i] >= opts.min_prefill_len
                       and new_lens[i] >= self.config.block_size)
             plans.append((i, opts, sparse))
@@ -166,9 +174,7 @@ class LoopServeAttnBackend:
         o = self._run_base(False, q, k, v, layer, fb, save_kv_cache, taken=set(sparse_idx))
         q_ = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
         o_ = o.view(-1, layer.tp_q_head_num, layer.v_head_dim)
-        starts = [0]
-        for n in new_lens:
-            starts.append(starts[-1] + n)
+        starts = _token_starts(new_lens)
         for i, opts, sparse in plans:
             rid = rids[i]
             stats = request_stats(rid)
@@ -233,10 +239,7 @@ class LoopServeAttnBackend:
 
     def _extend_subset_on_base(self, q, o, layer, fb, idx):
         """Stock torch-native attention for the requests ``idx`` of the batch."""
-        new_lens = fb.extend_seq_lens_cpu
-        starts = [0]
-        for n in new_lens:
-            starts.append(starts[-1] + n)
+        starts = _token_starts(fb.extend_seq_lens_cpu)
         rows = torch.cat([torch.arange(starts[i], starts[i + 1], device=q.device) for i in idx])
         sel = torch.tensor(idx, device=fb.seq_lens.device)
         q_ = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)[rows]
@@ -258,7 +261,7 @@ class LoopServeAttnBackend:
         comps, sparse = {}, {}  # i -> compressor, i -> selected positions [Hk, n]
         for i, rid in enumerate(rids):
             req = _request(rid)
-            opts = request_options(rid, self.config)
+            opts = options_of(rid, self.config)
             if not opts.enabled or req is None or req.finished():
                 continue
             state = self.store.get(rid) or self.store.new_turn(rid, opts)
