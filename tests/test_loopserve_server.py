@@ -17,7 +17,7 @@ import requests
 
 from sglang_loopserve.config import FLAGS
 from sglang_loopserve.frontends import (GROWING_CONVERSATION, connect, module_doc, python_docs,
-                                        run_chat, run_document_chat, run_growing_chat)
+                                        run_document_chat, run_growing_chat)
 
 DOC_TOKENS = 2500
 MAX_TOKENS = 24
