@@ -157,12 +157,18 @@ def _flush_and_count(url, deadline=120):
     raise AssertionError("server did not become idle")
 
 
-def _conversation(url, shared_doc, i, abort, results):
+def _conversation(url, shared_doc, own_doc, i, abort, results):
     """Three turns by raw /generate; ``abort``: drop the connection in turn 2."""
+    try:
+        results[i] = _turns(url, shared_doc, own_doc, i, abort)
+    except Exception as e:  # reported by the assertion on ``results``, not lost in a thread
+        results[i] = f"{type(e).__name__}: {e}"
+
+
+def _turns(url, shared_doc, own_doc, i, abort):
     text = (f"<|im_start|>user\nDocument:\n\n{shared_doc}\n\nQuestion {i}: what is this document "
             f"about?<|im_end|>\n<|im_start|>assistant\n")
-    messages = [f"Another document:\n\n{module_doc(SMALL_MODULES[i])}\n\nSummarise it.",
-                "Name one function from it."]
+    messages = [f"Another document:\n\n{own_doc}\n\nSummarise it.", "Name one function from it."]
     for turn in range(3):
         params = {"max_new_tokens": 16, "temperature": 0}
         if abort and turn == 1:
@@ -171,14 +177,13 @@ def _conversation(url, shared_doc, i, abort, results):
                 for n, _ in enumerate(r.iter_lines()):
                     if n >= 2:
                         break  # client disconnect mid-generation
-            results[i] = "aborted"
-            return
+            return "aborted"
         r = requests.post(url + "/generate", json={"text": text, "sampling_params": params}, timeout=600)
         r.raise_for_status()
         text += r.json()["text"] + "<|im_end|>\n"
         if turn < 2:
             text += f"<|im_start|>user\n{messages[turn]}<|im_end|>\n<|im_start|>assistant\n"
-    results[i] = "done"
+    return "done"
 
 
 def test_concurrent_conversations_with_aborts_leave_nothing_behind(loopserve_server):
@@ -187,7 +192,8 @@ def test_concurrent_conversations_with_aborts_leave_nothing_behind(loopserve_ser
     assert idle["tracked_requests"] == 0
     shared = module_doc("textwrap")
     results = {}
-    threads = [threading.Thread(target=_conversation, args=(url, shared, i, i in (1, 4, 6), results))
+    threads = [threading.Thread(target=_conversation,
+                                args=(url, shared, module_doc(SMALL_MODULES[i]), i, i in (1, 4, 6), results))
                for i in range(8)]
     for t in threads:
         t.start()

@@ -7,8 +7,10 @@ documentation from the installed interpreter.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import pydoc
+import threading
 
 #: Modules concatenated in order until the document is long enough.  The
 #: programs' questions are about the first two, which are always included.
@@ -19,9 +21,19 @@ DEFAULT_MODULES = ("textwrap", "heapq", "bisect", "shlex", "fractions", "queue",
 CHARS_PER_TOKEN = 4.0
 
 
+# pydoc reads sources through inspect/linecache, which are not thread-safe:
+# two threads rendering at once can fail inside inspect.findsource.
+_render_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=None)
 def module_doc(name: str) -> str:
-    """Plain-text pydoc of a module, without the machine-specific FILE section."""
-    text = pydoc.render_doc(importlib.import_module(name), renderer=pydoc.plaintext)
+    """Plain-text pydoc of a module, without the machine-specific FILE section.
+
+    Safe to call from several threads; each module is rendered once.
+    """
+    with _render_lock:
+        text = pydoc.render_doc(importlib.import_module(name), renderer=pydoc.plaintext)
     lines, skip = [], False
     for line in text.splitlines():
         if line in ("FILE", "MODULE REFERENCE"):
