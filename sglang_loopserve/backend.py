@@ -75,6 +75,13 @@ class LoopServeAttnBackend:
         self.base = base
         self.config = config
         self.device = model_runner.device
+        translator = getattr(model_runner, "kv_index_translator", None)
+        if getattr(translator, "is_translating", False):
+            # Hybrid SWA/Mamba pools address KV through a translated id space;
+            # LoopServe reads req_to_token slots directly.
+            raise NotImplementedError(
+                "--enable-loopserve: this model's KV pool translates token ids (hybrid SWA/Mamba "
+                "allocator); LoopServe supports models with a plain per-layer KV pool")
         self.req_to_token_pool = model_runner.req_to_token_pool
         self.token_to_kv_pool = model_runner.token_to_kv_pool
         self.num_layers = model_runner.model_config.num_hidden_layers
@@ -85,7 +92,8 @@ class LoopServeAttnBackend:
         # The torch-native base computes one request at a time from plain
         # tensors, so a subset of the batch can run on it exactly as stock
         # would.  Other bases plan the whole batch in init_forward_metadata:
-        # they run it all and LoopServe overwrites its requests' rows.
+        # a batch LoopServe takes entirely skips them; a mixed one runs on
+        # them whole and LoopServe overwrites its requests' rows.
         self._base_subsets = hasattr(base, "_run_sdpa_forward_extend")
         self._warm_up(model_runner)
 
@@ -145,11 +153,16 @@ class LoopServeAttnBackend:
         return q if abs(factor - 1.0) < 1e-6 else q * factor
 
     def _save_kv(self, layer, forward_batch, k, v):
+        """Write the forward's new K/V as the base would (it is skipped for these tokens)."""
         from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
-        self.token_to_kv_pool.set_kv_buffer(
-            layer, KVWriteLoc(forward_batch.out_cache_loc, getattr(self.base, "swa_out_cache_loc", None)),
-            k, v)
+        loc = KVWriteLoc(forward_batch.out_cache_loc, getattr(self.base, "swa_out_cache_loc", None),
+                         physical=bool(getattr(forward_batch, "out_cache_loc_is_physical", False)))
+        k_scale = getattr(layer, "k_scale", None)
+        if k_scale is None:
+            self.token_to_kv_pool.set_kv_buffer(layer, loc, k, v)
+        else:  # quantized KV: the pool scales in place, k/v are still read afterwards
+            self.token_to_kv_pool.set_kv_buffer(layer, loc, k.clone(), v.clone(), k_scale, layer.v_scale)
 
     def _kv_of(self, layer, pool_idx: int, length: int, dtype):
         slots = self.req_to_token_pool.req_to_token[pool_idx, :length].long()
@@ -211,16 +224,17 @@ class LoopServeAttnBackend:
         """The base backend's output for every request LoopServe does not ``take``.
 
         With a torch-native base, only those requests run on it (exactly as
-        stock would run them); other bases run the whole batch and LoopServe
-        overwrites its own requests' rows afterwards.
+        stock would run them).  Other bases run the whole batch, and LoopServe
+        overwrites its own requests' rows afterwards, unless LoopServe takes
+        every request: then the base is skipped and only the KV is written.
         """
         whole = self.base.forward_decode if decode else self.base.forward_extend
-        if not taken or not self._base_subsets:
+        rest = [i for i in range(len(fb.rids)) if i not in taken]
+        if not taken or (rest and not self._base_subsets):
             return whole(q, k, v, layer, fb, save_kv_cache=save_kv_cache)
         if save_kv_cache:
             self._save_kv(layer, fb, k, v)
-        o = torch.empty_like(q)
-        rest = [i for i in range(len(fb.rids)) if i not in taken]
+        o = q.new_empty(q.shape[0], layer.tp_q_head_num * layer.v_head_dim)
         if rest:
             (self._decode_subset_on_base if decode else self._extend_subset_on_base)(q, o, layer, fb, rest)
         return o

@@ -6,6 +6,7 @@ forward batch's lengths, so small stand-ins exercise the same code SGLang runs.
 
 from __future__ import annotations
 
+import sys
 import types
 
 import pytest
@@ -178,11 +179,13 @@ class DenseBase:
 
     def __init__(self, pool, req_to_token):
         self.pool, self.req_to_token = pool, req_to_token
+        self.calls = 0
 
     def init_forward_metadata(self, fb):
         pass
 
     def _run(self, q, k, v, fb, decode):
+        self.calls += 1
         self.pool.k[fb.out_cache_loc] = k.view(-1, HK, D).to(self.pool.k.dtype)
         self.pool.v[fb.out_cache_loc] = v.view(-1, HK, D).to(self.pool.v.dtype)
         out, start = torch.empty_like(q).view(-1, H, D), 0
@@ -206,12 +209,23 @@ class DenseBase:
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+CONFIG = LoopServeConfig(alpha=0.5, q_window=16, block_size=16, min_prefill_len=64, decode_budget=40,
+                         decode_interval=4, decode_window=4, sink=2, recent=4)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_whole_batch_base_path(device):
-    """The GPU-shaped path: base runs the whole batch, LoopServe overwrites its requests' rows."""
-    gen = torch.Generator().manual_seed(2)
+@pytest.fixture
+def kv_write_loc(monkeypatch):
+    """SGLang's ``KVWriteLoc`` where SGLang is missing (the GPU image has none)."""
+    import importlib.util
+
+    if importlib.util.find_spec("sglang") is None:
+        module = types.ModuleType("sglang.srt.mem_cache.memory_pool")
+        module.KVWriteLoc = lambda loc, swa_loc=None, physical=False: types.SimpleNamespace(loc=loc)
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+
+
+def _whole_batch(device):
+    """The backend over a whole-batch ``DenseBase`` on ``device``."""
     pool = Pool()
     pool.k, pool.v = pool.k.to(device), pool.v.to(device)
     req_to_token = torch.zeros(2, 2048, dtype=torch.int32, device=device)
@@ -220,26 +234,37 @@ def test_whole_batch_base_path(device):
         token_to_kv_pool=pool, dtype=torch.float16 if device == "cuda" else torch.float32, tp_size=1,
         model_config=types.SimpleNamespace(num_hidden_layers=1, num_attention_heads=H, hidden_size=H * D,
                                            head_dim=D, get_num_kv_heads=lambda tp: HK))
-    config = LoopServeConfig(alpha=0.5, q_window=16, block_size=16, min_prefill_len=64, decode_budget=40,
-                             decode_interval=4, decode_window=4, sink=2, recent=4)
-    backend = LoopServeAttnBackend(runner, DenseBase(pool, req_to_token), config)
+    base = DenseBase(pool, req_to_token)
     layer = types.SimpleNamespace(layer_id=0, tp_q_head_num=H, tp_k_head_num=HK, qk_head_dim=D, v_head_dim=D,
                                   scaling=D**-0.5, is_cross_attention=False, sliding_window_size=-1, logit_cap=0)
-    reqs = [Req("gpu-sparse", config), Req("gpu-dense", config.override({"enabled": False}))]  # noqa: F841
+    return types.SimpleNamespace(backend=LoopServeAttnBackend(runner, base, CONFIG), base=base, pool=pool,
+                                 req_to_token=req_to_token, layer=layer, dtype=runner.dtype,
+                                 tol=dict(atol=3e-3, rtol=3e-3) if device == "cuda" else dict(atol=2e-5, rtol=1e-4))
+
+
+def _cpu(x):
+    return x.float().cpu()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_whole_batch_base_path(device):
+    """The GPU-shaped path: base runs the whole batch, LoopServe overwrites its requests' rows."""
+    gen = torch.Generator().manual_seed(2)
+    w = _whole_batch(device)
+    backend, pool, req_to_token, layer, dt, tol = w.backend, w.pool, w.req_to_token, w.layer, w.dtype, w.tol
+    reqs = [Req("gpu-sparse", CONFIG), Req("gpu-dense", CONFIG.override({"enabled": False}))]  # noqa: F841
     req_to_token[0, :300] = torch.arange(300)
     req_to_token[1, :50] = torch.arange(1000, 1050)
-    dt = runner.dtype
     q, k, v = (torch.randn(350, h * D, generator=gen).to(device, dt) for h in (H, HK, HK))
     fb = types.SimpleNamespace(
         forward_mode=_Mode.EXTEND, rids=["gpu-sparse", "gpu-dense"], req_pool_indices=torch.tensor([0, 1]),
         seq_lens_cpu=torch.tensor([300, 50]), extend_prefix_lens_cpu=[0, 0], extend_seq_lens_cpu=[300, 50],
         out_cache_loc=torch.cat([torch.arange(300), torch.arange(1000, 1050)]).to(device))
     o = backend.forward(q, k, v, layer, fb).view(-1, H, D)
-    ref = sparse_prefill_attention(q[:300].view(-1, H, D).float().cpu(), pool.k[:300].float().cpu(),
-                                   pool.v[:300].float().cpu(), alpha=0.5, q_window=16, block_size=16,
-                                   sink=2, kernel="reference")
-    tol = dict(atol=3e-3, rtol=3e-3) if device == "cuda" else dict(atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(o[:300].float().cpu(), ref, **tol)
+    ref = sparse_prefill_attention(_cpu(q[:300]).view(-1, H, D), _cpu(pool.k[:300]), _cpu(pool.v[:300]),
+                                   alpha=0.5, q_window=16, block_size=16, sink=2, kernel="reference")
+    torch.testing.assert_close(_cpu(o[:300]), ref, **tol)
+    assert w.base.calls == 1  # a mixed batch: the base runs it whole
     dense = DenseBase(pool, req_to_token).forward_extend(q, k, v, layer, fb).view(-1, H, D)
     assert torch.equal(o[300:], dense[300:])  # the disabled request: the base's own numbers
 
@@ -253,8 +278,58 @@ def test_whole_batch_base_path(device):
     assert idx.shape[1] == 41  # budget + the new token, out of 301
     o = backend.forward(qd, kd, vd, layer, fb).view(2, H, D)
     rows = req_to_token[0, :301].long()
-    ref = decode_attention(qd[0].view(H, D).float().cpu(), pool.k[rows].float().cpu(), pool.v[rows].float().cpu(),
-                           idx.cpu())
-    torch.testing.assert_close(o[0].float().cpu(), ref, **tol)
+    ref = decode_attention(_cpu(qd[0]).view(H, D), _cpu(pool.k[rows]), _cpu(pool.v[rows]), idx.cpu())
+    torch.testing.assert_close(_cpu(o[0]), ref, **tol)
     for rid in ("gpu-sparse", "gpu-dense"):
         store.drop(rid)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_whole_batch_base_skipped_when_loopserve_takes_every_request(device, kv_write_loc):
+    """A batch of sparse requests never reaches a whole-batch base: LoopServe writes the KV itself."""
+    gen = torch.Generator().manual_seed(3)
+    w = _whole_batch(device)
+    pool, req_to_token, dt = w.pool, w.req_to_token, w.dtype
+    reqs = [Req("all-a", CONFIG), Req("all-b", CONFIG)]  # noqa: F841 (alive)
+    # a: a radix hit of 200 cached tokens + 100 new; b: 260 new tokens.
+    req_to_token[0, :300] = torch.arange(300)
+    req_to_token[1, :260] = torch.arange(1000, 1260)
+    pool.k[:200], pool.v[:200] = (torch.randn(200, HK, D, generator=gen).to(device, pool.k.dtype) for _ in "kv")
+    q, k, v = (torch.randn(360, h * D, generator=gen).to(device, dt) for h in (H, HK, HK))
+    out_loc = torch.cat([torch.arange(200, 300), torch.arange(1000, 1260)]).to(device)
+    fb = types.SimpleNamespace(
+        forward_mode=_Mode.EXTEND, rids=["all-a", "all-b"], req_pool_indices=torch.tensor([0, 1]),
+        seq_lens_cpu=torch.tensor([300, 260]), extend_prefix_lens_cpu=[200, 0], extend_seq_lens_cpu=[100, 260],
+        out_cache_loc=out_loc)
+    o = w.backend.forward(q, k, v, w.layer, fb).view(-1, H, D)
+    assert w.base.calls == 0
+    assert torch.equal(pool.k[out_loc], k.view(-1, HK, D).to(pool.k.dtype))
+    assert torch.equal(pool.v[out_loc], v.view(-1, HK, D).to(pool.v.dtype))
+    for lo, hi, rows in ((0, 100, torch.arange(300)), (100, 360, torch.arange(1000, 1260))):
+        ref = sparse_prefill_attention(_cpu(q[lo:hi]).view(-1, H, D), _cpu(pool.k[rows]), _cpu(pool.v[rows]),
+                                       alpha=0.5, q_window=16, block_size=16, sink=2, kernel="reference")
+        torch.testing.assert_close(_cpu(o[lo:hi]), ref, **w.tol)
+
+    req_to_token[0, 300], req_to_token[1, 260] = 300, 1260
+    fb = types.SimpleNamespace(
+        forward_mode=_Mode.DECODE, rids=["all-a", "all-b"], req_pool_indices=torch.tensor([0, 1]),
+        seq_lens_cpu=torch.tensor([301, 261]), out_cache_loc=torch.tensor([300, 1260], device=device))
+    qd, kd, vd = (torch.randn(2, h * D, generator=gen).to(device, dt) for h in (H, HK, HK))
+    o = w.backend.forward(qd, kd, vd, w.layer, fb).view(2, H, D)
+    assert w.base.calls == 0
+    assert torch.equal(pool.k[[300, 1260]], kd.view(2, HK, D).to(pool.k.dtype))
+    for i, (rid, n) in enumerate((("all-a", 301), ("all-b", 261))):
+        idx = store.get(rid).compressor(0).indices(n)
+        assert idx.shape[1] == CONFIG.decode_budget + 1
+        rows = req_to_token[i, :n].long()
+        ref = decode_attention(_cpu(qd[i]).view(H, D), _cpu(pool.k[rows]), _cpu(pool.v[rows]), idx.cpu())
+        torch.testing.assert_close(_cpu(o[i]), ref, **w.tol)
+    for rid in ("all-a", "all-b"):
+        store.drop(rid)
+
+
+def test_translated_kv_ids_are_refused():
+    """Hybrid SWA/Mamba pools translate token ids: start-up fails instead of reading wrong KV."""
+    runner = types.SimpleNamespace(device="cpu", kv_index_translator=types.SimpleNamespace(is_translating=True))
+    with pytest.raises(NotImplementedError, match="translates token ids"):
+        LoopServeAttnBackend(runner, DenseBase(None, None), CONFIG)
