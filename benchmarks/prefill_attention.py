@@ -27,13 +27,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sglang_loopserve.attention import build_block_mask, sparse_prefill_attention  # noqa: E402
 from sglang_loopserve.attention.kernels import KERNELS  # noqa: E402
 from sglang_loopserve.attention.synthetic import planted_qkv  # noqa: E402
+from sglang_loopserve.testing import dense_sdpa  # noqa: E402,F401 (also imported from here by the other benchmarks)
 
 
 def timeit(fn, device, repeats=3, warmup=1):
@@ -49,25 +49,6 @@ def timeit(fn, device, repeats=3, warmup=1):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
-
-
-def dense_sdpa(q, k, v):
-    """Causal attention of the last n_new queries: SDPA with a bottom-right causal mask."""
-    from torch.nn.attention.bias import causal_lower_right
-
-    n_new, n_ctx = q.shape[0], k.shape[0]
-    group = q.shape[1] // k.shape[1]
-    qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-    if q.device.type == "cuda":
-        mask = causal_lower_right(n_new, n_ctx)
-        out = F.scaled_dot_product_attention(qh, kh.repeat_interleave(group, 1),
-                                             vh.repeat_interleave(group, 1), attn_mask=mask)
-    else:
-        # CPU: SDPA's flash kernel takes a boolean mask and GQA directly.
-        pos = torch.arange(n_ctx)
-        mask = pos[None, :] <= (n_ctx - n_new + torch.arange(n_new))[:, None]
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True)
-    return out[0].transpose(0, 1)
 
 
 def dense_flashinfer(q, k, v):

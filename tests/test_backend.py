@@ -6,7 +6,6 @@ forward batch's lengths, so small stand-ins exercise the same code SGLang runs.
 
 from __future__ import annotations
 
-import sys
 import types
 
 import pytest
@@ -16,78 +15,45 @@ from sglang_loopserve.attention import sparse_prefill_attention
 from sglang_loopserve.backend import LoopServeAttnBackend
 from sglang_loopserve.cache_policy import decode_attention
 from sglang_loopserve.config import LoopServeConfig
-from sglang_loopserve.request_state import RequestStats, live_requests, store
+from sglang_loopserve.request_state import live_requests, store
+from sglang_loopserve.testing import (DenseBase, KVPool, Request, attention_layer, decode_batch,
+                                      extend_batch, model_runner, provide_kv_write_loc)
 
 H, HK, D, SLOTS = 4, 2, 16, 4096
-
-
-class Pool:
-    def __init__(self):
-        self.k = torch.zeros(SLOTS, HK, D)
-        self.v = torch.zeros(SLOTS, HK, D)
-
-    def get_key_buffer(self, layer_id):
-        return self.k
-
-    def get_value_buffer(self, layer_id):
-        return self.v
-
-    def set_kv_buffer(self, layer, loc, k, v):
-        self.k[loc.loc] = k.view(-1, HK, D)
-        self.v[loc.loc] = v.view(-1, HK, D)
-
-
-class Req:
-    def __init__(self, rid, options):
-        self.rid, self.loopserve_options = rid, options
-        self.loopserve_stats = RequestStats(enabled=options.enabled)
-        live_requests[rid] = self
-
-    def finished(self):
-        return False
+CONFIG = LoopServeConfig(alpha=0.5, q_window=16, block_size=16, min_prefill_len=64, decode_budget=40,
+                         decode_interval=4, decode_window=4, sink=2, recent=4)
 
 
 @pytest.fixture
 def setup():
+    """The backend over SGLang's own torch-native backend (the CPU server's base)."""
     from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
     from sglang.srt.layers.radix_attention import AttentionType
 
-    pool = Pool()
+    pool = KVPool(SLOTS, HK, D)
     req_to_token = torch.zeros(4, 2048, dtype=torch.int32)
-    runner = types.SimpleNamespace(
-        device="cpu", req_to_token_pool=types.SimpleNamespace(req_to_token=req_to_token),
-        token_to_kv_pool=pool, dtype=torch.float32, tp_size=1,
-        model_config=types.SimpleNamespace(num_hidden_layers=1, num_attention_heads=H, hidden_size=H * D,
-                                           head_dim=D, get_num_kv_heads=lambda tp: HK))
+    runner = model_runner(pool, req_to_token, H)
     base = TorchNativeAttnBackend(runner)
-    config = LoopServeConfig(alpha=0.5, q_window=16, block_size=16, min_prefill_len=64,
-                             decode_budget=40, decode_interval=4, decode_window=4, sink=2, recent=4)
-    backend = LoopServeAttnBackend(runner, base, config)
-    layer = types.SimpleNamespace(layer_id=0, tp_q_head_num=H, tp_k_head_num=HK, qk_head_dim=D,
-                                  v_head_dim=D, scaling=D**-0.5, is_cross_attention=False,
-                                  sliding_window_size=-1, logit_cap=0, attn_type=AttentionType.DECODER)
+    backend = LoopServeAttnBackend(runner, base, CONFIG)
     yield types.SimpleNamespace(pool=pool, req_to_token=req_to_token, base=base, backend=backend,
-                                layer=layer, config=config)
+                                layer=attention_layer(H, HK, D, attn_type=AttentionType.DECODER), config=CONFIG)
     for rid in ("sparse", "dense", "off"):
         store.drop(rid)
 
 
 def _batch(mode, rids, pool_idx, prefix, new, out_loc):
+    """A batch with SGLang's own ForwardMode (the torch-native base asks it)."""
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
-    seq = [p + n for p, n in zip(prefix, new)]
-    return types.SimpleNamespace(
-        forward_mode=ForwardMode.EXTEND if mode == "extend" else ForwardMode.DECODE, rids=rids,
-        req_pool_indices=torch.tensor(pool_idx), seq_lens=torch.tensor(seq), seq_lens_cpu=torch.tensor(seq),
-        extend_prefix_lens=torch.tensor(prefix), extend_prefix_lens_cpu=prefix,
-        extend_seq_lens=torch.tensor(new), extend_seq_lens_cpu=new, out_cache_loc=out_loc,
-        encoder_lens=None)
+    if mode == "extend":
+        return extend_batch(rids, pool_idx, prefix, new, out_loc, mode=ForwardMode.EXTEND)
+    return decode_batch(rids, pool_idx, [p + n for p, n in zip(prefix, new)], out_loc, mode=ForwardMode.DECODE)
 
 
 def test_mixed_batch_extend_then_decode(setup):
     s, gen = setup, torch.Generator().manual_seed(0)
     cfg = s.config
-    reqs = [Req("sparse", cfg), Req("dense", cfg.override({"alpha": 1.0, "decode_budget": 1000}))]  # noqa: F841 (alive)
+    reqs = [Request("sparse", cfg), Request("dense", cfg.override({"alpha": 1.0, "decode_budget": 1000}))]  # noqa: F841 (alive)
     # Request 0: 160 cached + 96 new (sparse path); request 1: 40 new tokens (dense: short).
     prefix, new = [160, 0], [96, 40]
     s.req_to_token[0, :256] = torch.arange(256)
@@ -142,7 +108,7 @@ def test_mixed_batch_extend_then_decode(setup):
 
 def test_disabled_request_is_the_base_backend(setup):
     s, gen = setup, torch.Generator().manual_seed(1)
-    req = Req("off", s.config.override({"enabled": False}))  # noqa: F841 (kept alive)
+    req = Request("off", s.config.override({"enabled": False}))  # noqa: F841 (kept alive)
     s.req_to_token[2, :200] = torch.arange(2000, 2200)
     q = torch.randn(200, H * D, generator=gen)
     k = torch.randn(200, HK * D, generator=gen)
@@ -153,92 +119,18 @@ def test_disabled_request_is_the_base_backend(setup):
     assert "off" not in store
 
 
-class _Mode:
-    """Stand-in for SGLang's ForwardMode (the GPU image has no SGLang)."""
-
-    EXTEND, DECODE = "extend", "decode"
-
-    def __init__(self, name):
-        self.name = name
-
-    def is_idle(self):
-        return False
-
-    def is_decode(self):
-        return self.name == "decode"
-
-    def __eq__(self, other):
-        return self.name == other
-
-
-_Mode.EXTEND, _Mode.DECODE = _Mode("extend"), _Mode("decode")
-
-
-class DenseBase:
-    """A whole-batch base backend, like FlashInfer/Triton on a GPU: writes KV, dense causal attention."""
-
-    def __init__(self, pool, req_to_token):
-        self.pool, self.req_to_token = pool, req_to_token
-        self.calls = 0
-
-    def init_forward_metadata(self, fb):
-        pass
-
-    def _run(self, q, k, v, fb, decode):
-        self.calls += 1
-        self.pool.k[fb.out_cache_loc] = k.view(-1, HK, D).to(self.pool.k.dtype)
-        self.pool.v[fb.out_cache_loc] = v.view(-1, HK, D).to(self.pool.v.dtype)
-        out, start = torch.empty_like(q).view(-1, H, D), 0
-        for i, n in enumerate([1] * len(fb.rids) if decode else fb.extend_seq_lens_cpu):
-            length = int(fb.seq_lens_cpu[i])
-            rows = self.req_to_token[int(fb.req_pool_indices[i]), :length].long()
-            qi = q.view(-1, H, D)[start:start + n].float().transpose(0, 1)
-            ki = self.pool.k[rows].float().repeat_interleave(H // HK, 1).transpose(0, 1)
-            vi = self.pool.v[rows].float().repeat_interleave(H // HK, 1).transpose(0, 1)
-            mask = torch.arange(length, device=q.device)[None, :] <= (length - n + torch.arange(n, device=q.device))[:, None]
-            p = torch.softmax((qi @ ki.transpose(1, 2) * D**-0.5).masked_fill(~mask, float("-inf")), -1)
-            out[start:start + n] = (p @ vi).transpose(0, 1).to(q.dtype)
-            start += n
-        return out.view(q.shape[0], -1)
-
-    def forward_extend(self, q, k, v, layer, fb, save_kv_cache=True):
-        return self._run(q, k, v, fb, decode=False)
-
-    def forward_decode(self, q, k, v, layer, fb, save_kv_cache=True):
-        return self._run(q, k, v, fb, decode=True)
-
-
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-CONFIG = LoopServeConfig(alpha=0.5, q_window=16, block_size=16, min_prefill_len=64, decode_budget=40,
-                         decode_interval=4, decode_window=4, sink=2, recent=4)
-
-
-@pytest.fixture
-def kv_write_loc(monkeypatch):
-    """SGLang's ``KVWriteLoc`` where SGLang is missing (the GPU image has none)."""
-    import importlib.util
-
-    if importlib.util.find_spec("sglang") is None:
-        module = types.ModuleType("sglang.srt.mem_cache.memory_pool")
-        module.KVWriteLoc = lambda loc, swa_loc=None, physical=False: types.SimpleNamespace(loc=loc)
-        monkeypatch.setitem(sys.modules, module.__name__, module)
 
 
 def _whole_batch(device):
     """The backend over a whole-batch ``DenseBase`` on ``device``."""
-    pool = Pool()
-    pool.k, pool.v = pool.k.to(device), pool.v.to(device)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    pool = KVPool(SLOTS, HK, D, device=device)
     req_to_token = torch.zeros(2, 2048, dtype=torch.int32, device=device)
-    runner = types.SimpleNamespace(
-        device=device, req_to_token_pool=types.SimpleNamespace(req_to_token=req_to_token),
-        token_to_kv_pool=pool, dtype=torch.float16 if device == "cuda" else torch.float32, tp_size=1,
-        model_config=types.SimpleNamespace(num_hidden_layers=1, num_attention_heads=H, hidden_size=H * D,
-                                           head_dim=D, get_num_kv_heads=lambda tp: HK))
     base = DenseBase(pool, req_to_token)
-    layer = types.SimpleNamespace(layer_id=0, tp_q_head_num=H, tp_k_head_num=HK, qk_head_dim=D, v_head_dim=D,
-                                  scaling=D**-0.5, is_cross_attention=False, sliding_window_size=-1, logit_cap=0)
-    return types.SimpleNamespace(backend=LoopServeAttnBackend(runner, base, CONFIG), base=base, pool=pool,
-                                 req_to_token=req_to_token, layer=layer, dtype=runner.dtype,
+    backend = LoopServeAttnBackend(model_runner(pool, req_to_token, H, dtype), base, CONFIG)
+    return types.SimpleNamespace(backend=backend, base=base, pool=pool, req_to_token=req_to_token,
+                                 layer=attention_layer(H, HK, D), dtype=dtype,
                                  tol=dict(atol=3e-3, rtol=3e-3) if device == "cuda" else dict(atol=2e-5, rtol=1e-4))
 
 
@@ -252,14 +144,12 @@ def test_whole_batch_base_path(device):
     gen = torch.Generator().manual_seed(2)
     w = _whole_batch(device)
     backend, pool, req_to_token, layer, dt, tol = w.backend, w.pool, w.req_to_token, w.layer, w.dtype, w.tol
-    reqs = [Req("gpu-sparse", CONFIG), Req("gpu-dense", CONFIG.override({"enabled": False}))]  # noqa: F841
+    reqs = [Request("gpu-sparse", CONFIG), Request("gpu-dense", CONFIG.override({"enabled": False}))]  # noqa: F841
     req_to_token[0, :300] = torch.arange(300)
     req_to_token[1, :50] = torch.arange(1000, 1050)
     q, k, v = (torch.randn(350, h * D, generator=gen).to(device, dt) for h in (H, HK, HK))
-    fb = types.SimpleNamespace(
-        forward_mode=_Mode.EXTEND, rids=["gpu-sparse", "gpu-dense"], req_pool_indices=torch.tensor([0, 1]),
-        seq_lens_cpu=torch.tensor([300, 50]), extend_prefix_lens_cpu=[0, 0], extend_seq_lens_cpu=[300, 50],
-        out_cache_loc=torch.cat([torch.arange(300), torch.arange(1000, 1050)]).to(device))
+    fb = extend_batch(["gpu-sparse", "gpu-dense"], [0, 1], [0, 0], [300, 50],
+                      torch.cat([torch.arange(300), torch.arange(1000, 1050)]).to(device))
     o = backend.forward(q, k, v, layer, fb).view(-1, H, D)
     ref = sparse_prefill_attention(_cpu(q[:300]).view(-1, H, D), _cpu(pool.k[:300]), _cpu(pool.v[:300]),
                                    alpha=0.5, q_window=16, block_size=16, sink=2, kernel="reference")
@@ -270,9 +160,7 @@ def test_whole_batch_base_path(device):
 
     req_to_token[0, 300] = 300
     req_to_token[1, 50] = 1050
-    fb = types.SimpleNamespace(
-        forward_mode=_Mode.DECODE, rids=["gpu-sparse", "gpu-dense"], req_pool_indices=torch.tensor([0, 1]),
-        seq_lens_cpu=torch.tensor([301, 51]), out_cache_loc=torch.tensor([300, 1050], device=device))
+    fb = decode_batch(["gpu-sparse", "gpu-dense"], [0, 1], [301, 51], torch.tensor([300, 1050], device=device))
     qd, kd, vd = (torch.randn(2, h * D, generator=gen).to(device, dt) for h in (H, HK, HK))
     idx = store.get("gpu-sparse").compressor(0).indices(301)
     assert idx.shape[1] == 41  # budget + the new token, out of 301
@@ -285,22 +173,20 @@ def test_whole_batch_base_path(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_whole_batch_base_skipped_when_loopserve_takes_every_request(device, kv_write_loc):
+def test_whole_batch_base_skipped_when_loopserve_takes_every_request(device):
     """A batch of sparse requests never reaches a whole-batch base: LoopServe writes the KV itself."""
+    provide_kv_write_loc()
     gen = torch.Generator().manual_seed(3)
     w = _whole_batch(device)
     pool, req_to_token, dt = w.pool, w.req_to_token, w.dtype
-    reqs = [Req("all-a", CONFIG), Req("all-b", CONFIG)]  # noqa: F841 (alive)
+    reqs = [Request("all-a", CONFIG), Request("all-b", CONFIG)]  # noqa: F841 (alive)
     # a: a radix hit of 200 cached tokens + 100 new; b: 260 new tokens.
     req_to_token[0, :300] = torch.arange(300)
     req_to_token[1, :260] = torch.arange(1000, 1260)
     pool.k[:200], pool.v[:200] = (torch.randn(200, HK, D, generator=gen).to(device, pool.k.dtype) for _ in "kv")
     q, k, v = (torch.randn(360, h * D, generator=gen).to(device, dt) for h in (H, HK, HK))
     out_loc = torch.cat([torch.arange(200, 300), torch.arange(1000, 1260)]).to(device)
-    fb = types.SimpleNamespace(
-        forward_mode=_Mode.EXTEND, rids=["all-a", "all-b"], req_pool_indices=torch.tensor([0, 1]),
-        seq_lens_cpu=torch.tensor([300, 260]), extend_prefix_lens_cpu=[200, 0], extend_seq_lens_cpu=[100, 260],
-        out_cache_loc=out_loc)
+    fb = extend_batch(["all-a", "all-b"], [0, 1], [200, 0], [100, 260], out_loc)
     o = w.backend.forward(q, k, v, w.layer, fb).view(-1, H, D)
     assert w.base.calls == 0
     assert torch.equal(pool.k[out_loc], k.view(-1, HK, D).to(pool.k.dtype))
@@ -311,9 +197,7 @@ def test_whole_batch_base_skipped_when_loopserve_takes_every_request(device, kv_
         torch.testing.assert_close(_cpu(o[lo:hi]), ref, **w.tol)
 
     req_to_token[0, 300], req_to_token[1, 260] = 300, 1260
-    fb = types.SimpleNamespace(
-        forward_mode=_Mode.DECODE, rids=["all-a", "all-b"], req_pool_indices=torch.tensor([0, 1]),
-        seq_lens_cpu=torch.tensor([301, 261]), out_cache_loc=torch.tensor([300, 1260], device=device))
+    fb = decode_batch(["all-a", "all-b"], [0, 1], [301, 261], torch.tensor([300, 1260], device=device))
     qd, kd, vd = (torch.randn(2, h * D, generator=gen).to(device, dt) for h in (H, HK, HK))
     o = w.backend.forward(qd, kd, vd, w.layer, fb).view(2, H, D)
     assert w.base.calls == 0
