@@ -152,11 +152,8 @@ def _around_prepare_server_args(original, argv, *args, **kwargs):
     _check_targets()
     argv = list(argv)
     server_args = original(argv, *args, **kwargs)
-    if server_args.device not in (None, "cpu") and not _decode_graphs_disabled(argv):
-        # LoopServe's decode path has data-dependent shapes (per-request
-        # selections): it runs eagerly.  Prefill graphs are untouched.
-        server_args = original(argv + ["--cuda-graph-backend-decode", "disabled"], *args, **kwargs)
-        logger.info("LoopServe: decode CUDA graphs disabled (--cuda-graph-backend-decode disabled)")
+    if server_args.device not in (None, "cpu"):
+        server_args = _eager_attention(original, argv, server_args, *args, **kwargs)
     settings = LaunchSettings(config, bool(getattr(server_args, "enable_metrics", False)))
     os.environ[CONFIG_ENV] = settings.to_env()  # spawned children inherit it
     _settings_cache.clear()
@@ -164,9 +161,36 @@ def _around_prepare_server_args(original, argv, *args, **kwargs):
     return server_args
 
 
-def _decode_graphs_disabled(argv) -> bool:
-    text = " ".join(argv)
-    return "--cuda-graph-backend-decode disabled" in text or "--disable-cuda-graph" in argv
+def graph_backends(server_args) -> dict[str, str | None]:
+    """The CUDA-graph backend asked for each phase (``--cuda-graph-config`` JSON wins over
+    ``--cuda-graph-backend-{decode,prefill}``); None where SGLang's default applies."""
+    config = getattr(server_args, "cuda_graph_config", None)
+    out = {}
+    for phase in ("decode", "prefill"):
+        part = config.get(phase) if isinstance(config, dict) else getattr(config, phase, None)
+        from_json = part.get("backend") if isinstance(part, dict) else getattr(part, "backend", None)
+        out[phase] = from_json or getattr(server_args, f"cuda_graph_backend_{phase}", None)
+    if getattr(server_args, "disable_cuda_graph", False):
+        out = {phase: out[phase] or "disabled" for phase in out}
+    return out
+
+
+def _eager_attention(original, argv, server_args, *args, **kwargs):
+    """LoopServe's attention has per-request, data-dependent shapes and Python-side
+    state, so it must run outside CUDA graphs: decode graphs are turned off; prefill
+    graphs may be SGLang's default ``breakable`` (attention runs eagerly between the
+    graph's pieces) or ``disabled``, never ``full`` (attention captured)."""
+    asked = graph_backends(server_args)
+    if asked["decode"] != "disabled":
+        if "--cuda-graph-config" in " ".join(argv) and asked["decode"] is not None:
+            raise SystemExit("--enable-loopserve needs decode CUDA graphs off: set the decode backend of "
+                             "--cuda-graph-config to \"disabled\"")
+        server_args = original(list(argv) + ["--cuda-graph-backend-decode", "disabled"], *args, **kwargs)
+        logger.info("LoopServe: decode CUDA graphs disabled (--cuda-graph-backend-decode disabled)")
+    if graph_backends(server_args)["prefill"] == "full":
+        raise SystemExit("--enable-loopserve cannot run under a full prefill CUDA graph "
+                         "(--cuda-graph-backend-prefill full): use breakable or disabled")
+    return server_args
 
 
 # ------------------------------------------------------- per-request params

@@ -120,3 +120,48 @@ def test_radix_namespace_separates_approximate_kv(monkeypatch):
     ns = {plugin.cache_namespace(base), plugin.cache_namespace(base.override({"alpha": 0.9})),
           plugin.cache_namespace(base.override({"alpha": 1.0}))}  # decode still compressed
     assert None not in ns and len(ns) == 3
+
+
+@pytest.fixture
+def sglang_prepare(monkeypatch):
+    """SGLang's own ``prepare_server_args`` with LoopServe's flags added, as the plugin's
+    hook on ``ServerArgs.add_cli_args`` does in a server (undone after the test)."""
+    from sglang.srt import server_args
+
+    add = server_args.ServerArgs.add_cli_args
+
+    def add_with_loopserve(parser):
+        result = add(parser)
+        plugin._on_add_cli_args(result, parser)
+        return result
+
+    monkeypatch.setattr(server_args.ServerArgs, "add_cli_args", staticmethod(add_with_loopserve))
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    fn = server_args.prepare_server_args
+    return getattr(fn, "__wrapped__", fn)
+
+
+@pytest.mark.parametrize("extra,decode", [
+    ([], "disabled"),  # SGLang's default decode graphs: turned off
+    (["--cuda-graph-backend-prefill", "breakable"], "disabled"),
+    (["--cuda-graph-backend-decode", "disabled", "--cuda-graph-backend-prefill", "disabled"], "disabled"),
+])
+def test_gpu_launch_runs_attention_outside_cuda_graphs(extra, decode, sglang_prepare, model_path):
+    """On a GPU device SGLang is started with decode CUDA graphs off (SGLang's real argument parsing)."""
+    argv = ["--model-path", str(model_path), "--device", "cuda", "--enable-loopserve", *extra]
+    got = plugin._around_prepare_server_args(sglang_prepare, argv)
+    assert plugin.graph_backends(got)["decode"] == decode
+    assert plugin.graph_backends(got)["prefill"] in (None, "breakable", "disabled")
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--cuda-graph-backend-prefill", "full"], "full prefill CUDA graph"),
+    (["--cuda-graph-config", '{"decode": {"backend": "full"}}'], "--cuda-graph-config"),
+    (["--cuda-graph-config", '{"prefill": {"backend": "full"}}'], "full prefill CUDA graph"),
+])
+def test_gpu_launch_refuses_captured_attention(extra, message, sglang_prepare, model_path):
+    argv = ["--model-path", str(model_path), "--device", "cuda", "--enable-loopserve", *extra]
+    with pytest.raises(SystemExit, match="enable-loopserve") as exc:
+        plugin._around_prepare_server_args(sglang_prepare, argv)
+    assert message in str(exc.value)
+    assert CONFIG_ENV not in __import__("os").environ
