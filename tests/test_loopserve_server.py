@@ -136,6 +136,22 @@ def test_invalid_request_settings_get_400(loopserve_server, bad, field):
     assert ok.status_code == 200 and ok.json()["meta_info"]["loopserve"]["enabled"] is True
 
 
+def _chat(url, custom_params):
+    return requests.post(url + "/v1/chat/completions", timeout=120, json={
+        "model": "default", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8,
+        "temperature": 0, "custom_params": custom_params})
+
+
+def test_openai_requests_take_the_same_settings(loopserve_server):
+    """OpenAI requests' top-level ``custom_params`` go through the same validation."""
+    r = _chat(loopserve_server.url, {"loopserve": {"alpha": 1.5}})
+    assert r.status_code == 400, r.text
+    assert "custom_params.loopserve.alpha" in r.text
+    ok = _chat(loopserve_server.url, {"loopserve": {"alpha": 0.9, "decode_budget": 64}})
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["choices"][0]["message"]["content"]
+
+
 # 4 ---------------------------------------------------------------------------
 SMALL_MODULES = ("fnmatch", "glob", "reprlib", "pprint", "shlex", "bisect", "copy", "string")
 
