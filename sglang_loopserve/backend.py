@@ -156,8 +156,7 @@ class LoopServeAttnBackend:
         """Write the forward's new K/V as the base would (it is skipped for these tokens)."""
         from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
-        loc = KVWriteLoc(forward_batch.out_cache_loc, getattr(self.base, "swa_out_cache_loc", None),
-                         physical=bool(getattr(forward_batch, "out_cache_loc_is_physical", False)))
+        loc = KVWriteLoc.for_batch(forward_batch, swa_loc=getattr(self.base, "swa_out_cache_loc", None))
         k_scale = getattr(layer, "k_scale", None)
         if k_scale is None:
             self.token_to_kv_pool.set_kv_buffer(layer, loc, k, v)

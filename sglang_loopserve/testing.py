@@ -43,8 +43,13 @@ def provide_kv_write_loc() -> None:
     name = "sglang.srt.mem_cache.memory_pool"
     if name in sys.modules or importlib.util.find_spec("sglang") is not None:
         return
+    class KVWriteLoc(types.SimpleNamespace):
+        @classmethod
+        def for_batch(cls, forward_batch, *, swa_loc=None, full_loc=None):
+            return cls(loc=forward_batch.out_cache_loc)
+
     module = types.ModuleType(name)
-    module.KVWriteLoc = lambda loc, swa_loc=None, physical=False: types.SimpleNamespace(loc=loc)
+    module.KVWriteLoc = KVWriteLoc
     sys.modules[name] = module
 
 
@@ -109,7 +114,7 @@ def extend_batch(rids, pool_indices, prefix_lens, new_lens, out_cache_loc, mode=
         seq_lens=torch.tensor(seq), seq_lens_cpu=torch.tensor(seq),
         extend_prefix_lens=torch.tensor(prefix_lens), extend_prefix_lens_cpu=list(prefix_lens),
         extend_seq_lens=torch.tensor(new_lens), extend_seq_lens_cpu=list(new_lens),
-        out_cache_loc=out_cache_loc, encoder_lens=None)
+        out_cache_loc=out_cache_loc, out_cache_loc_is_physical=False, encoder_lens=None)
 
 
 def decode_batch(rids, pool_indices, seq_lens, out_cache_loc, mode=Mode.DECODE):
@@ -117,7 +122,7 @@ def decode_batch(rids, pool_indices, seq_lens, out_cache_loc, mode=Mode.DECODE):
     return types.SimpleNamespace(
         forward_mode=mode, rids=list(rids), req_pool_indices=torch.tensor(pool_indices),
         seq_lens=torch.tensor(seq_lens), seq_lens_cpu=torch.tensor(seq_lens), out_cache_loc=out_cache_loc,
-        encoder_lens=None)
+        out_cache_loc_is_physical=False, encoder_lens=None)
 
 
 def dense_sdpa(q, k, v):
