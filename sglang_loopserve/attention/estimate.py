@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .workspace import scratch
+
 
 def sample_query_rows(n_new: int, q_window: int, device=None) -> torch.Tensor:
     """Sorted, unique indices (into the new queries) of the rows to estimate from.
@@ -55,16 +57,29 @@ def sample_attention(
     """Exact fp32 attention probabilities of ``q[rows]`` over the causal keys.
 
     ``q`` is ``[n_new, H, d]``, ``k`` is ``[n_ctx, Hk, d]`` (GQA: each key head
-    serves ``H // Hk`` query heads).  Cost: ``S * n_ctx * H * d`` multiply-adds.
+    serves ``H // Hk`` query heads); ``rows`` ascending.  Cost: ``S * n_ctx * H * d``
+    multiply-adds and a softmax, in place in a reused buffer
+    (``workspace.scratch``): ``probs`` is valid until the next call in this thread.
     """
     n_new, n_heads, d = q.shape
     n_ctx, n_kv, _ = k.shape
     group = n_heads // n_kv
+    n_rows = rows.numel()
     scale = d**-0.5 if scale is None else scale
     positions = rows + (n_ctx - n_new)
-    qs = q[rows].float().permute(1, 0, 2).reshape(n_kv, group * len(rows), d)  # [Hk, g*S, d]
-    logits = torch.bmm(qs, k.float().permute(1, 2, 0)) * scale  # [Hk, g*S, n_ctx]
-    logits = logits.view(n_heads, len(rows), n_ctx)
-    future = torch.arange(n_ctx, device=q.device)[None, :] > positions[:, None]
-    logits.masked_fill_(future[None], float("-inf"))
-    return AttentionSample(rows=rows, positions=positions, probs=torch.softmax(logits, dim=-1))
+    qs = (q[rows].float() * scale).permute(1, 0, 2).reshape(n_kv, group * n_rows, d)  # [Hk, g*S, d]
+    logits = scratch("estimate.probs", (n_kv, group * n_rows, n_ctx), torch.float32, q.device)
+    torch.bmm(qs, k.float().permute(1, 2, 0), out=logits)
+    probs = logits.view(n_heads, n_rows, n_ctx)
+    # Keys after a sampled query's position: only past the earliest one (known
+    # on the host for a CPU tensor; a GPU masks every column, without a sync).
+    first = int(positions[0]) + 1 if positions.device.type == "cpu" else 0
+    if first < n_ctx:
+        future = torch.arange(first, n_ctx, device=q.device)[None, :] > positions[:, None]
+        probs[..., first:].masked_fill_(future, float("-inf"))
+    if probs.device.type == "cpu":
+        # In place: the CPU kernel works row by row, reading a row before writing it.
+        torch.ops.aten._softmax.out(probs, -1, False, out=probs)
+    else:
+        probs = torch.softmax(probs, dim=-1)
+    return AttentionSample(rows=rows, positions=positions, probs=probs)
