@@ -86,25 +86,6 @@ def test_question_at_start_keeps_its_own_lines():
     assert rel_err(control, ref, slice(0, 64)) > 0.3
 
 
-def test_union_coverage_counts_shared_cells_once():
-    """One row; a column and a diagonal through the same heavy cell: one line suffices."""
-    n = 64
-    probs = torch.zeros(1, 1, n)
-    probs[0, 0, 10] = 0.96  # cell (query at 63, key 10): column 10 and diagonal 53
-    probs[0, 0, 20] = 0.04
-    from sglang_loopserve.attention.estimate import AttentionSample
-
-    sample = AttentionSample(rows=torch.tensor([63]), positions=torch.tensor([63]), probs=probs)
-    lines = select_vertical_slash(sample, 64, alpha=0.95, block_size=16, sink=0, local=0)
-    assert int(lines.columns[0, -1].sum() + lines.diagonals[0, -1].sum()) == 1
-    # At 0.99, key 20 is needed too.  A greedy that counted the shared cell
-    # twice would stop after column 10 + diagonal 53 ("1.92") and miss key 20.
-    lines = select_vertical_slash(sample, 64, alpha=0.99, block_size=16, sink=0, local=0)
-    chosen_keys = set(lines.columns[0, -1].nonzero().flatten().tolist()) | {
-        63 - d for d in lines.diagonals[0, -1].nonzero().flatten().tolist()}
-    assert chosen_keys == {10, 20}
-
-
 def test_sampled_rows_cover_start_middle_end():
     rows = sample_query_rows(512, 64)
     assert rows.unique().numel() == rows.numel() == 128
@@ -174,3 +155,19 @@ def test_bad_shapes(shapes, match):
     q, k, v = (torch.randn(*s) for s in shapes)
     with pytest.raises(ValueError, match=match):
         sparse_prefill_attention(q, k, v)
+
+
+def test_plans_too_dense_to_pay_run_the_exact_rectangle():
+    """Random attention is diffuse: its plan keeps most cells, and the exact rectangle runs."""
+    from sglang_loopserve.attention.sparse_prefill import SPARSE_BELOW
+
+    q, k, v = random_qkv(300, 900, 4, 2)
+    out, stats = sparse_prefill_attention(q, k, v, alpha=0.95, return_stats=True)
+    assert stats.planned_density >= SPARSE_BELOW["cpu"]
+    assert stats.kernel == "exact" and stats.density == 1.0
+    ref = causal_attention(q.double(), k.double(), v.double(), compute_dtype=torch.float64)
+    assert (out.double() - ref).abs().max() < 2e-4
+    assert stats.key_scores is not None  # the estimate still seeds the decode selection
+    p = planted_qkv(512, 2048)
+    _, stats = sparse_prefill_attention(p.q, p.k, p.v, alpha=0.95, return_stats=True)
+    assert stats.kernel == "gather" and stats.density == stats.planned_density < SPARSE_BELOW["cpu"]

@@ -2,6 +2,12 @@
 
 estimate (``estimate.py``) -> select lines (``select.py``) -> ``BlockMask``
 (``block_mask.py``) -> a block-sparse kernel (``kernels/``).
+
+When the plan keeps so many cells that the sparse kernel would cost more
+than the exact rectangle (``exact.py``), the exact rectangle runs instead:
+the sparse kernel computes a cell at a fraction of the dense kernel's speed
+(gathers, partial batches), measured per device in ``SPARSE_BELOW``.  The
+estimate still seeds the decode selection.
 """
 
 from __future__ import annotations
@@ -13,8 +19,37 @@ import torch
 
 from .block_mask import BlockMask
 from .estimate import sample_attention, sample_query_rows
+from .exact import exact_prefill_attention
 from .kernels import KERNELS, default_kernel
 from .select import select_vertical_slash
+
+#: Per device type: the sparse kernel runs when the plan's density is below
+#: this, else the exact rectangle (which is then both faster and exact).  The
+#: ratio of the two kernels' speeds per computed cell, measured with
+#: ``benchmarks/prefill_attention.py`` (CPU: 2-core x86, bf16, SmolLM2 layers
+#: at 4K-8K: the gather kernel breaks even with the exact rectangle at a
+#: density of about 0.6).  A GPU's Triton kernel: not measured yet; its
+#: earlier H100 sweep beat dense FlashAttention up to a density of 0.5.
+SPARSE_BELOW = {"cpu": 0.6, "cuda": 0.5}
+
+#: Per device type: the shortest sequence (cached + new tokens) for which the
+#: sparse path (plan + kernel, with the density gate above) beats the exact
+#: rectangle, measured over SmolLM2's layers with
+#: ``benchmarks/prefill_attention.py --break-even`` (CPU: 2-core x86, bf16).
+#: Below it the server runs the exact rectangle.  CUDA: not measured yet (no
+#: GPU in the session that set it); MInference and SGLang's own sparse
+#: prefill break even between 10K and 50K tokens on an A100.
+MIN_PREFILL_LEN = {"cpu": 8000, "cuda": 16384}
+
+
+def min_prefill_len(device) -> int:
+    """The measured length gate of ``device`` (a ``torch.device`` or its type)."""
+    return MIN_PREFILL_LEN.get(torch.device(device).type, MIN_PREFILL_LEN["cuda"])
+
+
+def dense_is_cheaper(mask: BlockMask) -> bool:
+    """True when the exact rectangle is faster than the sparse kernel on ``mask``."""
+    return mask.density() >= SPARSE_BELOW.get(mask.block_indptr.device.type, 0.5)
 
 
 @dataclass
@@ -23,12 +58,13 @@ class SparsePrefillStats:
     head_density: torch.Tensor  # [H]
     vertical_counts: torch.Tensor  # [H] mean chosen columns per segment
     slash_counts: torch.Tensor  # [H] mean chosen diagonals per segment
-    kernel: str
-    timings: dict = field(default_factory=dict)  # seconds: estimate, index, attention
+    kernel: str  # the sparse kernel, or "exact" (alpha 1, or the plan was too dense to pay)
+    timings: dict = field(default_factory=dict)  # seconds: estimate, select, index, attention
     #: ``[Hk, n_ctx]`` estimated attention mass per key (summed over the sampled
     #: rows and the query heads of each group); ``None`` when alpha = 1 (no estimate).
     #: Seeds the decode selection (``DecodeCompressor.seed``).
     key_scores: torch.Tensor | None = None
+    planned_density: float = 1.0  # the plan's density, also when the exact rectangle ran
 
 
 def validate_prefill_inputs(q, k, v, alpha, q_window, block_size) -> None:
@@ -64,33 +100,32 @@ def _now(device) -> float:
 
 
 def _plan(q, k, *, alpha, q_window, block_size, sink, local, rows_per_segment, timings):
-    """Estimate, select and index: ``(BlockMask, segment counts [H, S, 2], sample or None)``."""
+    """Estimate, select and index: ``(BlockMask, VerticalSlashLines)``."""
+    n_new = q.shape[0]
     t0 = time.perf_counter()
-    n_new, n_heads = q.shape[0], q.shape[1]
-    if alpha >= 1.0:
-        mask = BlockMask.dense(n_heads, n_new, k.shape[0], block_size, device=q.device)
-        counts = torch.full((n_heads, 1, 2), k.shape[0], device=q.device)
-        if timings is not None:
-            timings.update(estimate=0.0, index=_now(q.device) - t0)
-        return mask, counts, None
     rows = sample_query_rows(n_new, q_window, device=q.device)
     sample = sample_attention(q, k, rows)
-    t1 = _now(q.device) if timings is not None else 0.0
+    t1 = _now(q.device)
     lines = select_vertical_slash(sample, n_new, alpha=alpha, block_size=block_size, sink=sink,
                                   local=block_size if local is None else local,
                                   rows_per_segment=rows_per_segment)
+    t2 = _now(q.device)
     mask = BlockMask.from_lines(lines)
     if timings is not None:
-        timings.update(estimate=t1 - t0, index=_now(q.device) - t1)
-    return mask, lines.segment_counts, sample
+        timings.update(estimate=t1 - t0, select=t2 - t1, index=_now(q.device) - t2)
+    return mask, lines
 
 
 def build_block_mask(q, k, *, alpha, q_window, block_size, sink=4, local=None,
                      rows_per_segment=8, timings=None) -> tuple[BlockMask, torch.Tensor]:
-    """Estimate, select and index: the ``BlockMask`` and per-segment line counts."""
-    mask, counts, _ = _plan(q, k, alpha=alpha, q_window=q_window, block_size=block_size, sink=sink,
-                            local=local, rows_per_segment=rows_per_segment, timings=timings)
-    return mask, counts
+    """Estimate, select and index: the ``BlockMask`` and the lines per segment ``[H, G, 2]``
+    (columns, diagonals).  ``alpha`` 1 is every causal block."""
+    if alpha >= 1.0:
+        mask = BlockMask.dense(q.shape[1], q.shape[0], k.shape[0], block_size, device=q.device)
+        return mask, torch.full((q.shape[1], 1, 2), k.shape[0], device=q.device)
+    mask, lines = _plan(q, k, alpha=alpha, q_window=q_window, block_size=block_size, sink=sink,
+                        local=local, rows_per_segment=rows_per_segment, timings=timings)
+    return mask, lines.segment_counts
 
 
 def sparse_prefill_attention(q, k, v, *, alpha: float = 0.95, q_window: int = 64,
@@ -103,13 +138,14 @@ def sparse_prefill_attention(q, k, v, *, alpha: float = 0.95, q_window: int = 64
         k, v: ``[n_ctx, Hk, d]`` keys and values of the whole sequence, cached
             history first, the new tokens last; ``H % Hk == 0`` (GQA).
         alpha: fraction of the estimated attention mass to cover, in (0, 1];
-            1.0 computes dense causal attention.
+            1.0 computes exact causal attention (``exact_prefill_attention``).
         q_window: sampled query rows: the last ``q_window`` plus as many spread
             over the rest of the new tokens.
         block_size: query and key block size (power of two >= 16).
         return_stats: also return a ``SparsePrefillStats``.
         kernel: ``"auto"`` (fastest available for the device) or one of
-            ``sglang_loopserve.attention.kernels.KERNELS``.
+            ``sglang_loopserve.attention.kernels.KERNELS``; with ``"auto"`` a
+            plan denser than ``SPARSE_BELOW`` runs the exact rectangle instead.
         sink: leading key columns always kept.
         local: diagonals ``0..local-1`` always kept (default ``block_size``).
 
@@ -120,19 +156,30 @@ def sparse_prefill_attention(q, k, v, *, alpha: float = 0.95, q_window: int = 64
     if name not in KERNELS:
         raise ValueError(f"kernel must be 'auto' or one of {sorted(KERNELS)}, got {kernel!r}")
     timings: dict = {}
-    mask, counts, sample = _plan(q, k, alpha=float(alpha), q_window=q_window, block_size=block_size,
-                                 sink=sink, local=local, rows_per_segment=8, timings=timings)
+    n_heads = q.shape[1]
+    if alpha >= 1.0:
+        t = time.perf_counter()
+        out = exact_prefill_attention(q, k, v)
+        timings.update(estimate=0.0, select=0.0, index=0.0, attention=_now(q.device) - t)
+        if not return_stats:
+            return out
+        ones = torch.ones(n_heads, dtype=torch.float64)
+        return out, SparsePrefillStats(density=1.0, head_density=ones, vertical_counts=ones * k.shape[0],
+                                       slash_counts=ones * k.shape[0], kernel="exact", timings=timings)
+    mask, lines = _plan(q, k, alpha=float(alpha), q_window=q_window, block_size=block_size, sink=sink,
+                        local=local, rows_per_segment=8, timings=timings)
     t = time.perf_counter()
-    out = KERNELS[name](q, k, v, mask)
+    exact = kernel == "auto" and dense_is_cheaper(mask)
+    out = exact_prefill_attention(q, k, v) if exact else KERNELS[name](q, k, v, mask)
     timings["attention"] = _now(q.device) - t
     if not return_stats:
         return out
-    head_density = mask.head_density()
-    key_scores = None
-    if sample is not None:
-        key_scores = sample.probs.sum(1).view(k.shape[1], -1, k.shape[0]).sum(1)  # [Hk, n_ctx]
+    head_density = torch.ones(n_heads, dtype=torch.float64) if exact else mask.head_density()
+    counts = lines.segment_counts
     stats = SparsePrefillStats(
         density=float(head_density.mean()), head_density=head_density,
         vertical_counts=counts[..., 0].float().mean(-1), slash_counts=counts[..., 1].float().mean(-1),
-        kernel=name, timings=timings, key_scores=key_scores)
+        kernel="exact" if exact else name, timings=timings,
+        key_scores=lines.key_mass.view(k.shape[1], -1, k.shape[0]).sum(1),
+        planned_density=mask.density())
     return out, stats
