@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sglang_loopserve.cache_policy import (METHODS, DecodeCompressor, FullAttention, LoopServe,
-                                           ScoreContext, SnapKV, StreamingLLM,
+from sglang_loopserve.cache_policy import (METHODS, DecodeCompressor, FullAttention, KeySummaries, LoopServe,
+                                           ScoreContext, SnapKV, StreamingLLM, attention_mass,
                                            batched_decode_attention, decode_attention,
-                                           select_decode_kv, select_decode_kv_batched)
+                                           select_decode_kv, select_decode_kv_batched, select_decode_kv_pruned)
 
 D = 64
 
@@ -96,8 +96,10 @@ def test_topic_shift_followed_by_reselection_not_by_snapkv():
     def recall(idx, hot):
         return min(sum(int(x) in set(idx[h].tolist()) for x in hot[h]) / hot.shape[1] for h in range(2))
 
-    assert comp.reselections == 4
+    # Re-selections at 16 and 32 agree (A), so the next one waits 32 tokens: at 64, on B.
+    assert comp.reselections == 3
     assert recall(loop, hot_b) >= 0.9  # followed the shift
+    assert comp.next_interval == 16  # the shift reset the interval
     assert recall(snap, hot_a) >= 0.9 and recall(snap, hot_b) < 0.3  # selected once, on A
 
 
@@ -178,6 +180,7 @@ def test_baselines_on_hand_made_case():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(budget=0), "budget"), (dict(budget=10, sink=4, recent=32), "sink \\+ recent"),
     (dict(interval=0), "interval"), (dict(window=0), "window"),
+    (dict(interval=16, max_interval=8), "max_interval"),
 ])
 def test_compressor_bad_parameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -200,3 +203,79 @@ def test_bad_inputs():
         decode_attention(torch.randn(6, D), k, k, torch.zeros(3, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="H % Hk"):
         decode_attention(torch.randn(5, D), k, k, None)
+
+
+def clustered(length=8000, kv_heads=2, n_passages=6, passage=24, seed=11):
+    """Keys whose hot ones sit in a few passages (as the tokens of a document an answer quotes)."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(length, kv_heads, D, generator=g) * 0.3
+    u = unit(g, kv_heads)
+    starts = torch.randperm(length // passage - 4, generator=g)[:n_passages] * passage + passage
+    hot = torch.cat([torch.arange(s, s + passage) for s in starts.tolist()])
+    for h in range(kv_heads):
+        k[hot, h] += u[h] * 4
+    return k, hot, u
+
+
+def test_two_stage_selection_recalls_clustered_keys():
+    """Candidates from key-block bounds, exact scores among them: the passages the window's
+    queries attend to are kept, as by scoring every key, while 2 x budget keys are scored."""
+    k, hot, u = clustered()
+    q = queries(u, 16, 6)
+    slots = torch.arange(k.shape[0])
+    pruned = select_decode_kv_pruned(q, k, slots, KeySummaries(), budget=256, sink=4, recent=32)
+    exact = select_decode_kv(q, k, budget=256, sink=4, recent=32)
+    assert pruned.shape == exact.shape == (2, 256)
+    mass = attention_mass(q, k)  # [Hk, L]: the window's mass on every key
+    for h in range(2):
+        kept = set(pruned[h].tolist())
+        assert set(hot.tolist()) <= kept
+        assert set(range(4)) <= kept and set(range(8000 - 32, 8000)) <= kept
+        assert pruned[h].tolist() == sorted(kept)
+        assert float(mass[h, pruned[h]].sum()) >= 0.99 * float(mass[h, exact[h]].sum())
+
+
+def test_two_stage_is_every_key_where_pruning_would_not_pay():
+    k, v, _, u = planted(1500)
+    q = queries(u, 16, 6)
+    slots = torch.randperm(4000)[:1500]  # keys live anywhere in a pool
+    pool = torch.zeros(4000, 2, D)
+    pool[slots] = k
+    pruned = select_decode_kv_pruned(q, pool, slots, KeySummaries(), budget=300)  # 4 x 2 x 300 > 1500
+    assert torch.equal(pruned, select_decode_kv(q, k, budget=300))
+
+
+def test_summaries_grow_with_the_cache():
+    g = torch.Generator().manual_seed(4)
+    k = torch.randn(1000, 2, D, generator=g)
+    grown = KeySummaries(block=16)
+    for length in (37, 40, 333, 1000):  # partial blocks redone as keys arrive
+        grown.update(k, torch.arange(length))
+    whole = KeySummaries(block=16)
+    whole.update(k, torch.arange(1000))
+    assert torch.equal(grown.kmax, whole.kmax) and torch.equal(grown.kmin, whole.kmin)
+    assert torch.equal(whole.kmax[:, 0], k[:16].amax(0)) and torch.equal(whole.kmin[:, -1], k[992:].amin(0))
+
+
+def test_interval_doubles_while_selections_agree_and_resets_on_a_change():
+    k, v, hot, u = planted(3000)
+    comp = DecodeCompressor(budget=300, interval=8, window=8, max_interval=32)
+    comp.seed(None, 2900)
+    q = queries(u, 200, 6)
+    due = []
+    for t in range(120):
+        length = 2901 + t
+        if comp.record(q[t]):
+            comp.reselect(k[:length])
+            due.append(t + 1)
+    # 8 (first), 16 (agrees: next in 16), 32 (agrees: next in 32, the cap), 64, 96
+    assert due == [8, 16, 32, 64, 96] and comp.next_interval == 32
+    other = queries(unit(torch.Generator().manual_seed(21), 2), 40, 6, seed=21)
+    after = []
+    for t in range(32):
+        if comp.record(other[t]):
+            comp.reselect(k[:3021 + t])
+            after.append((t + 1, comp.next_interval))
+    # The queries moved: the re-selection due 32 tokens after the last one (at 128) resets the
+    # interval to the base; then the new topic's selections agree and it grows again.
+    assert after == [(8, 8), (16, 16), (32, 32)]

@@ -16,6 +16,20 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .summaries import KeySummaries, candidate_positions
+
+#: Candidate positions per re-selection, as a multiple of the budget.  Measured on
+#: SmolLM2 (``benchmarks/decode_fidelity.py``): the kept mass is within 0.01 of scoring
+#: every key.
+CANDIDATE_FACTOR = 2.0
+#: Candidates are pruned only from caches this many times larger than the candidate set;
+#: smaller ones are scored whole (cheap, and exact).
+PRUNE_FROM = 4
+#: A re-selection whose window mass lies at least this much on positions the previous
+#: selection held too doubles the interval to the next one (up to ``max_interval``); a
+#: lower share resets it.
+AGREEMENT = 0.9
+
 
 def _check_gqa(n_heads: int, n_kv: int) -> int:
     if n_kv < 1 or n_heads % n_kv:
@@ -94,6 +108,54 @@ def select_decode_kv(recent_q: torch.Tensor, k: torch.Tensor, *, budget: int, si
     return keep_top(scores, budget, sink, recent)
 
 
+def select_decode_kv_pruned(recent_q: torch.Tensor, k_buffer: torch.Tensor, slots: torch.Tensor,
+                            summaries: KeySummaries, *, budget: int, sink: int = 4, recent: int = 32,
+                            factor: float = CANDIDATE_FACTOR, return_mass: bool = False):
+    """``select_decode_kv`` in two stages (``summaries.py``): candidate blocks by their key
+    bounds, then the window's exact attention mass over the candidates only.
+
+    ``k_buffer [T, Hk, d]`` holds position ``i``'s key at row ``slots[i]``
+    (SGLang's KV pool and ``req_to_token`` row); ``summaries`` are brought up
+    to date here.  Returns ``[Hk, min(budget, L)]`` ascending positions, and
+    with ``return_mass`` also each one's window mass (same shape).
+    """
+    validate_budget(budget, sink, recent)
+    length = slots.shape[0]
+    n_kv = k_buffer.shape[1]
+    if length <= budget:
+        kept = torch.arange(length, device=k_buffer.device).expand(n_kv, -1)
+        return (kept, torch.ones(kept.shape, device=kept.device)) if return_mass else kept
+    if factor <= 0 or PRUNE_FROM * factor * budget > length:  # pruning would not pay: every key
+        cand = torch.arange(length, device=k_buffer.device).expand(n_kv, -1)
+        scores = attention_mass(recent_q, k_buffer[slots.long()])
+    else:
+        summaries.update(k_buffer, slots)
+        cand = candidate_positions(summaries, recent_q, length, budget, factor, sink, recent)  # [Hk, C]
+        scores = _candidate_mass(recent_q, k_buffer, slots, cand, length)
+    forced = (cand < sink) | (cand >= length - recent)
+    ranked = scores.masked_fill(forced, float("inf"))
+    at = ranked.topk(budget, dim=-1).indices.sort(dim=-1).values  # candidates ascend: positions do too
+    kept = cand.gather(1, at)
+    return (kept, scores.gather(1, at)) if return_mass else kept
+
+
+def _candidate_mass(recent_q, k_buffer, slots, cand, length):
+    """``[Hk, C]``: the window's softmax over the candidate keys, summed over the window and the
+    query heads of each group (``-inf`` for candidates past the cache)."""
+    n_kv = k_buffer.shape[1]
+    valid = cand < length
+    heads = torch.arange(n_kv, device=cand.device)[:, None]
+    keys = k_buffer[slots[cand.clamp(max=length - 1)].long(), heads]  # [Hk, C, d]
+    w, n_heads, d = recent_q.shape
+    group = _check_gqa(n_heads, n_kv)
+    qs = recent_q.float().view(w, n_kv, group, d).permute(1, 0, 2, 3).reshape(n_kv, w * group, d)
+    logits = torch.bmm(qs, keys.float().transpose(1, 2)) * d**-0.5  # [Hk, w*g, C]
+    qpos = length - w + torch.arange(w, device=cand.device).repeat_interleave(group)  # row order: (w, g)
+    unseen = (cand[:, None, :] > qpos[None, :, None]) | ~valid[:, None, :]
+    scores = torch.softmax(logits.masked_fill(unseen, float("-inf")), dim=-1).sum(1)
+    return scores.masked_fill(~valid, float("-inf"))
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor | None,
                      compute_dtype=torch.float32) -> torch.Tensor:
     """``[H, d]``: attention of one decode query ``q [H, d]`` over ``k, v [L, Hk, d]``
@@ -122,6 +184,15 @@ class DecodeCompressor:
     and attends to the selection plus every token generated since.  Before the
     first re-selection it uses ``seed(...)``: the prefill's vertical scores of
     this turn when given, else full attention (``seeded_from`` records which).
+
+    Re-selection is two-stage (``select_decode_kv_pruned``: candidates from
+    key-block bounds, exact scores among them) and its interval adapts (ours,
+    beyond the paper's fixed 16): a re-selection whose window mass lies for
+    ``AGREEMENT`` on positions the previous one held doubles the interval to
+    the next, up to ``max_interval``; one that does not resets it to
+    ``interval``.  A stable
+    answer is re-scored rarely, a topic shift within ``interval`` tokens of
+    being noticed again.
     """
 
     budget: int = 1024
@@ -129,12 +200,18 @@ class DecodeCompressor:
     window: int = 16
     sink: int = 4
     recent: int = 32
+    max_interval: int = 128
+    #: candidates per re-selection, a multiple of the budget (0: score every key)
+    candidate_factor: float = CANDIDATE_FACTOR
     selection: torch.Tensor | None = field(default=None, repr=False)  # [Hk, n] positions
     selected_at: int = 0  # cache length when ``selection`` was made
     seeded_from: str = "full"
     steps: int = 0
     reselections: int = 0
+    next_interval: int = 0  # tokens from the last re-selection to the next (0: ``interval``)
+    summaries: KeySummaries = field(default_factory=KeySummaries, repr=False)
     _queries: list = field(default_factory=list, repr=False)
+    _since: int = 0  # tokens generated since the last re-selection
 
     def __post_init__(self):
         validate_budget(self.budget, self.sink, self.recent)
@@ -142,6 +219,10 @@ class DecodeCompressor:
             raise ValueError(f"interval must be an integer >= 1, got {self.interval!r}")
         if not isinstance(self.window, int) or self.window < 1:
             raise ValueError(f"window must be an integer >= 1, got {self.window!r}")
+        if not isinstance(self.max_interval, int) or self.max_interval < self.interval:
+            raise ValueError(f"max_interval must be an integer >= interval={self.interval}, "
+                             f"got {self.max_interval!r}")
+        self.next_interval = self.next_interval or self.interval
 
     def seed(self, vertical_scores: torch.Tensor | None, length: int) -> None:
         """First selection: top ``budget`` of the prefill's per-KV-head column scores ``[Hk, L]``."""
@@ -151,6 +232,7 @@ class DecodeCompressor:
             self.selection = keep_top(vertical_scores[:, :length], self.budget, self.sink, self.recent)
             self.seeded_from = "prefill"
         self.selected_at = length
+        self.next_interval, self._since = self.interval, 0
 
     def indices(self, length: int) -> torch.Tensor | None:
         """Positions attended at cache length ``length``: selection + tokens since it."""
@@ -161,19 +243,31 @@ class DecodeCompressor:
 
     def record(self, q: torch.Tensor) -> bool:
         """Record this step's query ``[H, d]``; True when a re-selection is due
-        (``interval`` tokens generated since the last one)."""
+        (``next_interval`` tokens generated since the last one)."""
         self._queries.append(q.detach())
         del self._queries[: -self.window]
         self.steps += 1
-        return self.steps % self.interval == 0
+        self._since += 1
+        return self._since >= self.next_interval
 
     def reselect(self, k: torch.Tensor) -> None:
         """Re-select from the recorded queries over the whole cache ``k [L, Hk, d]``."""
+        self.reselect_from(k, torch.arange(k.shape[0], device=k.device))
+
+    def reselect_from(self, k_buffer: torch.Tensor, slots: torch.Tensor) -> None:
+        """Re-select over a cache stored elsewhere: position ``i``'s key is ``k_buffer[slots[i]]``
+        (SGLang's KV pool and ``req_to_token`` row); only new keys and candidates are read."""
         recent_q = torch.stack(self._queries)  # [w, H, d]
-        self.selection = select_decode_kv(recent_q, k, budget=self.budget, sink=self.sink,
-                                          recent=self.recent)
-        self.selected_at = k.shape[0]
+        previous = self.selection
+        self.selection, mass = select_decode_kv_pruned(
+            recent_q, k_buffer, slots, self.summaries, budget=self.budget, sink=self.sink, recent=self.recent,
+            factor=self.candidate_factor, return_mass=True)
+        self.selected_at = slots.shape[0]
         self.reselections += 1
+        self._since = 0
+        held = _held_mass(previous, self.selection, mass) if previous is not None else 0.0
+        self.next_interval = (min(2 * self.next_interval, self.max_interval) if held >= AGREEMENT
+                              else self.interval)
 
     def observe(self, q: torch.Tensor, k: torch.Tensor) -> None:
         """``record`` then, when due, ``reselect`` (cache ``k`` includes this step's token)."""
@@ -185,3 +279,16 @@ class DecodeCompressor:
         out = decode_attention(q, k, v, self.indices(k.shape[0]))
         self.observe(q, k)
         return out
+
+
+def _held_mass(previous: torch.Tensor, selection: torch.Tensor, mass: torch.Tensor) -> float:
+    """Share of the new ``selection``'s window mass (``mass``, same shape) on positions the
+    ``previous`` selection held too (both ``[Hk, n]`` ascending).  Mass-weighted: the
+    low-scoring tail of a selection changes from window to window without mattering."""
+    if previous.shape[0] != selection.shape[0] or not previous.numel():
+        return 0.0
+    at = torch.searchsorted(previous.contiguous(), selection.contiguous()).clamp(max=previous.shape[1] - 1)
+    held = previous.gather(1, at) == selection
+    mass = mass.float().nan_to_num(posinf=0.0, neginf=0.0)
+    total = float(mass.sum())
+    return float((mass * held).sum()) / total if total > 0 else 1.0
