@@ -4,10 +4,14 @@ It wraps the platform's own backend (``base``: torch-native on the CPU,
 FlashInfer or Triton on a GPU) and takes over only the requests it can make
 cheaper:
 
-* ``forward_extend``: a request whose sequence reaches ``min_prefill_len`` and
-  whose forward brings at least ``block_size`` new tokens runs its new tokens
-  over its whole cached prefix (radix hit or earlier chunks) with
-  ``sparse_prefill_attention``; the others run on ``base``.
+* ``forward_extend``: a request whose sequence reaches ``min_prefill_len`` (by
+  default the device's measured break-even) and whose forward brings at least
+  ``block_size`` new tokens runs its new tokens over its whole cached prefix
+  (radix hit or earlier chunks) with ``sparse_prefill_attention``; the other
+  LoopServe requests compute exactly their new rows over cached + new keys
+  (``exact_prefill_attention``), where the torch-native base would recompute
+  the square of the whole sequence (on a GPU the base already computes only
+  the new rows, and runs them).
 * ``forward_decode``: a request whose ``DecodeCompressor`` selection is smaller
   than its cache reads only the selected tokens (``batched_decode_attention``,
   one padded gather for the whole batch); the others run on ``base``.
@@ -29,10 +33,12 @@ import time
 import torch
 
 from .attention import sparse_prefill_attention
+from .attention.exact import exact_prefill_attention
 from .attention.kernels import default_kernel
+from .attention.sparse_prefill import min_prefill_len
 from .cache_policy import batched_decode_attention
 from .config import LoopServeConfig
-from .request_state import RequestStats, live_requests, set_model_context, store
+from .request_state import RequestStats, live_requests, model_context, set_model_context, store
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +92,8 @@ class LoopServeAttnBackend:
         self.token_to_kv_pool = model_runner.token_to_kv_pool
         self.num_layers = model_runner.model_config.num_hidden_layers
         set_model_context(getattr(model_runner.model_config, "context_len", 1 << 62))
-        self.kernel = default_kernel(torch.device(self.device))
+        self.kernel = "auto"  # the device's fastest kernel, exact rectangle above SPARSE_BELOW
+        self.min_prefill_len = min_prefill_len(self.device)
         self.store = store
         self.metrics = metrics
         # The torch-native base computes one request at a time from plain
@@ -98,8 +105,8 @@ class LoopServeAttnBackend:
         self._warm_up(model_runner)
 
     def _warm_up(self, model_runner) -> None:
-        """Compile the sparse kernel now, not inside the first long turn's time to first token
-        (FlexAttention on the CPU compiles once per process, ~30 s cold)."""
+        """Compile the planner's CPU loops (numba, cached on disk) and the kernel now, not inside
+        the first long turn's time to first token."""
         cfg = model_runner.model_config
         tp = max(getattr(model_runner, "tp_size", 1), 1)
         heads = max(cfg.num_attention_heads // tp, 1)
@@ -111,9 +118,11 @@ class LoopServeAttnBackend:
         q, k, v = (torch.randn(n, h, dim, generator=gen).to(self.device, dtype)
                    for n, h in ((n_new, heads), (n_ctx, kv_heads), (n_ctx, kv_heads)))
         t = time.perf_counter()
+        kernel = default_kernel(torch.device(self.device))
         sparse_prefill_attention(q, k, v, alpha=0.5, q_window=self.config.q_window,
-                                 block_size=self.config.block_size, kernel=self.kernel)
-        logger.info("LoopServe: %s kernel ready in %.1f s", self.kernel, time.perf_counter() - t)
+                                 block_size=self.config.block_size, kernel=kernel)
+        logger.info("LoopServe: %s kernel and planner ready in %.1f s; sparse prefill from %d tokens",
+                    kernel, time.perf_counter() - t, self.min_prefill_len)
 
     def __getattr__(self, name):
         if name == "base":
@@ -170,24 +179,35 @@ class LoopServeAttnBackend:
         return k.to(dtype), v.to(dtype)
 
     # ---------------------------------------------------------------- extend
+    def extend_mode(self, opts: LoopServeConfig, seq_len: int, new_len: int) -> str:
+        """How a request's extend runs: ``"base"`` (SGLang's backend: keep-everything requests,
+        and on a GPU every exact one), ``"exact"`` (the new rows over cached + new keys) or
+        ``"sparse"`` (``sparse_prefill_attention``)."""
+        if opts.keeps_everything(model_context()):
+            return "base"
+        gate = self.min_prefill_len if opts.min_prefill_len is None else opts.min_prefill_len
+        if opts.alpha < 1.0 and seq_len >= gate and new_len >= self.config.block_size:
+            return "sparse"
+        # The torch-native base recomputes the square of the whole sequence;
+        # GPU bases (FlashInfer, Triton) already compute only the new rows.
+        return "exact" if self._base_subsets else "base"
+
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         fb = forward_batch
         rids = fb.rids or []
         prefix_lens, new_lens = fb.extend_prefix_lens_cpu, fb.extend_seq_lens_cpu
         seq_lens = fb.seq_lens_cpu.tolist()
-        plans = []  # (i, options, sparse?)
+        plans = []  # (i, options, mode)
         for i, rid in enumerate(rids):
             opts = options_of(rid, self.config)
-            sparse = (opts.enabled and opts.alpha < 1.0 and seq_lens[i] >= opts.min_prefill_len
-                      and new_lens[i] >= self.config.block_size)
-            plans.append((i, opts, sparse))
-        sparse_idx = [i for i, _, s in plans if s]
+            plans.append((i, opts, self.extend_mode(opts, seq_lens[i], new_lens[i])))
 
-        o = self._run_base(False, q, k, v, layer, fb, save_kv_cache, taken=set(sparse_idx))
+        o = self._run_base(False, q, k, v, layer, fb, save_kv_cache,
+                           taken={i for i, _, mode in plans if mode != "base"})
         q_ = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
         o_ = o.view(-1, layer.tp_q_head_num, layer.v_head_dim)
         starts = _token_starts(new_lens)
-        for i, opts, sparse in plans:
+        for i, opts, mode in plans:
             rid = rids[i]
             stats = request_stats(rid)
             if stats is not None:
@@ -199,21 +219,28 @@ class LoopServeAttnBackend:
             state = state or self.store.new_turn(rid, opts)
             comp = state.compressor(layer.layer_id)
             causal = causal_pairs(prefix_lens[i], new_lens[i]) * layer.tp_q_head_num
-            if not sparse:
+            if mode == "base":
                 comp.seed(None, seq_lens[i])
                 if stats is not None:
                     stats.add_prefill(causal, causal, sparse=False)
                 continue
             lo, hi = starts[i], starts[i + 1]
             k_all, v_all = self._kv_of(layer, int(fb.req_pool_indices[i]), seq_lens[i], q.dtype)
+            q_i = self._scaled(q_[lo:hi], layer)
+            if mode == "exact":
+                o_[lo:hi] = exact_prefill_attention(q_i, k_all, v_all).to(o_.dtype)
+                comp.seed(None, seq_lens[i])
+                if stats is not None:
+                    stats.add_prefill(causal, causal, sparse=False)
+                continue
             out, st = sparse_prefill_attention(
-                self._scaled(q_[lo:hi], layer), k_all, v_all, alpha=opts.alpha, q_window=opts.q_window,
+                q_i, k_all, v_all, alpha=opts.alpha, q_window=opts.q_window,
                 block_size=self.config.block_size, sink=opts.sink, kernel=self.kernel, return_stats=True)
             o_[lo:hi] = out.to(o_.dtype)
             comp.seed(st.key_scores, seq_lens[i])
-            select_s = st.timings.get("estimate", 0.0) + st.timings.get("index", 0.0)
+            select_s = sum(st.timings.get(stage, 0.0) for stage in ("estimate", "select", "index"))
             if stats is not None:
-                stats.add_prefill(st.density * causal, causal, sparse=True, select_s=select_s)
+                stats.add_prefill(st.density * causal, causal, sparse=st.kernel != "exact", select_s=select_s)
                 stats.seeded_from = comp.seeded_from
             if self.metrics is not None:
                 self.metrics.observe_prefill(st.density, select_s)
@@ -318,8 +345,8 @@ class LoopServeAttnBackend:
                 self.metrics.observe_decode(sparse[i].shape[1] if i in sparse else seq_lens[i], seq_lens[i])
             if comp.record(q_[i].clone()):
                 t = time.perf_counter()
-                k_all, _ = self._kv_of(layer, int(fb.req_pool_indices[i]), seq_lens[i], q_.dtype)
-                comp.reselect(k_all)
+                slots = self.req_to_token_pool.req_to_token[int(fb.req_pool_indices[i]), :seq_lens[i]]
+                comp.reselect_from(self.token_to_kv_pool.get_key_buffer(layer.layer_id), slots)
                 dt = time.perf_counter() - t
                 if stats is not None:
                     stats.reselections += 1

@@ -40,15 +40,19 @@ class LoopServeConfig:
     q_window: int = 64
     #: Prefill: query/key block size of the block-sparse kernel (power of two >= 16).
     block_size: int = 64
-    #: Prefill: sequences shorter than this (cached + new tokens) run dense; so do
-    #: forwards with fewer than ``block_size`` new tokens.
-    min_prefill_len: int = 1024
+    #: Prefill: sequences shorter than this (cached + new tokens) run the exact
+    #: rectangle (new rows over cached + new keys); so do forwards with fewer
+    #: than ``block_size`` new tokens.  ``None``: the device's measured
+    #: break-even (``attention.sparse_prefill.MIN_PREFILL_LEN``).
+    min_prefill_len: int | None = None
     #: Decode: cached tokens each KV head attends to between re-selections.
     decode_budget: int = 1024
     #: Decode: re-select every this many generated tokens.
     decode_interval: int = 16
     #: Decode: latest generated queries that score the cached tokens.
     decode_window: int = 16
+    #: Decode: while consecutive re-selections agree the interval doubles, up to this.
+    decode_max_interval: int = 128
     #: First tokens always kept (prefill columns and decode selection).
     sink: int = 4
     #: Decode: last tokens always kept.
@@ -57,7 +61,7 @@ class LoopServeConfig:
     # Fields a request may override through custom_params (block_size is fixed
     # per server: the kernels are compiled for it).
     REQUEST_FIELDS = ("enabled", "alpha", "q_window", "min_prefill_len", "decode_budget",
-                      "decode_interval", "decode_window", "sink", "recent")
+                      "decode_interval", "decode_window", "decode_max_interval", "sink", "recent")
 
     def validated(self, name=lambda field: field) -> "LoopServeConfig":
         """``self`` if every value is in range, else ``LoopServeConfigError``;
@@ -74,10 +78,12 @@ class LoopServeConfig:
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) \
                 or not 0.0 < float(self.alpha) <= 1.0:
             fail("alpha", "must be a number in (0, 1]")
-        for f in ("q_window", "decode_budget", "decode_interval", "decode_window"):
+        for f in ("q_window", "decode_budget", "decode_interval", "decode_window", "decode_max_interval"):
             if not is_int(getattr(self, f)) or getattr(self, f) < 1:
                 fail(f, "must be an integer >= 1")
         for f in ("min_prefill_len", "sink", "recent"):
+            if f == "min_prefill_len" and self.min_prefill_len is None:
+                continue
             if not is_int(getattr(self, f)) or getattr(self, f) < 0:
                 fail(f, "must be an integer >= 0")
         bs = self.block_size
@@ -85,7 +91,14 @@ class LoopServeConfig:
             fail("block_size", "must be a power of two >= 16")
         if self.decode_budget < self.sink + self.recent:
             fail("decode_budget", f"must be >= sink + recent = {self.sink + self.recent}")
+        if self.decode_max_interval < self.decode_interval:
+            fail("decode_max_interval", f"must be >= decode_interval = {self.decode_interval}")
         return self
+
+    def keeps_everything(self, context_len: int) -> bool:
+        """Exact attention in both phases: LoopServe disabled, or ``alpha`` 1 with a decode budget
+        covering the model's context.  Such requests run on SGLang's own backend, bit for bit."""
+        return not self.enabled or (self.alpha >= 1.0 and self.decode_budget >= context_len)
 
     def override(self, values: dict, name=lambda field: field) -> "LoopServeConfig":
         """A copy with a request's ``values`` applied, validated; unknown keys are errors."""

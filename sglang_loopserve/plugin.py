@@ -99,19 +99,27 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                     "spread over the turn).",
         "block_size": "Prefill: block size of the block-sparse kernel (power of two >= 16).",
         "min_prefill_len": "Prefill: sequences shorter than this (cached + new tokens), and forwards "
-                           "with fewer new tokens than the block size, run dense.",
+                           "with fewer new tokens than the block size, run exact attention over the new "
+                           "rows only.",
         "decode_budget": "Decode: cached tokens each KV head reads between re-selections.",
         "decode_interval": "Decode: re-select the attended tokens every this many generated tokens.",
         "decode_window": "Decode: latest generated queries that score the cached tokens.",
+        "decode_max_interval": "Decode: while consecutive re-selections keep 90% of the previous one, "
+                               "the interval doubles, up to this many tokens; a change resets it.",
         "sink": "First tokens always kept (prefill columns and decode selection).",
         "recent": "Decode: last tokens always kept.",
     }
+    from .attention.sparse_prefill import MIN_PREFILL_LEN
+
+    shown = {"min_prefill_len": "the break-even measured per device (" + ", ".join(
+        f"{device} {tokens}" for device, tokens in MIN_PREFILL_LEN.items()) + " tokens)"}
     for f in fields(LoopServeConfig):
         if f.name == "enabled":
             continue
         default = getattr(_DEFAULTS, f.name)
         group.add_argument(FLAGS[f.name], type=_TYPES.get(f.name, int), default=default,
-                           metavar=f.name.upper(), help=f"{helps[f.name]} Default: {default}.")
+                           metavar=f.name.upper(),
+                           help=f"{helps[f.name]} Default: {shown.get(f.name, default)}.")
 
 
 def parse_flags(argv) -> LoopServeConfig:
@@ -235,12 +243,12 @@ def cache_namespace(options: LoopServeConfig) -> str | None:
     (LoopServe disabled, or alpha 1 with a decode budget above the model's context)."""
     from .request_state import model_context
 
-    exact = not options.enabled or (options.alpha >= 1.0 and options.decode_budget >= model_context())
-    if exact:
+    if options.keeps_everything(model_context()):
         return None
     o = options
     return (f"loopserve(a={o.alpha},q={o.q_window},b={o.block_size},m={o.min_prefill_len},s={o.sink},"
-            f"B={o.decode_budget},i={o.decode_interval},w={o.decode_window},r={o.recent})")
+            f"B={o.decode_budget},i={o.decode_interval},w={o.decode_window},I={o.decode_max_interval},"
+            f"r={o.recent})")
 
 
 # ------------------------------------------------------------------ backend

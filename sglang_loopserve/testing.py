@@ -87,7 +87,8 @@ class Request:
         return False
 
 
-def model_runner(pool: KVPool, req_to_token: torch.Tensor, num_heads: int, dtype=torch.float32):
+def model_runner(pool: KVPool, req_to_token: torch.Tensor, num_heads: int, dtype=torch.float32,
+                 context_len: int = 4096):
     """What the backend reads of SGLang's ``ModelRunner`` (one layer)."""
     kv_heads, head_dim = pool.k.shape[1:]
     return types.SimpleNamespace(
@@ -95,7 +96,7 @@ def model_runner(pool: KVPool, req_to_token: torch.Tensor, num_heads: int, dtype
         token_to_kv_pool=pool, dtype=dtype, tp_size=1,
         model_config=types.SimpleNamespace(num_hidden_layers=1, num_attention_heads=num_heads,
                                            hidden_size=num_heads * head_dim, head_dim=head_dim,
-                                           get_num_kv_heads=lambda tp: kv_heads))
+                                           context_len=context_len, get_num_kv_heads=lambda tp: kv_heads))
 
 
 def attention_layer(num_heads: int, kv_heads: int, head_dim: int, layer_id: int = 0, attn_type=None):

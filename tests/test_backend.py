@@ -11,7 +11,9 @@ import types
 import pytest
 import torch
 
-from sglang_loopserve.attention import sparse_prefill_attention
+from sglang_loopserve.attention import build_block_mask
+from sglang_loopserve.attention.kernels.reference import block_sparse_attention_reference, causal_attention
+from sglang_loopserve.attention.sparse_prefill import dense_is_cheaper
 from sglang_loopserve.backend import LoopServeAttnBackend
 from sglang_loopserve.cache_policy import decode_attention
 from sglang_loopserve.config import LoopServeConfig
@@ -22,6 +24,15 @@ from sglang_loopserve.testing import (DenseBase, KVPool, Request, attention_laye
 H, HK, D, SLOTS = 4, 2, 16, 4096
 CONFIG = LoopServeConfig(alpha=0.5, q_window=16, block_size=16, min_prefill_len=64, decode_budget=40,
                          decode_interval=4, decode_window=4, sink=2, recent=4)
+
+
+def expected_prefill(q, k, v, alpha=0.5):
+    """What LoopServe's sparse prefill must return, from references: the reference kernel on the
+    planned mask, or exact attention where the plan is too dense to pay (``SPARSE_BELOW``)."""
+    mask, _ = build_block_mask(q, k, alpha=alpha, q_window=16, block_size=16, sink=2)
+    if dense_is_cheaper(mask):
+        return causal_attention(q, k, v)
+    return block_sparse_attention_reference(q, k, v, mask)
 
 
 @pytest.fixture
@@ -53,7 +64,8 @@ def _batch(mode, rids, pool_idx, prefix, new, out_loc):
 def test_mixed_batch_extend_then_decode(setup):
     s, gen = setup, torch.Generator().manual_seed(0)
     cfg = s.config
-    reqs = [Request("sparse", cfg), Request("dense", cfg.override({"alpha": 1.0, "decode_budget": 1000}))]  # noqa: F841 (alive)
+    # "dense" keeps everything (alpha 1, a budget above the 4096-token context): the base runs it.
+    reqs = [Request("sparse", cfg), Request("dense", cfg.override({"alpha": 1.0, "decode_budget": 4096}))]  # noqa: F841
     # Request 0: 160 cached + 96 new (sparse path); request 1: 40 new tokens (dense: short).
     prefix, new = [160, 0], [96, 40]
     s.req_to_token[0, :256] = torch.arange(256)
@@ -67,15 +79,14 @@ def test_mixed_batch_extend_then_decode(setup):
     fb = _batch("extend", ["sparse", "dense"], [0, 1], prefix, new, out_loc)
     o = s.backend.forward(q, k, v, s.layer, fb).view(-1, H, D)
 
-    ref_sparse = sparse_prefill_attention(q[:96].view(-1, H, D), s.pool.k[:256], s.pool.v[:256], alpha=0.5,
-                                          q_window=16, block_size=16, sink=2, kernel="reference")
+    ref_sparse = expected_prefill(q[:96].view(-1, H, D), s.pool.k[:256], s.pool.v[:256])
     torch.testing.assert_close(o[:96], ref_sparse, atol=2e-5, rtol=1e-4)
     # The dense request is exactly what the base backend computes for it alone.
     alone = s.base.forward_extend(q[96:], k[96:], v[96:], s.layer,
                                   _batch("extend", ["dense"], [1], [0], [40], out_loc[96:]))
     assert torch.equal(o[96:].reshape(40, -1), alone)
     st = live_requests["sparse"].loopserve_stats.summary()
-    assert 0 < st["prefill_density"] < 1 and st["seeded_from"] == "prefill"
+    assert 0 < st["prefill_density"] <= 1 and st["seeded_from"] == "prefill"
     assert live_requests["dense"].loopserve_stats.summary()["prefill_density"] == 1.0
 
     # Decode: the sparse request reads its 40-token selection; the other request reads everything.
@@ -104,6 +115,48 @@ def test_mixed_batch_extend_then_decode(setup):
     st = live_requests["sparse"].loopserve_stats.summary()
     assert st["reselections"] == 1 and st["decode_steps"] == 6
     assert st["decode_tokens_attended"] < st["decode_tokens_cached"]
+
+
+@pytest.mark.parametrize("n_new", [1, 31, 700])
+def test_forwards_below_the_gate_compute_exactly_their_new_rows(setup, n_new):
+    """A LoopServe request that does not run sparse (shorter than a block, or than the length gate)
+    computes its new rows over cached + new keys, exactly: the torch-native base would recompute
+    the square of the whole sequence for it."""
+    s, gen = setup, torch.Generator().manual_seed(n_new)
+    req = Request("sparse", s.config.override({"min_prefill_len": 100_000}))  # noqa: F841 (alive)
+    prefix = 900
+    total = prefix + n_new
+    s.req_to_token[0, :total] = torch.arange(total)
+    s.pool.k[:prefix] = torch.randn(prefix, HK, D, generator=gen)
+    s.pool.v[:prefix] = torch.randn(prefix, HK, D, generator=gen)
+    q, k, v = (torch.randn(n_new, h * D, generator=gen) for h in (H, HK, HK))
+    fb = _batch("extend", ["sparse"], [0], [prefix], [n_new], torch.arange(prefix, total))
+    assert s.backend.extend_mode(req.loopserve_options, total, n_new) == "exact"
+    o = s.backend.forward(q, k, v, s.layer, fb).view(-1, H, D)
+    assert torch.equal(s.pool.k[prefix:total], k.view(-1, HK, D))  # the new KV is written
+    ref = causal_attention(q.view(-1, H, D).double(), s.pool.k[:total].double(), s.pool.v[:total].double(),
+                           compute_dtype=torch.float64)
+    assert (o.double() - ref).abs().max() < 2e-4
+    st = live_requests["sparse"].loopserve_stats.summary()
+    assert st["prefill_density"] == 1.0 and st["prefill_sparse_fraction"] == 0.0
+
+
+def test_extend_modes(setup):
+    """Which path each request takes: keep-everything and disabled requests on the base, short or
+    below-the-gate ones exact, the rest sparse (a GPU base runs the exact ones itself)."""
+    b, cfg = setup.backend, setup.config
+    assert b.extend_mode(cfg.override({"enabled": False}), 5000, 2000) == "base"
+    assert b.extend_mode(cfg.override({"alpha": 1.0, "decode_budget": 4096}), 5000, 2000) == "base"
+    assert b.extend_mode(cfg.override({"alpha": 1.0}), 5000, 2000) == "exact"  # decode still compressed
+    assert b.extend_mode(cfg, 5000, cfg.block_size - 1) == "exact"
+    assert b.extend_mode(cfg, cfg.min_prefill_len - 1, 60) == "exact"
+    assert b.extend_mode(cfg, 5000, 2000) == "sparse"
+    defaults = LoopServeConfig()
+    assert defaults.min_prefill_len is None  # the device's measured break-even
+    from sglang_loopserve.attention.sparse_prefill import MIN_PREFILL_LEN
+
+    assert b.extend_mode(defaults, MIN_PREFILL_LEN["cpu"] - 1, 2000) == "exact"
+    assert b.extend_mode(defaults, MIN_PREFILL_LEN["cpu"], 2000) == "sparse"
 
 
 def test_disabled_request_is_the_base_backend(setup):
@@ -151,8 +204,7 @@ def test_whole_batch_base_path(device):
     fb = extend_batch(["gpu-sparse", "gpu-dense"], [0, 1], [0, 0], [300, 50],
                       torch.cat([torch.arange(300), torch.arange(1000, 1050)]).to(device))
     o = backend.forward(q, k, v, layer, fb).view(-1, H, D)
-    ref = sparse_prefill_attention(_cpu(q[:300]).view(-1, H, D), _cpu(pool.k[:300]), _cpu(pool.v[:300]),
-                                   alpha=0.5, q_window=16, block_size=16, sink=2, kernel="reference")
+    ref = expected_prefill(_cpu(q[:300]).view(-1, H, D), _cpu(pool.k[:300]), _cpu(pool.v[:300]))
     torch.testing.assert_close(_cpu(o[:300]), ref, **tol)
     assert w.base.calls == 1  # a mixed batch: the base runs it whole
     dense = DenseBase(pool, req_to_token).forward_extend(q, k, v, layer, fb).view(-1, H, D)
@@ -192,8 +244,7 @@ def test_whole_batch_base_skipped_when_loopserve_takes_every_request(device):
     assert torch.equal(pool.k[out_loc], k.view(-1, HK, D).to(pool.k.dtype))
     assert torch.equal(pool.v[out_loc], v.view(-1, HK, D).to(pool.v.dtype))
     for lo, hi, rows in ((0, 100, torch.arange(300)), (100, 360, torch.arange(1000, 1260))):
-        ref = sparse_prefill_attention(_cpu(q[lo:hi]).view(-1, H, D), _cpu(pool.k[rows]), _cpu(pool.v[rows]),
-                                       alpha=0.5, q_window=16, block_size=16, sink=2, kernel="reference")
+        ref = expected_prefill(_cpu(q[lo:hi]).view(-1, H, D), _cpu(pool.k[rows]), _cpu(pool.v[rows]))
         torch.testing.assert_close(_cpu(o[lo:hi]), ref, **w.tol)
 
     req_to_token[0, 300], req_to_token[1, 260] = 300, 1260

@@ -1,6 +1,6 @@
 """``--enable-loopserve`` end to end: SGLang servers on this CPU with the embedded model.
 
-Acceptance of the integration issue: keep-everything = stock; defaults sparsify a
+Acceptance of the integration issue: keep-everything = stock; the sparse path over a
 long conversation; per-request control and 400s; concurrent conversations with
 client aborts leave no state and no KV behind; chunked = unchunked; flags.
 """
@@ -76,13 +76,16 @@ def growing_turns(loopserve_server):
                             GROWING_CONVERSATION[:3], max_tokens=MAX_TOKENS)
 
 
-def test_defaults_sparsify_long_conversation(growing_turns):
+def test_sparse_prefill_and_compressed_decode_over_a_long_conversation(growing_turns):
+    """Defaults but the length gate (sparse from 1024 tokens, ``SPARSE_FROM_1K``): the layers
+    whose plan pays run sparse, the others the exact rectangle (density 1 there)."""
     turns = growing_turns
     assert turns[2].cached_tokens > 4000  # > 2,000 tokens of history
     for t in turns[1:]:
         ls = t.loopserve
         assert t.cached_tokens > 1800
         assert 0.0 < ls["prefill_density"] < 1.0, ls
+        assert ls["prefill_sparse_fraction"] > 0, ls
         assert ls["decode_tokens_attended"] < ls["decode_tokens_cached"], ls
         assert ls["seeded_from"] == "prefill"
         assert ls["select_time_s"] > 0
@@ -127,7 +130,8 @@ def _generate(url, custom_params=None, **kw):
 
 
 @pytest.mark.parametrize("bad,field", [({"alpha": 1.5}, "alpha"), ({"alpha": 0}, "alpha"),
-                                       ({"decode_budget": 0}, "decode_budget"), ({"nope": 1}, "nope")])
+                                       ({"decode_budget": 0}, "decode_budget"), ({"nope": 1}, "nope"),
+                                       ({"decode_max_interval": 2}, "decode_max_interval")])
 def test_invalid_request_settings_get_400(loopserve_server, bad, field):
     r = _generate(loopserve_server.url, {"loopserve": bad})
     assert r.status_code == 400, r.text

@@ -15,6 +15,7 @@ BAD_FLAG_VALUES = [
     ("alpha", "0"), ("alpha", "1.5"), ("alpha", "-0.1"), ("q_window", "0"), ("block_size", "48"),
     ("block_size", "8"), ("min_prefill_len", "-1"), ("decode_budget", "0"), ("decode_interval", "0"),
     ("decode_window", "0"), ("sink", "-1"), ("recent", "-2"), ("decode_budget", "20"),
+    ("decode_max_interval", "8"), ("decode_max_interval", "0"),
 ]
 
 
@@ -22,7 +23,18 @@ def test_defaults_follow_method_doc():
     c = LoopServeConfig()
     assert (c.alpha, c.q_window, c.block_size, c.decode_budget, c.decode_interval) == (0.95, 64, 64, 1024, 16)
     assert c.decode_window == c.decode_interval
+    assert c.decode_max_interval == 8 * c.decode_interval
+    assert c.min_prefill_len is None  # the device's measured break-even
     assert c.validated() is c
+
+
+def test_per_request_decode_max_interval():
+    base = LoopServeConfig()
+    assert base.override({"decode_max_interval": 16}).decode_max_interval == 16
+    with pytest.raises(LoopServeConfigError, match="custom_params.loopserve.decode_max_interval"):
+        base.override({"decode_max_interval": 4}, request_field_name)
+    with pytest.raises(LoopServeConfigError, match="custom_params.loopserve.min_prefill_len"):
+        base.override({"min_prefill_len": -5}, request_field_name)
 
 
 @pytest.mark.parametrize("field,value", BAD_FLAG_VALUES)
