@@ -27,12 +27,28 @@ logger = logging.getLogger(__name__)
 PLATFORM_NAME = "loopserve_cpu"
 PLATFORM_QUALNAME = "sglang_loopserve.platform.LoopServeCpuPlatform"
 
-#: Serving dtype used when the user leaves ``--dtype auto``.  Measured with
-#: ``benchmarks/cpu_dtype.py`` on the 2-core AVX-512(bf16) development machine,
-#: 2.8K-token prompt: prefill 4.97 s (bf16) vs 8.52 s (fp32), decode 167 vs
-#: 152 ms/token.  A long-context turn is dominated by its prefill, so bf16
-#: wins overall.  ``SGLANG_LOOPSERVE_CPU_DTYPE`` overrides it.
-DEFAULT_CPU_DTYPE = "bfloat16"
+#: Serving dtype used when the user leaves ``--dtype auto``, by whether the CPU
+#: computes bf16 natively (AVX-512 bf16 or AMX; oneDNN says).  Measured with
+#: ``benchmarks/cpu_dtype.py``: on a 2-core AVX-512(bf16) machine, 2.8K-token
+#: prompt, prefill 4.97 s (bf16) vs 8.52 s (fp32), decode 167 vs 152 ms/token,
+#: so bf16; on a 2-core AVX2 machine without it a 2000 x 576 x 1536 linear
+#: takes 208 ms in bf16 and 29 ms in fp32 (bf16 is emulated), so fp32.
+#: ``SGLANG_LOOPSERVE_CPU_DTYPE`` overrides it.
+DTYPE_WITH_NATIVE_BF16 = "bfloat16"
+DTYPE_WITHOUT_NATIVE_BF16 = "float32"
+
+
+def cpu_has_native_bf16() -> bool:
+    """oneDNN's answer: does this CPU compute bf16 natively (AVX-512 bf16, AMX)?"""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # a torch without oneDNN
+        return False
+
+
+def default_cpu_dtype() -> str:
+    """``--dtype auto`` on this CPU: bf16 where the CPU computes it natively, else fp32."""
+    return DTYPE_WITH_NATIVE_BF16 if cpu_has_native_bf16() else DTYPE_WITHOUT_NATIVE_BF16
 
 
 def accelerator_present() -> bool:
@@ -91,7 +107,7 @@ def _make_platform_class():
             if server_args.attention_backend in (None, "intel_amx") and not _intel_amx_usable():
                 server_args.attention_backend = "torch_native"
             if server_args.dtype == "auto":
-                server_args.dtype = os.environ.get("SGLANG_LOOPSERVE_CPU_DTYPE", DEFAULT_CPU_DTYPE)
+                server_args.dtype = os.environ.get("SGLANG_LOOPSERVE_CPU_DTYPE", default_cpu_dtype())
 
     LoopServeCpuPlatform.__module__ = __name__
     LoopServeCpuPlatform.__qualname__ = "LoopServeCpuPlatform"
