@@ -7,8 +7,12 @@ after the first ``interval`` ones, each method's selection at budget ``B`` is
 scored by the share of the step's full attention mass (per query head, over
 all keys it may see) that falls on the selected positions:
 
-* LoopServe: re-selected every ``interval`` steps from the last ``window``
-  output queries, plus every token generated since (``DecodeCompressor``);
+* LoopServe: re-selected from the last ``window`` output queries, plus every
+  token generated since (``DecodeCompressor``): two-stage (candidates from
+  key-block bounds, exact scores among them), every ``interval`` steps or
+  more while consecutive selections agree;
+* LoopServe, every key: the same, scoring every cached key every
+  ``interval`` steps (how re-selection worked before the two-stage one);
 * SnapKV: selected once from the prompt's last 32 queries (pooling 5), plus
   the generated tokens;
 * StreamingLLM: 4 sink tokens + the most recent.
@@ -33,7 +37,7 @@ from capture import QUESTIONS, build_conversation, capture_qkv, load_model  # no
 
 from sglang_loopserve.cache_policy import DecodeCompressor, ScoreContext, SnapKV, StreamingLLM  # noqa: E402
 
-METHOD_NAMES = ("loopserve", "snapkv", "streaming_llm")
+METHOD_NAMES = ("loopserve", "loopserve_every_key", "snapkv", "streaming_llm")
 
 
 def kept_mass(q, k, idx):
@@ -51,6 +55,9 @@ def run_layer(layer, prompt_len, steps, budget, interval, window):
     q, k = layer["q"], layer["k"]
     comp = DecodeCompressor(budget=budget, interval=interval, window=window)
     comp.seed(None, prompt_len)
+    every_key = DecodeCompressor(budget=budget, interval=interval, window=window, max_interval=interval,
+                                 candidate_factor=0)
+    every_key.seed(None, prompt_len)
     ctx = ScoreContext(k=k[:prompt_len], prompt_len=prompt_len, prompt_q=q[prompt_len - 32:prompt_len])
     snap = SnapKV(window=32).select(ctx, budget=budget)
     kept = {m: [] for m in METHOD_NAMES}
@@ -60,11 +67,15 @@ def run_layer(layer, prompt_len, steps, budget, interval, window):
         if t >= interval:
             since = torch.arange(prompt_len, length).expand(k.shape[1], -1)
             kept["loopserve"].append(kept_mass(qt, k[:length], comp.indices(length)))
+            kept["loopserve_every_key"].append(kept_mass(qt, k[:length], every_key.indices(length)))
             kept["snapkv"].append(kept_mass(qt, k[:length], torch.cat([snap, since], 1)))
             stream_now = StreamingLLM().select(ScoreContext(k=k[:length], prompt_len=prompt_len), budget=budget)
             kept["streaming_llm"].append(kept_mass(qt, k[:length], stream_now))
         comp.observe(qt, k[:length])
-    return {m: sum(v) / len(v) for m, v in kept.items()}
+        every_key.observe(qt, k[:length])
+    out = {m: sum(v) / len(v) for m, v in kept.items()}
+    out["reselections"] = comp.reselections
+    return out
 
 
 def main(argv=None):
@@ -88,7 +99,7 @@ def main(argv=None):
         prompt_len = len(conv.input_ids)
         print(f"\n== question at the {position}: prompt {prompt_len} tokens, {a.steps} generated "
               f"({time.time() - t0:.0f} s): {tok.decode(gen[prompt_len:prompt_len + 24])!r}...", flush=True)
-        cols = [f"{m[:9]}@{b}" for b in a.budgets for m in METHOD_NAMES]
+        cols = [f"{m[:13]}@{b}" for b in a.budgets for m in METHOD_NAMES]
         print(f"{'layer':>5} " + " ".join(f"{c:>16}" for c in cols))
         for li, layer in enumerate(layers):
             row = []
@@ -97,12 +108,18 @@ def main(argv=None):
                 for m in METHOD_NAMES:
                     summary.setdefault((position, b, m), []).append(res[m])
                     row.append(res[m])
+                summary.setdefault((position, b, "reselections"), []).append(res["reselections"])
             print(f"{li:>5} " + " ".join(f"{x:>16.3f}" for x in row), flush=True)
     print("\nmean share of full-attention mass kept (over layers, steps, query heads)")
-    print(f"{'question':>8} " + " ".join(f"{m[:9] + '@' + str(b):>16}" for b in a.budgets for m in METHOD_NAMES))
+    print(f"{'question':>8} " + " ".join(f"{m[:13] + '@' + str(b):>16}" for b in a.budgets for m in METHOD_NAMES))
     for position in a.positions:
         vals = [sum(summary[position, b, m]) / len(summary[position, b, m]) for b in a.budgets for m in METHOD_NAMES]
         print(f"{position:>8} " + " ".join(f"{x:>16.3f}" for x in vals))
+    print(f"\nLoopServe re-selections per layer in {a.steps} steps (every-key: one per {a.interval} steps):")
+    for position in a.positions:
+        print(f"{position:>8} " + " ".join(
+            f"B={b}: {sum(summary[position, b, 'reselections']) / len(summary[position, b, 'reselections']):.1f}"
+            for b in a.budgets))
 
 
 if __name__ == "__main__":

@@ -69,6 +69,35 @@ def request_stats(rid: str) -> RequestStats | None:
     return getattr(_request(rid), "loopserve_stats", None)
 
 
+class DenseLayers:
+    """Layers whose last plan was too dense to pay (``SPARSE_BELOW``): their next sparse-eligible
+    forwards skip planning and run the exact rectangle, and every ``probe_every``-th plans again.
+
+    A model's early layers attend diffusely turn after turn (SmolLM2's layer 0 keeps over 90% of
+    its cells at alpha 0.95), and planning them costs as much as a sparse layer's plan for
+    nothing: at 8K tokens half of the layers, 5-10% of a dense prefill each.
+    """
+
+    def __init__(self, probe_every: int = 8):
+        self.probe_every = probe_every
+        self._skipped: dict[int, int] = {}  # layer -> sparse-eligible forwards since its dense plan
+
+    def skip(self, layer_id: int) -> bool:
+        """True when this forward of ``layer_id`` should not plan (it then counts as skipped)."""
+        n = self._skipped.get(layer_id)
+        if n is None or n + 1 >= self.probe_every:
+            return False
+        self._skipped[layer_id] = n + 1
+        return True
+
+    def observe(self, layer_id: int, too_dense: bool) -> None:
+        """A plan of ``layer_id`` ran: remember whether it was too dense."""
+        if too_dense:
+            self._skipped[layer_id] = 0
+        else:
+            self._skipped.pop(layer_id, None)
+
+
 class LoopServeAttnBackend:
     """One backend for the whole batch; ``base`` serves what LoopServe leaves dense.
 
@@ -94,6 +123,7 @@ class LoopServeAttnBackend:
         set_model_context(getattr(model_runner.model_config, "context_len", 1 << 62))
         self.kernel = "auto"  # the device's fastest kernel, exact rectangle above SPARSE_BELOW
         self.min_prefill_len = min_prefill_len(self.device)
+        self.dense_layers = DenseLayers()
         self.store = store
         self.metrics = metrics
         # The torch-native base computes one request at a time from plain
@@ -227,6 +257,8 @@ class LoopServeAttnBackend:
             lo, hi = starts[i], starts[i + 1]
             k_all, v_all = self._kv_of(layer, int(fb.req_pool_indices[i]), seq_lens[i], q.dtype)
             q_i = self._scaled(q_[lo:hi], layer)
+            if mode == "sparse" and self.dense_layers.skip(layer.layer_id):
+                mode = "exact"
             if mode == "exact":
                 o_[lo:hi] = exact_prefill_attention(q_i, k_all, v_all).to(o_.dtype)
                 comp.seed(None, seq_lens[i])
@@ -237,6 +269,7 @@ class LoopServeAttnBackend:
                 q_i, k_all, v_all, alpha=opts.alpha, q_window=opts.q_window,
                 block_size=self.config.block_size, sink=opts.sink, kernel=self.kernel, return_stats=True)
             o_[lo:hi] = out.to(o_.dtype)
+            self.dense_layers.observe(layer.layer_id, st.kernel == "exact")
             comp.seed(st.key_scores, seq_lens[i])
             select_s = sum(st.timings.get(stage, 0.0) for stage in ("estimate", "select", "index"))
             if stats is not None:

@@ -14,7 +14,7 @@ import torch
 from sglang_loopserve.attention import build_block_mask
 from sglang_loopserve.attention.kernels.reference import block_sparse_attention_reference, causal_attention
 from sglang_loopserve.attention.sparse_prefill import dense_is_cheaper
-from sglang_loopserve.backend import LoopServeAttnBackend
+from sglang_loopserve.backend import DenseLayers, LoopServeAttnBackend
 from sglang_loopserve.cache_policy import decode_attention
 from sglang_loopserve.config import LoopServeConfig
 from sglang_loopserve.request_state import live_requests, store
@@ -268,3 +268,32 @@ def test_translated_kv_ids_are_refused():
     runner = types.SimpleNamespace(device="cpu", kv_index_translator=types.SimpleNamespace(is_translating=True))
     with pytest.raises(NotImplementedError, match="translates token ids"):
         LoopServeAttnBackend(runner, DenseBase(None, None), CONFIG)
+
+
+def test_dense_layers_skip_planning_until_the_next_probe():
+    layers = DenseLayers(probe_every=3)
+    assert not layers.skip(5)  # never planned: plan
+    layers.observe(5, too_dense=True)
+    assert layers.skip(5) and layers.skip(5)
+    assert not layers.skip(5)  # every third forward plans again
+    layers.observe(5, too_dense=False)
+    assert not layers.skip(5) and not layers.skip(6)
+
+
+def test_a_layer_planned_too_dense_runs_exact_without_planning(setup):
+    """Random attention is diffuse: the first forward plans (too dense: exact), the next one of the
+    same layer skips the plan (no estimate: the decode selection starts from everything)."""
+    s, gen = setup, torch.Generator().manual_seed(9)
+    req = Request("sparse", s.config.override({"alpha": 0.95}))  # noqa: F841 (alive)
+    s.req_to_token[0, :400] = torch.arange(400)
+    q, k, v = (torch.randn(400, h * D, generator=gen) for h in (H, HK, HK))
+    fb = _batch("extend", ["sparse"], [0], [0], [400], torch.arange(400))
+    o = s.backend.forward(q, k, v, s.layer, fb).view(-1, H, D)
+    first = live_requests["sparse"].loopserve_stats.summary()
+    assert first["seeded_from"] == "prefill" and first["select_time_s"] > 0 and first["prefill_density"] == 1.0
+    o2 = s.backend.forward(q, k, v, s.layer, fb).view(-1, H, D)
+    assert torch.equal(o, o2)  # both exact
+    assert store.get("sparse").compressor(0).seeded_from == "full"  # not planned
+    ref = causal_attention(q.view(-1, H, D).double(), k.view(-1, HK, D).double(), v.view(-1, HK, D).double(),
+                           compute_dtype=torch.float64)
+    assert (o.double() - ref).abs().max() < 2e-4

@@ -219,7 +219,7 @@ def clustered(length=8000, kv_heads=2, n_passages=6, passage=24, seed=11):
 
 def test_two_stage_selection_recalls_clustered_keys():
     """Candidates from key-block bounds, exact scores among them: the passages the window's
-    queries attend to are kept, as by scoring every key, while 2 x budget keys are scored."""
+    queries attend to are kept, as by scoring every key, while 4 x budget keys are scored."""
     k, hot, u = clustered()
     q = queries(u, 16, 6)
     slots = torch.arange(k.shape[0])
@@ -241,7 +241,7 @@ def test_two_stage_is_every_key_where_pruning_would_not_pay():
     slots = torch.randperm(4000)[:1500]  # keys live anywhere in a pool
     pool = torch.zeros(4000, 2, D)
     pool[slots] = k
-    pruned = select_decode_kv_pruned(q, pool, slots, KeySummaries(), budget=300)  # 4 x 2 x 300 > 1500
+    pruned = select_decode_kv_pruned(q, pool, slots, KeySummaries(), budget=300)  # 2 x 4 x 300 > 1500
     assert torch.equal(pruned, select_decode_kv(q, k, budget=300))
 
 

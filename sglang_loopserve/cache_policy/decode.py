@@ -18,17 +18,18 @@ import torch
 
 from .summaries import KeySummaries, candidate_positions
 
-#: Candidate positions per re-selection, as a multiple of the budget.  Measured on
-#: SmolLM2 (``benchmarks/decode_fidelity.py``): the kept mass is within 0.01 of scoring
-#: every key.
-CANDIDATE_FACTOR = 2.0
+#: Candidate positions per re-selection, as a multiple of the budget.  Measured on a
+#: real SmolLM2 answer (150 steps, 9 layers, budget 512): the mass each step keeps is
+#: 0.005 below scoring every key at 4x (16-key blocks), 0.042 below at 2x.
+CANDIDATE_FACTOR = 4.0
 #: Candidates are pruned only from caches this many times larger than the candidate set;
-#: smaller ones are scored whole (cheap, and exact).
-PRUNE_FROM = 4
+#: smaller ones are scored whole.
+PRUNE_FROM = 2
 #: A re-selection whose window mass lies at least this much on positions the previous
 #: selection held too doubles the interval to the next one (up to ``max_interval``); a
-#: lower share resets it.
-AGREEMENT = 0.9
+#: lower share resets it.  Measured on the same answer: at 0.7 the kept mass is unchanged
+#: (-0.0001) with a third fewer re-selections in 150 steps; the median share is 0.76.
+AGREEMENT = 0.7
 
 
 def _check_gqa(n_heads: int, n_kv: int) -> int:
@@ -142,17 +143,22 @@ def select_decode_kv_pruned(recent_q: torch.Tensor, k_buffer: torch.Tensor, slot
 def _candidate_mass(recent_q, k_buffer, slots, cand, length):
     """``[Hk, C]``: the window's softmax over the candidate keys, summed over the window and the
     query heads of each group (``-inf`` for candidates past the cache)."""
-    n_kv = k_buffer.shape[1]
+    n_kv, d = k_buffer.shape[1], k_buffer.shape[2]
     valid = cand < length
     heads = torch.arange(n_kv, device=cand.device)[:, None]
-    keys = k_buffer[slots[cand.clamp(max=length - 1)].long(), heads]  # [Hk, C, d]
-    w, n_heads, d = recent_q.shape
+    rows = slots[cand.clamp(max=length - 1)].long() * n_kv + heads  # rows of the pool seen as [T * Hk, d]
+    keys = k_buffer.reshape(-1, d).index_select(0, rows.view(-1)).view(n_kv, -1, d).float()  # [Hk, C, d]
+    w, n_heads, _ = recent_q.shape
     group = _check_gqa(n_heads, n_kv)
     qs = recent_q.float().view(w, n_kv, group, d).permute(1, 0, 2, 3).reshape(n_kv, w * group, d)
-    logits = torch.bmm(qs, keys.float().transpose(1, 2)) * d**-0.5  # [Hk, w*g, C]
+    logits = torch.bmm(qs * d**-0.5, keys.transpose(1, 2))  # [Hk, w*g, C]
+    # A window query cannot see the keys after it: they are among the last w - 1 positions,
+    # at the end of every head's ascending candidates (with the padding past the cache).
+    tail = min(cand.shape[1], w + int((~valid).sum(1).max()))
     qpos = length - w + torch.arange(w, device=cand.device).repeat_interleave(group)  # row order: (w, g)
-    unseen = (cand[:, None, :] > qpos[None, :, None]) | ~valid[:, None, :]
-    scores = torch.softmax(logits.masked_fill(unseen, float("-inf")), dim=-1).sum(1)
+    end = cand[:, None, -tail:]
+    logits[..., -tail:].masked_fill_((end > qpos[None, :, None]) | (end >= length), float("-inf"))
+    scores = torch.softmax(logits, dim=-1).sum(1)
     return scores.masked_fill(~valid, float("-inf"))
 
 

@@ -35,19 +35,24 @@ import torch
 class KeySummaries:
     """Per KV head and block of ``block`` positions: the elementwise max and min of the keys,
     side by side (``bounds[..., :d]`` max, ``bounds[..., d:]`` min: one matrix product scores
-    both)."""
+    both).  Stored with spare capacity, so the cache's growth writes in place."""
 
     block: int = 16
-    bounds: torch.Tensor | None = field(default=None, repr=False)  # [Hk, n_blocks, 2d] float32
+    storage: torch.Tensor | None = field(default=None, repr=False)  # [Hk, capacity, 2d] float32
+    n_blocks: int = 0
     length: int = 0  # positions summarised
 
     @property
+    def bounds(self) -> torch.Tensor:
+        return self.storage[:, : self.n_blocks]
+
+    @property
     def kmax(self) -> torch.Tensor:
-        return self.bounds[..., : self.bounds.shape[-1] // 2]
+        return self.bounds[..., : self.storage.shape[-1] // 2]
 
     @property
     def kmin(self) -> torch.Tensor:
-        return self.bounds[..., self.bounds.shape[-1] // 2:]
+        return self.bounds[..., self.storage.shape[-1] // 2:]
 
     def update(self, k_buffer: torch.Tensor, slots: torch.Tensor) -> None:
         """Summarise positions ``[self.length, len(slots))``; ``k_buffer [T, Hk, d]`` holds
@@ -64,16 +69,20 @@ class KeySummaries:
         if pad:  # repeat the last key: max and min are unchanged by it
             keys = torch.cat([keys, keys[-1:].expand(pad, -1, -1)])
         keys = keys.view(-1, bs, n_kv, d)
-        new = torch.cat([keys.amax(1), keys.amin(1)], dim=-1).transpose(0, 1)  # [Hk, nb', 2d]
-        self.bounds = new.contiguous() if self.bounds is None else torch.cat(
-            [self.bounds[:, :first_block], new], dim=1)
-        self.length = length
+        if self.storage is None or self.storage.shape[1] < n_blocks:
+            grown = torch.empty(n_kv, max(2 * n_blocks, 64), 2 * d, device=keys.device)
+            if self.storage is not None:
+                grown[:, : self.n_blocks] = self.bounds
+            self.storage = grown
+        torch.amax(keys, 1, out=self.storage[:, first_block:n_blocks, :d].transpose(0, 1))
+        torch.amin(keys, 1, out=self.storage[:, first_block:n_blocks, d:].transpose(0, 1))
+        self.n_blocks, self.length = n_blocks, length
 
     def block_mass(self, recent_q: torch.Tensor) -> torch.Tensor:
         """``[Hk, n_blocks]``: per block, the softmax over blocks of each window query's bound,
         summed over the window and the query heads of the group."""
         w, n_heads, d = recent_q.shape
-        n_kv = self.bounds.shape[0]
+        n_kv = self.storage.shape[0]
         group = n_heads // n_kv
         qs = recent_q.float().view(w, n_kv, group, d).permute(1, 0, 2, 3).reshape(n_kv, w * group, d)
         qs = qs * d**-0.5
