@@ -36,7 +36,7 @@ from .attention import sparse_prefill_attention
 from .attention.exact import exact_prefill_attention
 from .attention.kernels import default_kernel
 from .attention.sparse_prefill import min_prefill_len
-from .cache_policy import batched_decode_attention
+from .cache_policy import attention_mass, batched_decode_attention
 from .config import LoopServeConfig
 from .request_state import RequestStats, live_requests, model_context, set_model_context, store
 
@@ -261,9 +261,13 @@ class LoopServeAttnBackend:
                 mode = "exact"
             if mode == "exact":
                 o_[lo:hi] = exact_prefill_attention(q_i, k_all, v_all).to(o_.dtype)
-                comp.seed(None, seq_lens[i])
+                # No estimate to seed the decode selection from: the attention of the
+                # prompt's last queries (a short follow-up reads its selection from the
+                # first token on, not the whole cache for ``interval`` tokens).
+                comp.seed(attention_mass(q_i[-opts.decode_window:], k_all), seq_lens[i], source="prompt")
                 if stats is not None:
                     stats.add_prefill(causal, causal, sparse=False)
+                    stats.seeded_from = comp.seeded_from
                 continue
             out, st = sparse_prefill_attention(
                 q_i, k_all, v_all, alpha=opts.alpha, q_window=opts.q_window,

@@ -139,6 +139,10 @@ def test_forwards_below_the_gate_compute_exactly_their_new_rows(setup, n_new):
     assert (o.double() - ref).abs().max() < 2e-4
     st = live_requests["sparse"].loopserve_stats.summary()
     assert st["prefill_density"] == 1.0 and st["prefill_sparse_fraction"] == 0.0
+    # The decode selection starts from the attention of the prompt's last queries, not everything.
+    comp = store.get("sparse").compressor(0)
+    assert st["seeded_from"] == comp.seeded_from == "prompt"
+    assert comp.indices(total).shape == (HK, min(s.config.decode_budget, total))
 
 
 def test_extend_modes(setup):
@@ -282,7 +286,8 @@ def test_dense_layers_skip_planning_until_the_next_probe():
 
 def test_a_layer_planned_too_dense_runs_exact_without_planning(setup):
     """Random attention is diffuse: the first forward plans (too dense: exact), the next one of the
-    same layer skips the plan (no estimate: the decode selection starts from everything)."""
+    same layer skips the plan (no estimate: the decode selection is seeded from the prompt's last
+    queries)."""
     s, gen = setup, torch.Generator().manual_seed(9)
     req = Request("sparse", s.config.override({"alpha": 0.95}))  # noqa: F841 (alive)
     s.req_to_token[0, :400] = torch.arange(400)
@@ -293,7 +298,7 @@ def test_a_layer_planned_too_dense_runs_exact_without_planning(setup):
     assert first["seeded_from"] == "prefill" and first["select_time_s"] > 0 and first["prefill_density"] == 1.0
     o2 = s.backend.forward(q, k, v, s.layer, fb).view(-1, H, D)
     assert torch.equal(o, o2)  # both exact
-    assert store.get("sparse").compressor(0).seeded_from == "full"  # not planned
+    assert store.get("sparse").compressor(0).seeded_from == "prompt"  # not planned: the prompt's queries
     ref = causal_attention(q.view(-1, H, D).double(), k.view(-1, HK, D).double(), v.view(-1, HK, D).double(),
                            compute_dtype=torch.float64)
     assert (o.double() - ref).abs().max() < 2e-4

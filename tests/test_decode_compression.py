@@ -241,8 +241,8 @@ def test_two_stage_is_every_key_where_pruning_would_not_pay():
     slots = torch.randperm(4000)[:1500]  # keys live anywhere in a pool
     pool = torch.zeros(4000, 2, D)
     pool[slots] = k
-    pruned = select_decode_kv_pruned(q, pool, slots, KeySummaries(), budget=300)  # 2 x 4 x 300 > 1500
-    assert torch.equal(pruned, select_decode_kv(q, k, budget=300))
+    pruned = select_decode_kv_pruned(q, pool, slots, KeySummaries(), budget=400)  # 4 x 400 > 1500
+    assert torch.equal(pruned, select_decode_kv(q, k, budget=400))
 
 
 def test_summaries_grow_with_the_cache():
@@ -279,3 +279,15 @@ def test_interval_doubles_while_selections_agree_and_resets_on_a_change():
     # The queries moved: the re-selection due 32 tokens after the last one (at 128) resets the
     # interval to the base; then the new topic's selections agree and it grows again.
     assert after == [(8, 8), (16, 16), (32, 32)]
+
+
+def test_two_stage_keeps_only_real_positions():
+    """A cache that ends inside a block: the candidates' padding past it is never kept."""
+    k, hot, u = clustered(length=5001)
+    q = queries(u, 16, 6)
+    for budget in (100, 256, 1000):
+        kept = select_decode_kv_pruned(q, k, torch.arange(5001), KeySummaries(), budget=budget, recent=40)
+        assert kept.shape == (2, budget)
+        for h in range(2):
+            assert kept[h].unique().numel() == budget and int(kept[h].max()) < 5001
+            assert set(range(5001 - 40, 5001)) <= set(kept[h].tolist())

@@ -87,7 +87,7 @@ def test_sparse_prefill_and_compressed_decode_over_a_long_conversation(growing_t
         assert 0.0 < ls["prefill_density"] < 1.0, ls
         assert ls["prefill_sparse_fraction"] > 0, ls
         assert ls["decode_tokens_attended"] < ls["decode_tokens_cached"], ls
-        assert ls["seeded_from"] == "prefill"
+        assert ls["seeded_from"] in ("prefill", "prompt")  # the estimate, or where a layer ran exact
         assert ls["select_time_s"] > 0
         assert t.answer.strip()
         assert t.time_to_first_token_s > 0 and t.decode_tokens_per_s > 0

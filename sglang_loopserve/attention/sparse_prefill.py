@@ -33,13 +33,15 @@ from .select import select_vertical_slash
 SPARSE_BELOW = {"cpu": 0.6, "cuda": 0.5}
 
 #: Per device type: the shortest sequence (cached + new tokens) for which the
-#: sparse path (plan + kernel, with the density gate above) beats the exact
-#: rectangle, measured over SmolLM2's layers with
-#: ``benchmarks/prefill_attention.py --break-even`` (CPU: 2-core x86, bf16).
-#: Below it the server runs the exact rectangle.  CUDA: not measured yet (no
-#: GPU in the session that set it); MInference and SGLang's own sparse
-#: prefill break even between 10K and 50K tokens on an A100.
-MIN_PREFILL_LEN = {"cpu": 8000, "cuda": 16384}
+#: sparse path (plan + kernel, with the density gate above and the server's
+#: skipping of layers planned too dense) beats the exact rectangle, measured
+#: over SmolLM2's layers with ``benchmarks/prefill_attention.py --break-even``
+#: (CPU: 2-core x86, fp32, a turn of half the sequence: sparse / exact 1.16x
+#: at 4096 tokens, 1.06x at 5120, 0.97x at 6144, 0.93x at 8000).  Below it the
+#: server runs the exact rectangle.  CUDA: not measured yet (no GPU in the
+#: session that set it); MInference and SGLang's own sparse prefill break even
+#: between 10K and 50K tokens on an A100.
+MIN_PREFILL_LEN = {"cpu": 6144, "cuda": 16384}
 
 
 def min_prefill_len(device) -> int:

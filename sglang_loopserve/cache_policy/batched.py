@@ -53,9 +53,10 @@ def batched_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     pos = torch.where(valid, positions[flat], torch.zeros_like(flat))  # [B*Hk, W]
     req = torch.arange(n_req * n_kv, device=q.device) // n_kv
     head = torch.arange(n_req * n_kv, device=q.device) % n_kv
-    rows = slots[req[:, None], pos]  # pool rows
-    ks = k[rows, head[:, None]].float()  # [B*Hk, W, d]
-    vs = v[rows, head[:, None]].float()
+    # Rows of the pool seen as [T * Hk, d]: one index_select each for keys and values.
+    rows = (slots[req[:, None], pos].long() * n_kv + head[:, None]).view(-1)
+    ks = k.reshape(-1, d).index_select(0, rows).view(n_req * n_kv, width, d).float()  # [B*Hk, W, d]
+    vs = v.reshape(-1, d).index_select(0, rows).view(n_req * n_kv, width, d).float()
     qg = q.float().reshape(n_req * n_kv, group, d)
     logits = torch.bmm(qg, ks.transpose(1, 2)) * d**-0.5
     logits.masked_fill_(~valid[:, None, :], float("-inf"))
