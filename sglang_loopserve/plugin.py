@@ -104,8 +104,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         "decode_budget": "Decode: cached tokens each KV head reads between re-selections.",
         "decode_interval": "Decode: re-select the attended tokens every this many generated tokens.",
         "decode_window": "Decode: latest generated queries that score the cached tokens.",
-        "decode_max_interval": "Decode: while consecutive re-selections keep 90% of the previous one, "
-                               "the interval doubles, up to this many tokens; a change resets it.",
+        "decode_max_interval": "Decode: while consecutive re-selections agree (70%% of the new one's "
+                               "attention mass on positions the previous one held), the interval "
+                               "doubles, up to this many tokens; a change resets it.",
         "sink": "First tokens always kept (prefill columns and decode selection).",
         "recent": "Decode: last tokens always kept.",
     }

@@ -177,3 +177,14 @@ def test_gpu_launch_refuses_captured_attention(extra, message, sglang_prepare, m
         plugin._around_prepare_server_args(sglang_prepare, argv)
     assert message in str(exc.value)
     assert CONFIG_ENV not in __import__("os").environ
+
+
+def test_flag_help_renders():
+    """argparse formats help strings with %: a literal % in a help text breaks --help."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    plugin.add_flags(parser)
+    text = parser.format_help()
+    for flag in FLAGS.values():
+        assert flag in text, flag
