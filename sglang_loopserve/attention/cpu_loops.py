@@ -107,21 +107,21 @@ if numba is not None:
             goal = fraction * total
             covered = 0.0
             k = 0
-            # Forced lines first: sink columns, local diagonals.
+            # Forced lines come first (sink columns, local diagonals); the others are
+            # counting-sorted by bucket, highest first.
             n_sink = min(sink, n_ctx)
             n_local = min(local, n_ctx)
-            # Counting sort of the other lines by bucket, highest first.
             start = np.zeros(_N_BUCKETS + 1, dtype=np.int64)
             for line in range(n_lines):
                 if line < n_sink or (line >= n_ctx and line < n_ctx + n_local):
                     continue
                 start[_N_BUCKETS - 1 - (bits[line] >> _BUCKET_SHIFT)] += 1
-            total = 0
+            placed = 0
             for b in range(_N_BUCKETS):
                 c = start[b]
-                start[b] = total
-                total += c
-            start[_N_BUCKETS] = total
+                start[b] = placed
+                placed += c
+            start[_N_BUCKETS] = placed
             fill = start.copy()
             for line in range(n_lines):
                 if line < n_sink or (line >= n_ctx and line < n_ctx + n_local):

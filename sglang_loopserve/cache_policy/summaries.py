@@ -87,8 +87,9 @@ class KeySummaries:
         qs = recent_q.float().view(w, n_kv, group, d).permute(1, 0, 2, 3).reshape(n_kv, w * group, d)
         qs = qs * d**-0.5
         split = torch.cat([qs.clamp(min=0), qs.clamp(max=0)], dim=-1)  # [Hk, w*g, 2d]
-        bound = torch.bmm(split, self.bounds.transpose(1, 2))  # [Hk, w*g, nb]
-        return torch.softmax(bound, dim=-1).sum(1)
+        # Blocks as rows: the stored bounds are read in place (their rows are contiguous).
+        bound = torch.bmm(self.bounds, split.transpose(1, 2))  # [Hk, nb, w*g]
+        return torch.softmax(bound, dim=1).sum(2)
 
 
 def candidate_positions(summaries: KeySummaries, recent_q: torch.Tensor, length: int, budget: int,
