@@ -11,8 +11,9 @@ all keys it may see) that falls on the selected positions:
   token generated since (``DecodeCompressor``): two-stage (candidates from
   key-block bounds, exact scores among them), every ``interval`` steps or
   more while consecutive selections agree;
-* LoopServe, every key: the same, scoring every cached key every
-  ``interval`` steps (how re-selection worked before the two-stage one);
+* LoopServe before: each of the window's queries scoring every cached key
+  every ``interval`` steps (how re-selection worked before it was made
+  cheaper: no pooling, no candidates, no adaptive interval);
 * SnapKV: selected once from the prompt's last 32 queries (pooling 5), plus
   the generated tokens;
 * StreamingLLM: 4 sink tokens + the most recent.
@@ -37,7 +38,7 @@ from capture import QUESTIONS, build_conversation, capture_qkv, load_model  # no
 
 from sglang_loopserve.cache_policy import DecodeCompressor, ScoreContext, SnapKV, StreamingLLM  # noqa: E402
 
-METHOD_NAMES = ("loopserve", "loopserve_every_key", "snapkv", "streaming_llm")
+METHOD_NAMES = ("loopserve", "loopserve_before", "snapkv", "streaming_llm")
 
 
 def kept_mass(q, k, idx):
@@ -55,9 +56,9 @@ def run_layer(layer, prompt_len, steps, budget, interval, window):
     q, k = layer["q"], layer["k"]
     comp = DecodeCompressor(budget=budget, interval=interval, window=window)
     comp.seed(None, prompt_len)
-    every_key = DecodeCompressor(budget=budget, interval=interval, window=window, max_interval=interval,
-                                 candidate_factor=0)
-    every_key.seed(None, prompt_len)
+    before = DecodeCompressor(budget=budget, interval=interval, window=window, max_interval=interval,
+                                 candidate_factor=0, pool_window=False)
+    before.seed(None, prompt_len)
     ctx = ScoreContext(k=k[:prompt_len], prompt_len=prompt_len, prompt_q=q[prompt_len - 32:prompt_len])
     snap = SnapKV(window=32).select(ctx, budget=budget)
     kept = {m: [] for m in METHOD_NAMES}
@@ -67,12 +68,12 @@ def run_layer(layer, prompt_len, steps, budget, interval, window):
         if t >= interval:
             since = torch.arange(prompt_len, length).expand(k.shape[1], -1)
             kept["loopserve"].append(kept_mass(qt, k[:length], comp.indices(length)))
-            kept["loopserve_every_key"].append(kept_mass(qt, k[:length], every_key.indices(length)))
+            kept["loopserve_before"].append(kept_mass(qt, k[:length], before.indices(length)))
             kept["snapkv"].append(kept_mass(qt, k[:length], torch.cat([snap, since], 1)))
             stream_now = StreamingLLM().select(ScoreContext(k=k[:length], prompt_len=prompt_len), budget=budget)
             kept["streaming_llm"].append(kept_mass(qt, k[:length], stream_now))
         comp.observe(qt, k[:length])
-        every_key.observe(qt, k[:length])
+        before.observe(qt, k[:length])
     out = {m: sum(v) / len(v) for m, v in kept.items()}
     out["reselections"] = comp.reselections
     return out
@@ -115,7 +116,7 @@ def main(argv=None):
     for position in a.positions:
         vals = [sum(summary[position, b, m]) / len(summary[position, b, m]) for b in a.budgets for m in METHOD_NAMES]
         print(f"{position:>8} " + " ".join(f"{x:>16.3f}" for x in vals))
-    print(f"\nLoopServe re-selections per layer in {a.steps} steps (every-key: one per {a.interval} steps):")
+    print(f"\nLoopServe re-selections per layer in {a.steps} steps (before: one per {a.interval} steps):")
     for position in a.positions:
         print(f"{position:>8} " + " ".join(
             f"B={b}: {sum(summary[position, b, 'reselections']) / len(summary[position, b, 'reselections']):.1f}"

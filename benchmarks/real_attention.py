@@ -10,6 +10,8 @@ and the error on the question's own rows; saves a PNG with density vs alpha
 and one head's selected mask.
 
     python benchmarks/real_attention.py [--save benchmarks/results/captured_qkv.pt]
+    python benchmarks/real_attention.py --history-tokens 5000 --turn-tokens 1800 --positions end \
+        --save benchmarks/results/captured_qkv.pt     # the 8016-token capture the prefill benchmarks use
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from capture import QUESTIONS, build_conversation, capture_qkv, load_model  # no
 from prefill_attention import dense_sdpa  # noqa: E402
 
 from sglang_loopserve.attention import build_block_mask, sparse_prefill_attention  # noqa: E402
+from sglang_loopserve.attention.kernels import default_kernel  # noqa: E402
 
 ALPHAS = (0.9, 0.95, 0.99)
 
@@ -50,6 +53,8 @@ def rel(a, b):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--history-tokens", type=int, default=5700)
+    p.add_argument("--turn-tokens", type=int, default=700,
+                   help="about the last turn's length (5000 / 1800: the 8K capture of prefill_attention.py)")
     p.add_argument("--positions", nargs="+", default=list(QUESTIONS))
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--save", default=None, help="save the 'end' capture here for prefill_attention.py")
@@ -62,7 +67,7 @@ def main(argv=None):
     results = {}  # (position, layer, alpha) -> (density, err, q_err)
     example = None
     for position in a.positions:
-        conv = build_conversation(tok, position, history_tokens=a.history_tokens)
+        conv = build_conversation(tok, position, history_tokens=a.history_tokens, turn_tokens=a.turn_tokens)
         t = time.time()
         layers = capture_qkv(model, conv.input_ids)
         qrows = question_rows(tok, conv)
@@ -76,7 +81,10 @@ def main(argv=None):
             ref = dense_sdpa(q, k, v)
             row = []
             for alpha in ALPHAS:
-                out, st = sparse_prefill_attention(q, k, v, alpha=alpha, return_stats=True)
+                # The kernel named: the plan's own density and error, without the server's
+                # switch to the exact rectangle for dense plans.
+                out, st = sparse_prefill_attention(q, k, v, alpha=alpha, return_stats=True,
+                                                   kernel=default_kernel(q.device))
                 results[position, li, alpha] = (st.density, rel(out, ref), rel(out[qrows], ref[qrows]))
                 row.append(f"{st.density:>9.3f} {rel(out, ref):>6.3f} {rel(out[qrows], ref[qrows]):>6.3f}")
             print(f"{li:>5} " + " ".join(row), flush=True)

@@ -210,6 +210,8 @@ class DecodeCompressor:
     max_interval: int = 128
     #: candidates per re-selection, a multiple of the budget (0: score every key)
     candidate_factor: float = CANDIDATE_FACTOR
+    #: score with the window's queries averaged per head (False: with each of them)
+    pool_window: bool = True
     selection: torch.Tensor | None = field(default=None, repr=False)  # [Hk, n] positions
     selected_at: int = 0  # cache length when ``selection`` was made
     seeded_from: str = "full"
@@ -268,7 +270,9 @@ class DecodeCompressor:
         (SGLang's KV pool and ``req_to_token`` row); only new keys and candidates are read."""
         # The window's queries averaged per head: one query scores the cache instead of
         # ``window`` (measured on a real answer: the kept mass moves by -0.0008).
-        recent_q = torch.stack(self._queries).float().mean(0, keepdim=True)  # [1, H, d]
+        recent_q = torch.stack(self._queries)  # [w, H, d]
+        if self.pool_window:
+            recent_q = recent_q.float().mean(0, keepdim=True)
         previous = self.selection
         self.selection, mass = select_decode_kv_pruned(
             recent_q, k_buffer, slots, self.summaries, budget=self.budget, sink=self.sink, recent=self.recent,
