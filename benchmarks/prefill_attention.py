@@ -1,7 +1,7 @@
 """Sparse vs dense prefill attention of a new turn over its history, side by side in one run.
 
 For each context length ``L`` the new turn is the last ``new_frac * L`` tokens
-(``--new-frac 1`` is a first prefill).  Per case, all timed in the same run:
+(``--new-frac 1`` is a first prefill).  Per case, all timed in the same run, in rounds (one call of each per round; medians):
 
 * ``dense``: torch SDPA over the turn's rows with a bottom-right causal mask
   (the issue's baseline; FlashAttention on a GPU, and FlashInfer's dense
@@ -70,6 +70,25 @@ def timeit(fn, device, repeats=3, warmup=1):
     return statistics.median(times)
 
 
+def timeit_rounds(fns, device, repeats=3, warmup=1):
+    """Median seconds of each of ``fns`` (a dict), timed in rounds (one call of each per
+    round): a shared or throttled machine slows the whole round, not one column."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def dense_flashinfer(q, k, v):
     import flashinfer
 
@@ -100,20 +119,30 @@ def rel_err(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def plan_stages(q, k, alpha, repeats, device):
-    """Median seconds of the whole plan and of its stages (estimate, select, index)."""
-    stages = []
+class Plan:
+    """The plan (``build_block_mask``) as a timed callable; ``stages()``: the median seconds
+    of its estimate, select and index over the calls so far."""
 
-    def run():
+    def __init__(self, q, k, alpha):
+        self.q, self.k, self.alpha = q, k, alpha
+        self.timings = []
+
+    def __call__(self):
         timings = {}
-        mask, _ = build_block_mask(q, k, alpha=alpha, q_window=64, block_size=64, timings=timings)
-        stages.append(timings)
+        mask, _ = build_block_mask(self.q, self.k, alpha=self.alpha, q_window=64, block_size=64,
+                                   timings=timings)
+        self.timings.append(timings)
         return mask
 
-    total = timeit(run, device, repeats)
-    mask = run()
-    med = {key: statistics.median(t[key] for t in stages) for key in ("estimate", "select", "index")}
-    return total, med, mask
+    def stages(self):
+        return {key: statistics.median(t[key] for t in self.timings) for key in ("estimate", "select", "index")}
+
+
+def plan_stages(q, k, alpha, repeats, device):
+    """Median seconds of the whole plan and of its stages (estimate, select, index)."""
+    plan = Plan(q, k, alpha)
+    total = timeit(plan, device, repeats)
+    return total, plan.stages(), plan()
 
 
 def compare(a, device, dtype, kernels, captured):
@@ -146,16 +175,22 @@ def compare(a, device, dtype, kernels, captured):
             continue
         q, k, v = qkv
         ref = dense_sdpa(q, k, v)
-        t_dense = {name: timeit(lambda f=f: f(q, k, v), device, a.repeats) for name, f in dense_fns.items()}
-        t_exact = timeit(lambda: exact_prefill_attention(q, k, v), device, a.repeats)
-        t_plan, stages, mask = plan_stages(q, k, a.alpha, a.repeats, device)
+        plan = Plan(q, k, a.alpha)
+        mask = plan()
+        fns = {f"dense {name}": (lambda f=f: f(q, k, v)) for name, f in dense_fns.items()}
+        fns["exact"] = lambda: exact_prefill_attention(q, k, v)
+        fns["plan"] = plan
+        fns.update({kname: (lambda kn=kname: KERNELS[kn](q, k, v, mask)) for kname in kernels})
+        times = timeit_rounds(fns, device, a.repeats)
+        t_dense = {name: times[f"dense {name}"] for name in dense_fns}
+        t_exact, t_plan, stages = times["exact"], times["plan"], plan.stages()
         rates.append(q.shape[0] * n_ctx * q.shape[1] / t_dense["sdpa"])
         row = dict(label=label, ctx=n_ctx, new=q.shape[0], density=mask.density(), dense=t_dense["sdpa"],
                    exact=t_exact, plan=t_plan, kernels={})
         cells = []
         err = 0.0
         for kname in kernels:
-            t_kernel = timeit(lambda: KERNELS[kname](q, k, v, mask), device, a.repeats)
+            t_kernel = times[kname]
             err = rel_err(KERNELS[kname](q, k, v, mask), ref)
             row["kernels"][kname] = t_kernel
             total = t_plan + t_kernel

@@ -6,15 +6,16 @@ random gathers, and this 2-core machine spends more time moving memory than
 computing.  Here each ``(head, segment)`` problem is one loop nest over its 8
 sampled rows (``8 x n_ctx`` floats, cache-resident), parallel over problems:
 
-* ``segment_masses``: every line's standalone mass (column sums, and
-  diagonal sums read backwards along each row), one pass over the samples;
-* ``greedy_lines``: the greedy itself, lines taken in decreasing mass from a
-  heap, each adding the mass of its cells not already covered by a chosen line
+* ``segment_lines``: per problem, every line's standalone mass (column sums,
+  and diagonal sums read backwards along each row) in one pass over its rows,
+  then the greedy itself: lines counting-sorted by mass bucket (only the
+  buckets the greedy can reach are placed), each bucket sorted when reached,
+  each line adding the mass of its cells not already covered by a chosen line
   of the other kind (8 lookups), until the union covers the target.  That is
-  the exact union coverage by definition, in ``O(k * rows)`` per problem
-  after an ``O(n_ctx)`` heap build.
+  the exact union coverage by definition, in ``O(k * rows)`` per problem after
+  two ``O(n_ctx)`` passes.
 
-Both give the same lines as ``select.segment_lines`` (tests compare them; the
+It gives the same lines as ``select.segment_lines`` (tests compare them; the
 order of equal masses aside).  numba is a dependency of SGLang; the loops
 compile on first use (seconds, cached on disk) and ``available()`` is False
 where numba cannot be imported, and the tensor path runs.
@@ -35,12 +36,14 @@ try:
 except ImportError:  # pragma: no cover - numba ships with SGLang
     numba = None
 else:
-    # numba's OpenMP layer runs its own OpenMP runtime beside torch's: measured
-    # here, torch's attention ran 3x slower after one parallel loop (the two
-    # runtimes' threads fight over the cores).  The workqueue layer's threads
-    # sleep between calls.  It takes one parallel launch at a time: ``_lock``.
+    # The OpenMP layer first: measured on the 2-core CI machine (4K-token turn,
+    # one layer), the plan took 30-37 ms on it and 36-49 ms on the workqueue
+    # layer, whose two threads start while torch's OpenMP threads still spin
+    # after the estimate's matmul; torch ops right after a plan ran at the same
+    # speed on either.  The workqueue layer takes one parallel launch at a
+    # time: ``_lock`` (harmless on the others).
     if numba.config.THREADING_LAYER == "default":
-        numba.config.THREADING_LAYER = "workqueue"
+        numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
 
 _lock = threading.Lock()
 
@@ -51,85 +54,105 @@ def available() -> bool:
 
 if numba is not None:
 
-    @njit(parallel=True, cache=True, fastmath=False, nogil=True)
-    def _segment_masses(probs, positions, rows_per_segment, mass):
-        n_heads, n_rows, n_ctx = probs.shape
-        n_seg = mass.shape[1]
-        for problem in prange(n_heads * n_seg):
-            h = problem // n_seg
-            g = problem % n_seg
-            col = mass[h, g, :n_ctx]
-            diag = mass[h, g, n_ctx:]
-            col[:] = 0.0
-            diag[:] = 0.0
-            for i in range(rows_per_segment):
-                s = g * rows_per_segment + i
-                if s >= n_rows:
-                    break
-                p = probs[h, s]
-                pos = positions[s]
-                for j in range(pos + 1):
-                    col[j] += p[j]
-                for t in range(pos + 1):
-                    diag[t] += p[pos - t]
-
     #: Lines are bucketed by the top 11 bits of their float32 mass (exponent and 3
     #: mantissa bits: buckets 9% wide), then each bucket sorted when reached.
     _BUCKET_SHIFT = 20
     _N_BUCKETS = 1 << 11
+    #: Only the buckets down to the one where the columns alone, or the diagonals
+    #: alone, reach the goal are placed at first (columns are disjoint, and so are
+    #: diagonals: the greedy stops there at the latest), plus 2 for rounding; the
+    #: rest only if the greedy ever gets there.
+    _FILL_MARGIN = 2
+
+    @njit(inline="always")
+    def _fill(bits, n_ctx, n_sink, n_local, lo, hi, fill, order):
+        """Place the lines of buckets ``lo..hi`` (forced ones excluded) at their slots."""
+        for line in range(2 * n_ctx):
+            if line < n_sink or (line >= n_ctx and line < n_ctx + n_local):
+                continue
+            b = _N_BUCKETS - 1 - (bits[line] >> _BUCKET_SHIFT)
+            if b >= lo and b <= hi:
+                order[fill[b]] = line
+                fill[b] += 1
 
     @njit(parallel=True, cache=True, fastmath=False, nogil=True)
-    def _greedy_lines(mass, mass_bits, probs, positions, rows_per_segment, sink, local, fraction,
-                      lines, counts, ranked, col_on, diag_on):
-        """Per problem ``(h, g)`` (``mass [P, 2n]``: columns, then diagonals): the lines in the
-        order taken into ``lines``, their number into ``counts``.  ``ranked``, ``col_on`` and
-        ``diag_on`` are scratch of the same leading shape."""
-        n_problems, n_lines = mass.shape
-        n_ctx = n_lines // 2
-        n_rows = probs.shape[1]
-        n_seg = n_problems // probs.shape[0]
-        for problem in prange(n_problems):
+    def _segment_lines(probs, positions, rows_per_segment, sink, local, fraction,
+                       mass, key_mass, lines, counts, ranked, col_on, diag_on, bucket_count, bucket_mass,
+                       bucket_start):
+        """Per problem ``(h, g)``, one loop nest: the masses of its lines (``mass [H, G, 2n]``:
+        columns, then diagonals), then the greedy: lines in the order taken into ``lines``
+        (padded with ``2n``), their number into ``counts``.  ``ranked``, ``col_on``, ``diag_on``:
+        per-problem scratch; ``bucket_*``: per-thread scratch."""
+        n_heads, n_rows, n_ctx = probs.shape
+        n_seg = mass.shape[1]
+        n_lines = 2 * n_ctx
+        for problem in prange(n_heads * n_seg):
             h = problem // n_seg
             g = problem % n_seg
-            m = mass[problem]
-            bits = mass_bits[problem]
+            first = g * rows_per_segment
+            last = min(first + rows_per_segment, n_rows)
+            m = mass[h, g]
+            col_m = m[:n_ctx]
+            diag_m = m[n_ctx:]
+            m[:] = 0.0
+            for s in range(first, last):
+                p = probs[h, s]
+                pos = positions[s]
+                for j in range(pos + 1):
+                    col_m[j] += p[j]
+                for t in range(pos + 1):
+                    diag_m[t] += p[pos - t]
+            bits = m.view(np.int32)
             out = lines[problem]
             order = ranked[problem]
             col = col_on[problem]
             diag = diag_on[problem]
             col[:] = False
             diag[:] = False
-            first = g * rows_per_segment
-            last = min(first + rows_per_segment, n_rows)
+            thread = numba.get_thread_id()
+            start = bucket_start[thread]
+            fill = bucket_count[thread]
+            bmass = bucket_mass[thread]
             total = 0.0
             for j in range(n_ctx):  # every cell lies in one column
-                total += m[j]
+                total += col_m[j]
             goal = fraction * total
-            covered = 0.0
-            k = 0
             # Forced lines come first (sink columns, local diagonals); the others are
             # counting-sorted by bucket, highest first.
             n_sink = min(sink, n_ctx)
             n_local = min(local, n_ctx)
-            start = np.zeros(_N_BUCKETS + 1, dtype=np.int64)
+            n_forced = n_sink + n_local
+            fill[:] = 0
+            bmass[:] = 0.0  # [:NB] columns, [NB:] diagonals
+            col_reach = 0.0
+            diag_reach = 0.0
             for line in range(n_lines):
-                if line < n_sink or (line >= n_ctx and line < n_ctx + n_local):
+                if line < n_sink:
+                    col_reach += m[line]
                     continue
-                start[_N_BUCKETS - 1 - (bits[line] >> _BUCKET_SHIFT)] += 1
-            placed = 0
-            for b in range(_N_BUCKETS):
-                c = start[b]
-                start[b] = placed
-                placed += c
-            start[_N_BUCKETS] = placed
-            fill = start.copy()
-            for line in range(n_lines):
-                if line < n_sink or (line >= n_ctx and line < n_ctx + n_local):
+                if line >= n_ctx and line < n_ctx + n_local:
+                    diag_reach += m[line]
                     continue
                 b = _N_BUCKETS - 1 - (bits[line] >> _BUCKET_SHIFT)
-                order[fill[b]] = line
                 fill[b] += 1
-            n_forced = n_sink + n_local
+                bmass[b + (_N_BUCKETS if line >= n_ctx else 0)] += m[line]
+            placed = 0
+            cut = _N_BUCKETS - 1
+            for b in range(_N_BUCKETS):
+                c = fill[b]
+                start[b] = placed
+                fill[b] = placed
+                placed += c
+                if cut == _N_BUCKETS - 1:
+                    col_reach += bmass[b]
+                    diag_reach += bmass[_N_BUCKETS + b]
+                    if col_reach >= goal or diag_reach >= goal:
+                        cut = b
+            start[_N_BUCKETS] = placed
+            filled = min(cut + _FILL_MARGIN, _N_BUCKETS - 1)
+            _fill(bits, n_ctx, n_sink, n_local, 0, filled, fill, order)
+            covered = 0.0
+            k = 0
             b = 0
             at = 0  # next position in ``order``
             end = 0  # end of the current, sorted bucket
@@ -146,6 +169,9 @@ if numba is not None:
                             b += 1
                         if b == _N_BUCKETS:
                             break
+                        if b > filled:  # rare: the union needs lines below the margin
+                            _fill(bits, n_ctx, n_sink, n_local, filled + 1, _N_BUCKETS - 1, fill, order)
+                            filled = _N_BUCKETS - 1
                         at, end = start[b], start[b + 1]
                         if end - at > 32:
                             seg = order[at:end].copy()
@@ -185,6 +211,15 @@ if numba is not None:
                 k += 1
                 covered += gain
             counts[problem] = k
+            out[k:] = n_lines
+        # The sampled mass of each key: its column masses summed over the segments.
+        for task in prange(n_heads * n_ctx):
+            h = task // n_ctx
+            j = task % n_ctx
+            acc = 0.0
+            for g in range(n_seg):
+                acc += mass[h, g, j]
+            key_mass[h, j] = acc
 
     @njit(parallel=True, cache=True, nogil=True)
     def _span_blocks(lines, counts, span_lo, span_hi, span_first_block, span_n_blocks, n_new, n_ctx,
@@ -275,34 +310,33 @@ if numba is not None:
                         at += 1
 
 
-def segment_masses(probs: torch.Tensor, positions: torch.Tensor, rows_per_segment: int) -> torch.Tensor:
-    """``[H, G, 2 n_ctx]`` float32: per segment of ``probs [H, S, n_ctx]`` the mass of every
-    column, then of every diagonal."""
+def segment_lines(probs: torch.Tensor, positions: torch.Tensor, rows_per_segment: int, sink: int,
+                  local: int, fraction: float):
+    """Per problem ``(h, g)`` of ``probs [H, S, n_ctx]`` (``g``: a segment of ``rows_per_segment``
+    sampled rows) the lines in the order taken until their union covers ``fraction`` of the
+    segment's mass: ``(lines [H*G, L] int32, padded with 2 n_ctx; counts [H*G] int64;
+    key_mass [H, n_ctx])``."""
     n_heads, n_rows, n_ctx = probs.shape
     n_seg = -(-n_rows // rows_per_segment)
-    mass = torch.empty(n_heads, n_seg, 2 * n_ctx, dtype=torch.float32)
-    with _lock:
-        _segment_masses(probs.contiguous().numpy(), positions.contiguous().numpy(), rows_per_segment,
-                        mass.numpy())
-    return mass
-
-
-def greedy_lines(mass: torch.Tensor, probs: torch.Tensor, positions: torch.Tensor, rows_per_segment: int,
-                 sink: int, local: int, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(lines [P, 2n] int32, counts [P])``: per problem of ``mass [P, 2 n_ctx]`` the lines in
-    the order taken (the first ``counts[p]`` are valid), until their union covers ``fraction``
-    of the problem's mass."""
-    n_problems, n_lines = mass.shape
+    n_problems, n_lines = n_heads * n_seg, 2 * n_ctx
+    mass = scratch("cpu_loops.mass", (n_heads, n_seg, n_lines), torch.float32, "cpu")
     lines = scratch("cpu_loops.lines", (n_problems, n_lines), torch.int32, "cpu")
     ranked = scratch("cpu_loops.ranked", (n_problems, n_lines), torch.int32, "cpu")
-    col_on = scratch("cpu_loops.col_on", (n_problems, n_lines // 2), torch.bool, "cpu")
-    diag_on = scratch("cpu_loops.diag_on", (n_problems, n_lines // 2), torch.bool, "cpu")
+    col_on = scratch("cpu_loops.col_on", (n_problems, n_ctx), torch.bool, "cpu")
+    diag_on = scratch("cpu_loops.diag_on", (n_problems, n_ctx), torch.bool, "cpu")
+    threads = numba.get_num_threads()
+    bucket_count = scratch("cpu_loops.bucket_count", (threads, _N_BUCKETS + 1), torch.int64, "cpu")
+    bucket_start = scratch("cpu_loops.bucket_start", (threads, _N_BUCKETS + 1), torch.int64, "cpu")
+    bucket_mass = scratch("cpu_loops.bucket_mass", (threads, 2 * _N_BUCKETS), torch.float64, "cpu")
     counts = torch.empty(n_problems, dtype=torch.int64)
+    key_mass = torch.empty(n_heads, n_ctx, dtype=torch.float32)
     with _lock:
-        _greedy_lines(mass.numpy(), mass.view(torch.int32).numpy(), probs.numpy(), positions.numpy(),
-                      rows_per_segment, sink, local, float(fraction), lines.numpy(), counts.numpy(),
-                      ranked.numpy(), col_on.numpy(), diag_on.numpy())
-    return lines, counts
+        _segment_lines(probs.contiguous().numpy(), positions.contiguous().numpy(), rows_per_segment,
+                       sink, local, float(fraction), mass.numpy(), key_mass.numpy(), lines.numpy(),
+                       counts.numpy(), ranked.numpy(), col_on.numpy(), diag_on.numpy(),
+                       bucket_count.numpy(), bucket_mass.numpy(), bucket_start.numpy())
+    width = max(int(counts.max()), 1)
+    return lines[:, :width].clone(), counts, key_mass
 
 
 def block_mask_arrays(lines: torch.Tensor, counts: torch.Tensor, block_segments, n_new: int, n_ctx: int,

@@ -19,6 +19,9 @@ import torch
 
 from .workspace import scratch
 
+#: Sampled rows masked together on a CPU (the masked area follows the causal edge).
+_MASK_CHUNK = 16
+
 
 def sample_query_rows(n_new: int, q_window: int, device=None) -> torch.Tensor:
     """Sorted, unique indices (into the new queries) of the rows to estimate from.
@@ -71,15 +74,19 @@ def sample_attention(
     logits = scratch("estimate.probs", (n_kv, group * n_rows, n_ctx), torch.float32, q.device)
     torch.bmm(qs, k.float().permute(1, 2, 0), out=logits)
     probs = logits.view(n_heads, n_rows, n_ctx)
-    # Keys after a sampled query's position: only past the earliest one (known
-    # on the host for a CPU tensor; a GPU masks every column, without a sync).
-    first = int(positions[0]) + 1 if positions.device.type == "cpu" else 0
-    if first < n_ctx:
-        future = torch.arange(first, n_ctx, device=q.device)[None, :] > positions[:, None]
-        probs[..., first:].masked_fill_(future, float("-inf"))
     if probs.device.type == "cpu":
+        # Keys after a sampled query's position, masked per chunk of rows from
+        # the chunk's earliest position on: the masked area follows the causal
+        # edge (a strided row early in the turn sees few of the new keys).
+        for at in range(0, n_rows, _MASK_CHUNK):
+            chunk = positions[at:at + _MASK_CHUNK]
+            first = int(chunk[0]) + 1
+            if first < n_ctx:
+                future = torch.arange(first, n_ctx)[None, :] > chunk[:, None]
+                probs[:, at:at + _MASK_CHUNK, first:].masked_fill_(future, float("-inf"))
         # In place: the CPU kernel works row by row, reading a row before writing it.
         torch.ops.aten._softmax.out(probs, -1, False, out=probs)
-    else:
-        probs = torch.softmax(probs, dim=-1)
+    else:  # every column masked, without a host sync
+        future = torch.arange(n_ctx, device=q.device)[None, :] > positions[:, None]
+        probs = torch.softmax(probs.masked_fill_(future, float("-inf")), dim=-1)
     return AttentionSample(rows=rows, positions=positions, probs=probs)

@@ -189,17 +189,16 @@ def segment_lines(sample: AttentionSample, *, alpha: float, sink: int, local: in
     n_heads, n_rows, n_ctx = probs.shape
     rps = rows_per_segment
     n_seg = -(-n_rows // rps)
+    if method == "loops":
+        lines, counts, key_mass = cpu_loops.segment_lines(probs, pos, rps, sink, local, alpha * (1 - _TOL))
+        return lines.view(n_heads, n_seg, -1), counts.view(n_heads, n_seg), key_mass
     pad = n_seg * rps - n_rows
     if pad:  # zero rows complete the last segment; they carry no mass
         probs = torch.cat([probs, probs.new_zeros(n_heads, pad, n_ctx)], dim=1)
         pos = torch.cat([pos, pos[-1:].expand(pad)])
-    if method == "loops":
-        mass = cpu_loops.segment_masses(probs, pos, rps).view(n_heads * n_seg, 2 * n_ctx)
-        lines, counts = cpu_loops.greedy_lines(mass, probs, pos, rps, sink, local, alpha * (1 - _TOL))
-    else:
-        mass = _tensor_masses(probs, pos, rps).view(n_heads * n_seg, 2 * n_ctx)
-        target = alpha * mass[:, :n_ctx].sum(-1, dtype=torch.float64) * (1 - _TOL)  # every cell: one column
-        lines, counts = _tensor_lines(mass, probs, pos, rps, sink, local, target)
+    mass = _tensor_masses(probs, pos, rps).view(n_heads * n_seg, 2 * n_ctx)
+    target = alpha * mass[:, :n_ctx].sum(-1, dtype=torch.float64) * (1 - _TOL)  # every cell: one column
+    lines, counts = _tensor_lines(mass, probs, pos, rps, sink, local, target)
     width = max(int(counts.max()), 1)
     taken = torch.arange(width, device=lines.device)[None, :] < counts[:, None]
     lines = torch.where(taken, lines[:, :width].long(), 2 * n_ctx)
