@@ -10,7 +10,10 @@ reading keys from a KV pool through their slots):
 
 * ``every key``: the window's attention over every cached key (how
   re-selection worked before: ``candidate_factor=0``);
-* ``two-stage``: candidates from key-block bounds, exact scores among them.
+* ``two-stage``: candidates from key-block bounds, exact scores among them,
+  as the server runs it (on a CPU one compiled call, ``cache_policy/cpu_loops``);
+* ``tensor``: the same two stages as torch ops (a GPU's path; on a CPU, how
+  it ran before the compiled call).
 
 The re-selection *share* is its cost amortised over the interval, as a share
 of the step's attention time: ``(t_re / interval) / (t_step + t_re / interval)``
@@ -40,12 +43,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prefill_attention import timeit  # noqa: E402
 
 from sglang_loopserve.cache_policy import DecodeCompressor, batched_decode_attention, select_decode_kv_batched  # noqa: E402
-from sglang_loopserve.cache_policy.decode import CANDIDATE_FACTOR  # noqa: E402
+from sglang_loopserve.cache_policy.decode import CANDIDATE_FACTOR, reselect_pruned  # noqa: E402
 
 
-def reselect_time(pool_k, slots, recent_q, budget, interval, factor, device):
-    """Seconds to re-select every request of the batch once (the summaries are built first, as
-    the server's first re-selection of a turn does; later ones only add the new keys)."""
+def reselect_time(pool_k, slots, recent_q, budget, interval, factor, device, method="auto"):
+    """Seconds to re-select every request of the batch once, as ``DecodeCompressor.reselect_from``
+    does (window pooled, the previous selection's share measured; the summaries are built first,
+    as the server's first re-selection of a turn does: later ones only add the new keys)."""
     comps = [DecodeCompressor(budget=budget, interval=interval, window=recent_q.shape[1],
                               candidate_factor=factor) for _ in range(slots.shape[0])]
     for i, comp in enumerate(comps):
@@ -54,7 +58,9 @@ def reselect_time(pool_k, slots, recent_q, budget, interval, factor, device):
 
     def run():
         for i, comp in enumerate(comps):
-            comp.reselect_from(pool_k, slots[i])
+            pooled = torch.stack(comp._queries).float().mean(0, keepdim=True)
+            reselect_pruned(pooled, pool_k, slots[i], comp.summaries, budget=budget, sink=comp.sink,
+                            recent=comp.recent, factor=factor, previous=comp.selection, method=method)
 
     return timeit(run, device, 3)
 
@@ -91,8 +97,8 @@ def main(argv=None):
     print(f"device {dev}, dtype {dtype}, interval {a.interval} (steady {a.steady_interval}), window {a.window}, "
           f"threads {torch.get_num_threads()}")
     print(f"{'L':>6} {'B':>5} {'batch':>5} {'full ms':>8} {'sel. ms':>8} {'speedup':>8} {'goal':>6} | "
-          f"{'every key':>9} {'two-stage':>9} (ms, reselect) | share: {'every@16':>8} {'two@16':>7} "
-          f"{'two@' + str(a.steady_interval):>7}")
+          f"{'every key':>9} {'tensor':>7} {'two-stage':>9} (ms, reselect) | share: {'every@16':>8} "
+          f"{'tensor@16':>9} {'two@16':>7} {'two@' + str(a.steady_interval):>7}")
     for length in a.lengths:
         for batch in a.batches:
             g = torch.Generator().manual_seed(length + batch)
@@ -111,10 +117,12 @@ def main(argv=None):
                 indptr, pos = select_decode_kv_batched(rq, pool_k, slots, lens, budget=budget)
                 t_sel = timeit(lambda: attend(q, pool_k, pool_v, slots, indptr, pos), dev, 5)
                 t_every = reselect_time(pool_k, slots, rq, budget, a.interval, 0, dev)
+                t_tensor = reselect_time(pool_k, slots, rq, budget, a.interval, CANDIDATE_FACTOR, dev, "tensor")
                 t_two = reselect_time(pool_k, slots, rq, budget, a.interval, CANDIDATE_FACTOR, dev)
                 print(f"{length:>6} {budget:>5} {batch:>5} {t_full * 1e3:>8.3f} {t_sel * 1e3:>8.3f} "
                       f"{t_full / t_sel:>7.2f}x {goal * length / budget:>5.1f}x | {t_every * 1e3:>9.2f} "
-                      f"{t_two * 1e3:>9.2f}                | {share(t_every, a.interval, t_sel):>15.1%} "
+                      f"{t_tensor * 1e3:>7.2f} {t_two * 1e3:>9.2f}                | "
+                      f"{share(t_every, a.interval, t_sel):>15.1%} {share(t_tensor, a.interval, t_sel):>9.1%} "
                       f"{share(t_two, a.interval, t_sel):>7.1%} {share(t_two, a.steady_interval, t_sel):>7.1%}",
                       flush=True)
 

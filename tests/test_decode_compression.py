@@ -291,3 +291,51 @@ def test_two_stage_keeps_only_real_positions():
         for h in range(2):
             assert kept[h].unique().numel() == budget and int(kept[h].max()) < 5001
             assert set(range(5001 - 40, 5001)) <= set(kept[h].tolist())
+
+
+@pytest.mark.parametrize("dtype, window, length, budget", [
+    (torch.float32, 1, 6000, 256), (torch.float32, 16, 3001, 100), (torch.bfloat16, 4, 5000, 300),
+])
+def test_compiled_reselection_equals_tensor_path(dtype, window, length, budget):
+    """The CPU's one-call re-selection (numba) keeps the positions the tensor ops keep, with
+    their mass, the previous selection's share and the summaries, from keys in a pool."""
+    from sglang_loopserve.cache_policy import cpu_loops
+    from sglang_loopserve.cache_policy.decode import reselect_pruned
+
+    if not cpu_loops.available():
+        pytest.skip("numba not installed")
+    g = torch.Generator().manual_seed(length)
+    pool = torch.randn(length + 500, 3, D, generator=g).to(dtype)
+    slots = torch.randperm(length + 500, generator=g)[:length].to(torch.int32)
+    q = torch.randn(window, 9, D, generator=g)
+    previous = torch.randperm(length, generator=g)[:budget].sort().values.expand(3, -1).contiguous()
+    out = {}
+    for method in ("tensor", "loops"):
+        summaries = KeySummaries()
+        reselect_pruned(q, pool, slots[:length - 45], summaries, budget=budget, sink=4, recent=32,
+                        method=method)  # then grown by 45 keys, as a decode does
+        out[method] = reselect_pruned(q, pool, slots, summaries, budget=budget, sink=4, recent=32,
+                                      previous=previous, method=method) + (summaries.bounds,)
+    (kept, mass, held, bounds), (kept2, mass2, held2, bounds2) = out["tensor"], out["loops"]
+    assert torch.equal(kept, kept2) and torch.equal(bounds, bounds2)
+    torch.testing.assert_close(mass2, mass, rtol=1e-4, atol=1e-6)
+    assert held2 == pytest.approx(held, rel=1e-5) and 0 < held < 1
+    # Nothing held before: share 0 on both paths.
+    for method in ("tensor", "loops"):
+        assert reselect_pruned(q, pool, slots, KeySummaries(), budget=budget, previous=previous[:, :0],
+                               method=method)[2] == 0.0
+
+
+def test_compiled_reselection_recalls_planted_keys():
+    from sglang_loopserve.cache_policy import cpu_loops
+    from sglang_loopserve.cache_policy.decode import reselect_pruned
+
+    if not cpu_loops.available():
+        pytest.skip("numba not installed")
+    k, hot, u = clustered(length=5001)
+    q = queries(u, 16, 6)
+    kept, _, _ = reselect_pruned(q, k, torch.arange(5001), KeySummaries(), budget=256, sink=4, recent=40,
+                                 method="loops")
+    for h in range(2):
+        assert set(hot.tolist()) <= set(kept[h].tolist())
+        assert set(range(4)) | set(range(5001 - 40, 5001)) <= set(kept[h].tolist())

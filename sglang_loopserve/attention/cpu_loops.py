@@ -17,40 +17,17 @@ sampled rows (``8 x n_ctx`` floats, cache-resident), parallel over problems:
 
 It gives the same lines as ``select.segment_lines`` (tests compare them; the
 order of equal masses aside).  numba is a dependency of SGLang; the loops
-compile on first use (seconds, cached on disk) and ``available()`` is False
-where numba cannot be imported, and the tensor path runs.
+compile on first use (``numba_setup``); where numba cannot be imported the
+tensor path runs.
 """
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import torch
 
+from ..numba_setup import available, lock as _lock, numba, njit, prange  # noqa: F401
 from .workspace import scratch
-
-try:
-    import numba
-    from numba import njit, prange
-except ImportError:  # pragma: no cover - numba ships with SGLang
-    numba = None
-else:
-    # The OpenMP layer first: measured on the 2-core CI machine (4K-token turn,
-    # one layer), the plan took 30-37 ms on it and 36-49 ms on the workqueue
-    # layer, whose two threads start while torch's OpenMP threads still spin
-    # after the estimate's matmul; torch ops right after a plan ran at the same
-    # speed on either.  The workqueue layer takes one parallel launch at a
-    # time: ``_lock`` (harmless on the others).
-    if numba.config.THREADING_LAYER == "default":
-        numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
-
-_lock = threading.Lock()
-
-
-def available() -> bool:
-    return numba is not None
-
 
 if numba is not None:
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .summaries import KeySummaries, candidate_positions
+from . import cpu_loops
+from .summaries import KeySummaries, candidate_blocks, candidate_positions
 
 #: Candidate positions per re-selection, as a multiple of the budget.  Measured on a
 #: real SmolLM2 answer (150 steps, 9 layers, budget 512): the mass each step keeps is
@@ -118,26 +119,55 @@ def select_decode_kv_pruned(recent_q: torch.Tensor, k_buffer: torch.Tensor, slot
     ``k_buffer [T, Hk, d]`` holds position ``i``'s key at row ``slots[i]``
     (SGLang's KV pool and ``req_to_token`` row); ``summaries`` are brought up
     to date here.  Returns ``[Hk, min(budget, L)]`` ascending positions, and
-    with ``return_mass`` also each one's window mass (same shape).
+    with ``return_mass`` also each one's window mass (same shape).  On a CPU
+    the pruning runs as one compiled call (``cpu_loops``), elsewhere as
+    tensor ops: the same selection.
     """
+    kept, mass, _ = reselect_pruned(recent_q, k_buffer, slots, summaries, budget=budget, sink=sink,
+                                    recent=recent, factor=factor)
+    return (kept, mass) if return_mass else kept
+
+
+def reselect_pruned(recent_q, k_buffer, slots, summaries, *, budget, sink=4, recent=32, factor=CANDIDATE_FACTOR,
+                    previous=None, method="auto"):
+    """``select_decode_kv_pruned``, returning ``(kept, mass, held)``: ``held`` the share of the
+    window mass of ``kept`` on positions ``previous`` holds too (``_held_mass``; ``None``
+    without ``previous``).  ``method``: ``"auto"``, ``"loops"`` (CPU, numba) or ``"tensor"``."""
     validate_budget(budget, sink, recent)
     length = slots.shape[0]
     n_kv = k_buffer.shape[1]
     if length <= budget:
         kept = torch.arange(length, device=k_buffer.device).expand(n_kv, -1)
-        return (kept, torch.ones(kept.shape, device=kept.device)) if return_mass else kept
+        mass = torch.ones(kept.shape, device=kept.device)
+        return kept, mass, _held(previous, kept, mass)
     if factor <= 0 or PRUNE_FROM * factor * budget > length:  # pruning would not pay: every key
         cand = torch.arange(length, device=k_buffer.device).expand(n_kv, -1)
         scores = attention_mass(recent_q, k_buffer[slots.long()])
     else:
+        take = candidate_blocks(length, summaries.block, budget, factor, sink, recent)
+        if method == "auto":
+            method = "loops" if cpu_loops.supports(k_buffer) and take * summaries.block >= budget else "tensor"
+        if method == "loops":
+            w, n_heads, d = recent_q.shape
+            group = _check_gqa(n_heads, n_kv)
+            queries = (recent_q.float() * d**-0.5).view(w, n_kv, group, d).permute(1, 0, 2, 3)
+            qpos = length - w + torch.arange(w).repeat_interleave(group)
+            if previous is not None and (previous.shape[0] != n_kv or not previous.numel()):
+                previous = previous.new_zeros(n_kv, 0)  # nothing held
+            return cpu_loops.reselect(queries.reshape(n_kv, w * group, d), qpos, k_buffer, slots, summaries,
+                                      budget=budget, take=take, sink=sink, recent=recent, previous=previous)
         summaries.update(k_buffer, slots)
         cand = candidate_positions(summaries, recent_q, length, budget, factor, sink, recent)  # [Hk, C]
         scores = _candidate_mass(recent_q, k_buffer, slots, cand, length)
     forced = ((cand < sink) | (cand >= length - recent)) & (cand < length)  # cand == length: padding
     ranked = scores.masked_fill(forced, float("inf"))
     at = ranked.topk(budget, dim=-1).indices.sort(dim=-1).values  # candidates ascend: positions do too
-    kept = cand.gather(1, at)
-    return (kept, scores.gather(1, at)) if return_mass else kept
+    kept, mass = cand.gather(1, at), scores.gather(1, at)
+    return kept, mass, _held(previous, kept, mass)
+
+
+def _held(previous, kept, mass):
+    return None if previous is None else _held_mass(previous, kept, mass)
 
 
 def _candidate_mass(recent_q, k_buffer, slots, cand, length):
@@ -273,14 +303,13 @@ class DecodeCompressor:
         recent_q = torch.stack(self._queries)  # [w, H, d]
         if self.pool_window:
             recent_q = recent_q.float().mean(0, keepdim=True)
-        previous = self.selection
-        self.selection, mass = select_decode_kv_pruned(
+        self.selection, _, held = reselect_pruned(
             recent_q, k_buffer, slots, self.summaries, budget=self.budget, sink=self.sink, recent=self.recent,
-            factor=self.candidate_factor, return_mass=True)
+            factor=self.candidate_factor, previous=self.selection)
         self.selected_at = slots.shape[0]
         self.reselections += 1
         self._since = 0
-        held = _held_mass(previous, self.selection, mass) if previous is not None else 0.0
+        held = 0.0 if held is None else held
         self.next_interval = (min(2 * self.next_interval, self.max_interval) if held >= AGREEMENT
                               else self.interval)
 

@@ -69,14 +69,18 @@ class KeySummaries:
         if pad:  # repeat the last key: max and min are unchanged by it
             keys = torch.cat([keys, keys[-1:].expand(pad, -1, -1)])
         keys = keys.view(-1, bs, n_kv, d)
-        if self.storage is None or self.storage.shape[1] < n_blocks:
-            grown = torch.empty(n_kv, max(2 * n_blocks, 64), 2 * d, device=keys.device)
-            if self.storage is not None:
-                grown[:, : self.n_blocks] = self.bounds
-            self.storage = grown
+        self.reserve(n_kv, n_blocks, d, keys.device)
         torch.amax(keys, 1, out=self.storage[:, first_block:n_blocks, :d].transpose(0, 1))
         torch.amin(keys, 1, out=self.storage[:, first_block:n_blocks, d:].transpose(0, 1))
         self.n_blocks, self.length = n_blocks, length
+
+    def reserve(self, n_kv: int, n_blocks: int, d: int, device) -> None:
+        """Room for ``n_blocks`` blocks (doubling: the cache grows by a token a step)."""
+        if self.storage is None or self.storage.shape[1] < n_blocks:
+            grown = torch.empty(n_kv, max(2 * n_blocks, 64), 2 * d, device=device)
+            if self.storage is not None:
+                grown[:, : self.n_blocks] = self.bounds
+            self.storage = grown
 
     def block_mass(self, recent_q: torch.Tensor) -> torch.Tensor:
         """``[Hk, n_blocks]``: per block, the softmax over blocks of each window query's bound,
@@ -104,7 +108,17 @@ def candidate_positions(summaries: KeySummaries, recent_q: torch.Tensor, length:
     blocks = torch.arange(n_blocks, device=mass.device)
     forced = (blocks < -(-sink // bs)) | (blocks >= (length - recent) // bs)
     mass = mass.masked_fill(forced, float("inf"))
-    take = min(n_blocks, max(int(forced.sum()), -(-int(factor * budget) // bs)))
+    take = candidate_blocks(length, bs, budget, factor, sink, recent)
     chosen = mass.topk(take, dim=-1).indices.sort(dim=-1).values  # [Hk, take]
     positions = (chosen[..., None] * bs + torch.arange(bs, device=mass.device)).flatten(1)
     return positions.clamp(max=length)  # the last block may be partial
+
+
+def candidate_blocks(length: int, block: int, budget: int, factor: float, sink: int, recent: int) -> int:
+    """How many blocks ``candidate_positions`` takes: enough for ``factor x budget`` positions,
+    and at least the forced ones (the sink's blocks and those of the last ``recent``)."""
+    n_blocks = -(-length // block)
+    first_recent = max((length - recent) // block, 0)
+    n_sink = min(-(-sink // block), n_blocks)
+    n_forced = n_sink + (n_blocks - first_recent) - max(n_sink - first_recent, 0)
+    return min(n_blocks, max(n_forced, -(-int(factor * budget) // block)))
