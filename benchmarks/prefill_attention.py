@@ -55,21 +55,6 @@ from sglang_loopserve.attention.synthetic import planted_qkv  # noqa: E402
 from sglang_loopserve.testing import dense_sdpa  # noqa: E402,F401 (also imported from here by the other benchmarks)
 
 
-def timeit(fn, device, repeats=3, warmup=1):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def timeit_rounds(fns, device, repeats=3, warmup=1):
     """Median seconds of each of ``fns`` (a dict), timed in rounds (one call of each per
     round): a shared or throttled machine slows the whole round, not one column."""
@@ -87,6 +72,11 @@ def timeit_rounds(fns, device, repeats=3, warmup=1):
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def timeit(fn, device, repeats=3, warmup=1):
+    """Median seconds of ``fn``."""
+    return timeit_rounds({"fn": fn}, device, repeats, warmup)["fn"]
 
 
 def dense_flashinfer(q, k, v):

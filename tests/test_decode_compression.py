@@ -339,3 +339,21 @@ def test_compiled_reselection_recalls_planted_keys():
     for h in range(2):
         assert set(hot.tolist()) <= set(kept[h].tolist())
         assert set(range(4)) | set(range(5001 - 40, 5001)) <= set(kept[h].tolist())
+
+
+def test_compiled_reselection_has_one_signature_per_pool_dtype():
+    """SGLang's slot tables are int32 on some devices and int64 on others: either reads as int64,
+    so a server never compiles a second variant in the middle of a decode (seconds)."""
+    from sglang_loopserve.cache_policy import cpu_loops
+    from sglang_loopserve.cache_policy.decode import reselect_pruned
+
+    if not cpu_loops.available():
+        pytest.skip("numba not installed")
+    k, hot, u = clustered(length=3001)
+    q = queries(u, 2, 6)
+    reselect_pruned(q, k, torch.arange(3001, dtype=torch.int32), KeySummaries(), budget=100, method="loops")
+    compiled = len(cpu_loops._reselect.signatures)
+    for dtype in (torch.int64, torch.int32):
+        reselect_pruned(q, k, torch.arange(3001, dtype=dtype), KeySummaries(), budget=100,
+                        previous=torch.arange(100, dtype=dtype).expand(2, -1), method="loops")
+    assert len(cpu_loops._reselect.signatures) == compiled

@@ -220,7 +220,7 @@ def reselect(queries: torch.Tensor, qpos: torch.Tensor, k_buffer: torch.Tensor, 
     positions ``qpos [Q]``; ``take`` blocks of candidates.  Returns ``(kept [Hk, budget]
     ascending, their window mass, held)``: ``held`` the share of the mass on positions
     ``previous [Hk, n]`` (ascending) holds too, ``None`` without ``previous``."""
-    length = slots.shape[0]
+    length = slots.shape[0]  # read as int64, whatever the pool's index type: one compiled signature
     n_kv, _, d = queries.shape
     bs = summaries.block
     n_blocks = -(-length // bs)
@@ -230,12 +230,12 @@ def reselect(queries: torch.Tensor, qpos: torch.Tensor, k_buffer: torch.Tensor, 
     kept = torch.empty(n_kv, budget, dtype=torch.int64)
     kept_mass = torch.empty(n_kv, budget, dtype=torch.float32)
     held = torch.zeros(n_kv, 2, dtype=torch.float64)
-    prev = previous.contiguous() if previous is not None else torch.zeros(n_kv, 1, dtype=torch.int64)
+    prev = previous.to(torch.int64).contiguous() if previous is not None else torch.zeros(n_kv, 1, dtype=torch.int64)
     with lock:
-        _reselect(queries.contiguous().numpy(), qpos.numpy(), k_bits.numpy(), shift, slots.contiguous().numpy(),
-                  summaries.storage.numpy(), summaries.length // bs, length, bs, take, budget, sink, recent,
-                  prev.numpy(), 0 if previous is None else prev.shape[1], kept.numpy(), kept_mass.numpy(),
-                  held.numpy())
+        _reselect(queries.contiguous().numpy(), qpos.numpy(), k_bits.numpy(), shift,
+                  slots.to(torch.int64).contiguous().numpy(), summaries.storage.numpy(), summaries.length // bs,
+                  length, bs, take, budget, sink, recent, prev.numpy(), 0 if previous is None else prev.shape[1],
+                  kept.numpy(), kept_mass.numpy(), held.numpy())
     summaries.n_blocks, summaries.length = n_blocks, length
     if previous is None:
         return kept, kept_mass, None
