@@ -357,3 +357,14 @@ def test_compiled_reselection_has_one_signature_per_pool_dtype():
         reselect_pruned(q, k, torch.arange(3001, dtype=dtype), KeySummaries(), budget=100,
                         previous=torch.arange(100, dtype=dtype).expand(2, -1), method="loops")
     assert len(cpu_loops._reselect.signatures) == compiled
+
+
+def test_reselection_method_is_validated():
+    from sglang_loopserve.cache_policy.decode import reselect_pruned
+
+    k = torch.randn(500, 2, D)
+    q = torch.randn(2, 6, D)
+    with pytest.raises(ValueError, match="method must be"):
+        reselect_pruned(q, k, torch.arange(500), KeySummaries(), budget=64, method="fast")
+    with pytest.raises(ValueError, match="method 'loops' needs"):
+        reselect_pruned(q, k.half(), torch.arange(500), KeySummaries(), budget=64, method="loops")

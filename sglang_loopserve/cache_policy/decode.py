@@ -134,6 +134,11 @@ def reselect_pruned(recent_q, k_buffer, slots, summaries, *, budget, sink=4, rec
     window mass of ``kept`` on positions ``previous`` holds too (``_held_mass``; ``None``
     without ``previous``).  ``method``: ``"auto"``, ``"loops"`` (CPU, numba) or ``"tensor"``."""
     validate_budget(budget, sink, recent)
+    if method not in ("auto", "loops", "tensor"):
+        raise ValueError(f"method must be 'auto', 'loops' or 'tensor', got {method!r}")
+    if method == "loops" and not cpu_loops.supports(k_buffer):
+        raise ValueError(f"method 'loops' needs numba and a CPU float32/bfloat16 KV pool, got a "
+                         f"{k_buffer.dtype} pool on {k_buffer.device}")
     length = slots.shape[0]
     n_kv = k_buffer.shape[1]
     if length <= budget:
