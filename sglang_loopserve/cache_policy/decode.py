@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import cpu_loops
-from .summaries import KeySummaries, candidate_blocks, candidate_positions
+from .summaries import KeySummaries, candidate_blocks, candidate_positions, queries_by_kv_head
 
 #: Candidate positions per re-selection, as a multiple of the budget.  Measured on a
 #: real SmolLM2 answer (150 steps, 9 layers, budget 512): the mass each step keeps is
@@ -153,14 +153,11 @@ def reselect_pruned(recent_q, k_buffer, slots, summaries, *, budget, sink=4, rec
         if method == "auto":
             method = "loops" if cpu_loops.supports(k_buffer) and take * summaries.block >= budget else "tensor"
         if method == "loops":
-            w, n_heads, d = recent_q.shape
-            group = _check_gqa(n_heads, n_kv)
-            queries = (recent_q.float() * d**-0.5).view(w, n_kv, group, d).permute(1, 0, 2, 3)
-            qpos = length - w + torch.arange(w).repeat_interleave(group)
             if previous is not None and (previous.shape[0] != n_kv or not previous.numel()):
                 previous = previous.new_zeros(n_kv, 0)  # nothing held
-            return cpu_loops.reselect(queries.reshape(n_kv, w * group, d), qpos, k_buffer, slots, summaries,
-                                      budget=budget, take=take, sink=sink, recent=recent, previous=previous)
+            return cpu_loops.reselect(queries_by_kv_head(recent_q, n_kv), _window_positions(recent_q, n_kv, length),
+                                      k_buffer, slots, summaries, budget=budget, take=take, sink=sink,
+                                      recent=recent, previous=previous)
         summaries.update(k_buffer, slots)
         cand = candidate_positions(summaries, recent_q, length, budget, factor, sink, recent)  # [Hk, C]
         scores = _candidate_mass(recent_q, k_buffer, slots, cand, length)
@@ -169,6 +166,14 @@ def reselect_pruned(recent_q, k_buffer, slots, summaries, *, budget, sink=4, rec
     at = ranked.topk(budget, dim=-1).indices.sort(dim=-1).values  # candidates ascend: positions do too
     kept, mass = cand.gather(1, at), scores.gather(1, at)
     return kept, mass, _held(previous, kept, mass)
+
+
+def _window_positions(recent_q, n_kv, length):
+    """``[w*g]``: the position of each row of ``queries_by_kv_head`` (window query ``i`` sits at
+    ``length - w + i``)."""
+    w, n_heads, _ = recent_q.shape
+    group = _check_gqa(n_heads, n_kv)
+    return length - w + torch.arange(w, device=recent_q.device).repeat_interleave(group)
 
 
 def _held(previous, kept, mass):
@@ -183,14 +188,11 @@ def _candidate_mass(recent_q, k_buffer, slots, cand, length):
     heads = torch.arange(n_kv, device=cand.device)[:, None]
     rows = slots[cand.clamp(max=length - 1)].long() * n_kv + heads  # rows of the pool seen as [T * Hk, d]
     keys = k_buffer.reshape(-1, d).index_select(0, rows.view(-1)).view(n_kv, -1, d).float()  # [Hk, C, d]
-    w, n_heads, _ = recent_q.shape
-    group = _check_gqa(n_heads, n_kv)
-    qs = recent_q.float().view(w, n_kv, group, d).permute(1, 0, 2, 3).reshape(n_kv, w * group, d)
-    logits = torch.bmm(qs * d**-0.5, keys.transpose(1, 2))  # [Hk, w*g, C]
+    logits = torch.bmm(queries_by_kv_head(recent_q, n_kv), keys.transpose(1, 2))  # [Hk, w*g, C]
     # A window query cannot see the keys after it: they are among the last w - 1 positions,
     # at the end of every head's ascending candidates (with the padding past the cache).
-    tail = min(cand.shape[1], w + int((~valid).sum(1).max()))
-    qpos = length - w + torch.arange(w, device=cand.device).repeat_interleave(group)  # row order: (w, g)
+    tail = min(cand.shape[1], recent_q.shape[0] + int((~valid).sum(1).max()))
+    qpos = _window_positions(recent_q, n_kv, length)
     end = cand[:, None, -tail:]
     logits[..., -tail:].masked_fill_((end > qpos[None, :, None]) | (end >= length), float("-inf"))
     scores = torch.softmax(logits, dim=-1).sum(1)

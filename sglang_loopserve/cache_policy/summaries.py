@@ -85,15 +85,19 @@ class KeySummaries:
     def block_mass(self, recent_q: torch.Tensor) -> torch.Tensor:
         """``[Hk, n_blocks]``: per block, the softmax over blocks of each window query's bound,
         summed over the window and the query heads of the group."""
-        w, n_heads, d = recent_q.shape
-        n_kv = self.storage.shape[0]
-        group = n_heads // n_kv
-        qs = recent_q.float().view(w, n_kv, group, d).permute(1, 0, 2, 3).reshape(n_kv, w * group, d)
-        qs = qs * d**-0.5
+        qs = queries_by_kv_head(recent_q, self.storage.shape[0])
         split = torch.cat([qs.clamp(min=0), qs.clamp(max=0)], dim=-1)  # [Hk, w*g, 2d]
         # Blocks as rows: the stored bounds are read in place (their rows are contiguous).
         bound = torch.bmm(self.bounds, split.transpose(1, 2))  # [Hk, nb, w*g]
         return torch.softmax(bound, dim=1).sum(2)
+
+
+def queries_by_kv_head(recent_q: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """``[Hk, w*g, d]`` float32, scaled by ``d**-0.5``: the window's queries ``[w, H, d]`` grouped by
+    the KV head they read, rows in ``(w, g)`` order (window position, then query head)."""
+    w, n_heads, d = recent_q.shape
+    group = n_heads // n_kv
+    return (recent_q.float() * d**-0.5).view(w, n_kv, group, d).permute(1, 0, 2, 3).reshape(n_kv, w * group, d)
 
 
 def candidate_positions(summaries: KeySummaries, recent_q: torch.Tensor, length: int, budget: int,
