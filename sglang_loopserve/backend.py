@@ -152,15 +152,15 @@ class LoopServeAttnBackend:
         kernel = default_kernel(torch.device(self.device))
         sparse_prefill_attention(q, k, v, alpha=0.5, q_window=self.config.q_window,
                                  block_size=self.config.block_size, kernel=kernel)
-        # A decode re-selection, from a pool of the KV cache's dtype through int32 slots.
+        # A decode re-selection (compiled on the CPU), from a pool of the KV cache's dtype.
         kv_dtype = getattr(model_runner, "kv_cache_dtype", dtype)
         kv_dtype = kv_dtype if isinstance(kv_dtype, torch.dtype) else dtype
         pool = torch.randn(n_ctx, kv_heads, dim, generator=gen).to(self.device, kv_dtype)
         slots = torch.arange(n_ctx, dtype=torch.int32, device=self.device)
         summaries, budget = KeySummaries(), self.config.sink + self.config.recent + 16
         previous = torch.arange(budget, device=self.device).expand(kv_heads, -1)
-        for _ in range(2):  # the summaries built, then grown
-            reselect_pruned(q[-2:].float(), pool, slots, summaries, budget=budget, sink=self.config.sink,
+        for length in (n_ctx - 5, n_ctx):  # the summaries built, then grown
+            reselect_pruned(q[-2:].float(), pool, slots[:length], summaries, budget=budget, sink=self.config.sink,
                             recent=self.config.recent, factor=1.0, previous=previous)
         logger.info("LoopServe: %s kernel and planner ready in %.1f s; sparse prefill from %d tokens",
                     kernel, time.perf_counter() - t, self.min_prefill_len)
