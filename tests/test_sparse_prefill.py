@@ -171,3 +171,18 @@ def test_plans_too_dense_to_pay_run_the_exact_rectangle():
     p = planted_qkv(512, 2048)
     _, stats = sparse_prefill_attention(p.q, p.k, p.v, alpha=0.95, return_stats=True)
     assert stats.kernel == "gather" and stats.density == stats.planned_density < SPARSE_BELOW["cpu"]
+
+
+def test_sampled_attention_is_the_causal_softmax_of_its_rows():
+    """The estimate masks future keys per chunk of sampled rows: each row must still be exactly
+    its query's causal softmax (strided rows early in the turn see few of the new keys)."""
+    g = torch.Generator().manual_seed(7)
+    n_new, n_ctx, H, Hk, d = 700, 1500, 6, 2, 32
+    q, k = torch.randn(n_new, H, d, generator=g), torch.randn(n_ctx, Hk, d, generator=g)
+    rows = sample_query_rows(n_new, 40)  # 80 rows: 5 chunks
+    sample = sample_attention(q, k, rows)
+    pos = rows + n_ctx - n_new
+    logits = torch.einsum("shd,jhd->hsj", q[rows].double(), k.double().repeat_interleave(H // Hk, 1)) * d**-0.5
+    logits.masked_fill_(torch.arange(n_ctx)[None, None, :] > pos[None, :, None], float("-inf"))
+    torch.testing.assert_close(sample.probs.double(), torch.softmax(logits, -1), rtol=1e-5, atol=1e-7)
+    assert torch.equal(sample.positions, pos)
