@@ -3,7 +3,8 @@
 For each context length ``L``, budget ``B`` and batch size: the time of one
 decode step's attention over the full cache (torch SDPA on contiguous K/V, the
 strongest dense baseline here) and over the ``B`` selected positions
-(``batched_decode_attention``, or the Triton kernel on a GPU), the speedup
+(``batched_decode_attention``: on a CPU its compiled loop, with the padded
+tensor path beside it as ``tensor``; the Triton kernel on a GPU), the speedup
 against the goal ``0.5 x L/B`` (CPU) or ``0.6 x L/B`` (GPU), and the cost of
 re-selecting, per request as the server does it (``DecodeCompressor.reselect_from``
 reading keys from a KV pool through their slots):
@@ -96,7 +97,7 @@ def main(argv=None):
     H, Hk, d = 9, 3, 64
     print(f"device {dev}, dtype {dtype}, interval {a.interval} (steady {a.steady_interval}), window {a.window}, "
           f"threads {torch.get_num_threads()}")
-    print(f"{'L':>6} {'B':>5} {'batch':>5} {'full ms':>8} {'sel. ms':>8} {'speedup':>8} {'goal':>6} | "
+    print(f"{'L':>6} {'B':>5} {'batch':>5} {'full ms':>8} {'sel. ms':>8} {'tensor':>7} {'speedup':>8} {'goal':>6} | "
           f"{'every key':>9} {'tensor':>7} {'two-stage':>9} (ms, reselect) | share: {'every@16':>8} "
           f"{'tensor@16':>9} {'two@16':>7} {'two@' + str(a.steady_interval):>7}")
     for length in a.lengths:
@@ -116,10 +117,15 @@ def main(argv=None):
                     continue
                 indptr, pos = select_decode_kv_batched(rq, pool_k, slots, lens, budget=budget)
                 t_sel = timeit(lambda: attend(q, pool_k, pool_v, slots, indptr, pos), dev, 5)
+                # The padded-tensor path side by side (on the CPU ``attend`` is the compiled loop).
+                t_tensor_step = (timeit(lambda: batched_decode_attention(q, pool_k, pool_v, slots, indptr, pos,
+                                                                          method="tensor"), dev, 5)
+                                 if dev.type == "cpu" else float("nan"))
                 t_every = reselect_time(pool_k, slots, rq, budget, a.interval, 0, dev)
                 t_tensor = reselect_time(pool_k, slots, rq, budget, a.interval, CANDIDATE_FACTOR, dev, "tensor")
                 t_two = reselect_time(pool_k, slots, rq, budget, a.interval, CANDIDATE_FACTOR, dev)
                 print(f"{length:>6} {budget:>5} {batch:>5} {t_full * 1e3:>8.3f} {t_sel * 1e3:>8.3f} "
+                      f"{t_tensor_step * 1e3:>7.3f} "
                       f"{t_full / t_sel:>7.2f}x {goal * length / budget:>5.1f}x | {t_every * 1e3:>9.2f} "
                       f"{t_tensor * 1e3:>7.2f} {t_two * 1e3:>9.2f}                | "
                       f"{share(t_every, a.interval, t_sel):>15.1%} {share(t_tensor, a.interval, t_sel):>9.1%} "

@@ -7,10 +7,10 @@ from .batched import batched_decode_attention, select_decode_kv_batched
 from .decode import (DecodeCompressor, attention_mass, decode_attention, keep_top, select_decode_kv,
                      select_decode_kv_pruned)
 from .summaries import KeySummaries
-from .methods import METHODS, FullAttention, KVScorer, LoopServe, ScoreContext, SnapKV, StreamingLLM
+from .methods import METHODS, AdaKV, FullAttention, KVScorer, LoopServe, ScoreContext, SnapKV, StreamingLLM
 
 __all__ = [
-    "DecodeCompressor", "FullAttention", "KVScorer", "LoopServe", "METHODS", "ScoreContext", "SnapKV",
+    "AdaKV", "DecodeCompressor", "FullAttention", "KVScorer", "LoopServe", "METHODS", "ScoreContext", "SnapKV",
     "StreamingLLM", "attention_mass", "batched_decode_attention", "decode_attention", "keep_top",
     "select_decode_kv", "select_decode_kv_batched", "select_decode_kv_pruned", "KeySummaries",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from . import cpu_loops
 from .decode import _check_gqa, attention_mass_padded, keep_top_padded, validate_budget
 
 
@@ -37,14 +38,25 @@ def select_decode_kv_batched(recent_q: torch.Tensor, k: torch.Tensor, slots: tor
 
 
 def batched_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
-                             indptr: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+                             indptr: torch.Tensor, positions: torch.Tensor, method: str = "auto"
+                             ) -> torch.Tensor:
     """``[B, H, d]``: each request's decode query over its selected positions per KV head.
 
-    The fast CPU path: one padded gather and two batched matmuls for the whole batch.
+    ``method``: ``"tensor"`` (any device: one padded gather and two batched matmuls for
+    the whole batch; the reference), ``"loops"`` (CPU, numba: ``cpu_loops.sparse_decode``,
+    rows read in place) or ``"auto"`` (loops where they run).
     """
+    if method not in ("auto", "loops", "tensor"):
+        raise ValueError(f"method must be 'auto', 'loops' or 'tensor', got {method!r}")
     n_req, n_heads, d = q.shape
     n_kv = k.shape[1]
     group = _check_gqa(n_heads, n_kv)
+    usable = cpu_loops.supports(k) and v.dtype == k.dtype and q.device.type == "cpu"
+    if method == "loops" and not usable:
+        raise ValueError(f"method 'loops' needs numba and CPU float32/bfloat16 K/V, got {k.dtype}/{v.dtype} "
+                         f"on {k.device}")
+    if method != "tensor" and usable:
+        return cpu_loops.sparse_decode(q, k, v, slots, indptr, positions).to(q.dtype)
     counts = indptr[1:] - indptr[:-1]  # [B*Hk]
     width = int(counts.max()) if counts.numel() else 0
     col = torch.arange(width, device=q.device)
