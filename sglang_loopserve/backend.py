@@ -26,6 +26,7 @@ selection is a per-request index set.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -36,9 +37,9 @@ from .attention import sparse_prefill_attention
 from .attention.exact import exact_prefill_attention
 from .attention.kernels import default_kernel
 from .attention.sparse_prefill import min_prefill_len
-from .cache_policy import KeySummaries, attention_mass, batched_decode_attention
+from .cache_policy import METHODS, KeySummaries, ScoreContext, attention_mass, batched_decode_attention
 from .cache_policy.decode import reselect_pruned
-from .config import LoopServeConfig
+from .config import PREFILL_PATTERNS, LoopServeConfig
 from .request_state import RequestStats, live_requests, model_context, set_model_context, store
 
 logger = logging.getLogger(__name__)
@@ -136,8 +137,8 @@ class LoopServeAttnBackend:
         self._warm_up(model_runner)
 
     def _warm_up(self, model_runner) -> None:
-        """Compile the planner's CPU loops (numba, cached on disk) and the kernel now, not inside
-        the first long turn's time to first token."""
+        """Compile the planner's and the decode's CPU loops (numba, cached on disk) and the kernel
+        now, not inside the first long turn's time to first token."""
         cfg = model_runner.model_config
         tp = max(getattr(model_runner, "tp_size", 1), 1)
         heads = max(cfg.num_attention_heads // tp, 1)
@@ -162,6 +163,10 @@ class LoopServeAttnBackend:
         for length in (n_ctx - 5, n_ctx):  # the summaries built, then grown
             reselect_pruned(q[-2:].float(), pool, slots[:length], summaries, budget=budget, sink=self.config.sink,
                             recent=self.config.recent, factor=1.0, previous=previous)
+        # Attention over a selection (compiled on the CPU), as ``_decode_selected`` calls it.
+        positions = torch.arange(budget, device=self.device).repeat(kv_heads)
+        indptr = torch.arange(kv_heads + 1, device=self.device) * budget
+        batched_decode_attention(q[:1], pool, pool, slots[None], indptr, positions)
         logger.info("LoopServe: %s kernel and planner ready in %.1f s; sparse prefill from %d tokens",
                     kernel, time.perf_counter() - t, self.min_prefill_len)
 
@@ -226,12 +231,32 @@ class LoopServeAttnBackend:
         ``"sparse"`` (``sparse_prefill_attention``)."""
         if opts.keeps_everything(model_context()):
             return "base"
+        if opts.method in PREFILL_PATTERNS:  # a static pattern on every forward of a block or more
+            return "sparse" if new_len >= self.config.block_size else "exact"
+        if opts.method != "loopserve":  # the decode baselines prefill exactly, over the new rows only
+            return "exact"
         gate = self.min_prefill_len if opts.min_prefill_len is None else opts.min_prefill_len
         if opts.alpha < 1.0 and seq_len >= gate and new_len >= self.config.block_size:
             return "sparse"
         # The torch-native base recomputes the square of the whole sequence;
         # GPU bases (FlashInfer, Triton) already compute only the new rows.
         return "exact" if self._base_subsets else "base"
+
+    @staticmethod
+    def _seed_after_exact(comp, opts, q_i, k_all, length):
+        """The decode selection after an exact prefill: LoopServe's from the attention of the
+        prompt's last queries (no estimate to seed from; a short follow-up reads its selection
+        from the first token on, not the whole cache for ``interval`` tokens); a baseline's one
+        selection (``full``: none, every token)."""
+        if opts.method == "loopserve":
+            comp.seed(attention_mass(q_i[-opts.decode_window:], k_all), length, source="prompt")
+        elif opts.method == "full" or opts.method in PREFILL_PATTERNS:
+            comp.seed(None, length)
+            comp.fixed = True
+        else:
+            ctx = ScoreContext(k=k_all, prompt_len=length, prompt_q=q_i)
+            comp.fix(METHODS[opts.method]().select(ctx, opts.decode_budget, opts.sink, opts.recent), length,
+                     source=opts.method)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         fb = forward_batch
@@ -252,7 +277,7 @@ class LoopServeAttnBackend:
             rid = rids[i]
             stats = request_stats(rid)
             if stats is not None:
-                stats.enabled, stats.num_layers = opts.enabled, self.num_layers
+                stats.enabled, stats.num_layers, stats.method = opts.enabled, self.num_layers, opts.method
             if not opts.enabled:
                 continue
             # A prefill starts the turn's decode state afresh (at the first layer).
@@ -268,24 +293,26 @@ class LoopServeAttnBackend:
             lo, hi = starts[i], starts[i + 1]
             k_all, v_all = self._kv_of(layer, int(fb.req_pool_indices[i]), seq_lens[i], q.dtype)
             q_i = self._scaled(q_[lo:hi], layer)
-            if mode == "sparse" and self.dense_layers.skip(layer.layer_id):
+            if mode == "sparse" and opts.method == "loopserve" and self.dense_layers.skip(layer.layer_id):
                 mode = "exact"
             if mode == "exact":
                 o_[lo:hi] = exact_prefill_attention(q_i, k_all, v_all).to(o_.dtype)
-                # No estimate to seed the decode selection from: the attention of the
-                # prompt's last queries (a short follow-up reads its selection from the
-                # first token on, not the whole cache for ``interval`` tokens).
-                comp.seed(attention_mass(q_i[-opts.decode_window:], k_all), seq_lens[i], source="prompt")
+                self._seed_after_exact(comp, opts, q_i, k_all, seq_lens[i])
                 if stats is not None:
                     stats.add_prefill(causal, causal, sparse=False)
                     stats.seeded_from = comp.seeded_from
                 continue
+            pattern = opts.method if opts.method in PREFILL_PATTERNS else "loopserve"
             out, st = sparse_prefill_attention(
                 q_i, k_all, v_all, alpha=opts.alpha, q_window=opts.q_window,
-                block_size=self.config.block_size, sink=opts.sink, kernel=self.kernel, return_stats=True)
+                block_size=self.config.block_size, sink=opts.sink, kernel=self.kernel, return_stats=True,
+                pattern=pattern, budget=opts.decode_budget)
             o_[lo:hi] = out.to(o_.dtype)
-            self.dense_layers.observe(layer.layer_id, st.kernel == "exact")
-            comp.seed(st.key_scores, seq_lens[i])
+            if pattern == "loopserve":
+                self.dense_layers.observe(layer.layer_id, st.kernel == "exact")
+                comp.seed(st.key_scores, seq_lens[i])
+            else:  # a prefill pattern: decoding reads everything
+                self._seed_after_exact(comp, opts, q_i, k_all, seq_lens[i])
             select_s = sum(st.timings.get(stage, 0.0) for stage in ("estimate", "select", "index"))
             if stats is not None:
                 stats.add_prefill(st.density * causal, causal, sparse=st.kernel != "exact", select_s=select_s)
@@ -346,7 +373,7 @@ class LoopServeAttnBackend:
         rids = fb.rids or []
         seq_lens = fb.seq_lens_cpu.tolist()
         q_ = self._scaled(q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim), layer)
-        comps, sparse = {}, {}  # i -> compressor, i -> selected positions [Hk, n]
+        comps, sparse = {}, {}  # i -> compressor, i -> (flat positions, count per KV head)
         for i, rid in enumerate(rids):
             req = _request(rid)
             opts = options_of(rid, self.config)
@@ -354,28 +381,30 @@ class LoopServeAttnBackend:
                 continue
             state = self.store.get(rid) or self.store.new_turn(rid, opts)
             comp = comps[i] = state.compressor(layer.layer_id)
-            idx = comp.indices(seq_lens[i])
-            if idx is not None and idx.shape[1] < seq_lens[i]:
-                sparse[i] = idx
+            rows = comp.attended(seq_lens[i])
+            if rows is not None and sum(rows[1]) < seq_lens[i] * len(rows[1]):
+                sparse[i] = rows
 
         q = q.reshape(-1, layer.tp_q_head_num * layer.qk_head_dim)
         o = self._run_base(True, q, k, v, layer, fb, save_kv_cache, taken=set(sparse))
         if sparse:
-            self._decode_selected(q_, o, layer, fb, sparse)
+            self._decode_selected(q_, o, layer, fb, sparse, seq_lens)
         self._record(q_, layer, fb, comps, sparse, seq_lens)
         return o
 
-    def _decode_selected(self, q_, o, layer, fb, sparse):
-        """Attention of the compressed requests over their selections, one batched call."""
+    def _decode_selected(self, q_, o, layer, fb, sparse, seq_lens):
+        """Attention of the compressed requests over their selections, one batched call.
+
+        Runs every layer of every step: the CSR is built from Python ints and one
+        ``cat`` (a dozen tiny tensor ops cost more here than the kernel's setup)."""
         order = sorted(sparse)
-        sel = torch.tensor(order, device=q_.device)
-        n_kv = layer.tp_k_head_num
-        counts = torch.tensor([sparse[i].shape[1] for i in order], device=q_.device)
-        indptr = torch.zeros(len(order) * n_kv + 1, dtype=torch.long, device=q_.device)
-        indptr[1:] = counts.repeat_interleave(n_kv).cumsum(0)
-        positions = torch.cat([sparse[i].reshape(-1) for i in order])
-        pool_idx = fb.req_pool_indices[torch.tensor(order, device=fb.req_pool_indices.device)]
-        slots = self.req_to_token_pool.req_to_token[pool_idx.long()].long()
+        counts = [c for i in order for c in sparse[i][1]]
+        indptr = torch.tensor([0] + list(itertools.accumulate(counts)), device=q_.device)
+        positions = torch.cat([sparse[i][0] for i in order]) if len(order) > 1 else sparse[order[0]][0]
+        width = max(seq_lens[i] for i in order)
+        pool_rows = fb.req_pool_indices[order] if len(order) > 1 else fb.req_pool_indices[order[0]:order[0] + 1]
+        slots = self.req_to_token_pool.req_to_token[pool_rows.long(), :width]
+        sel = order if len(order) > 1 else slice(order[0], order[0] + 1)
         out = batched_decode_attention(
             q_[sel], self.token_to_kv_pool.get_key_buffer(layer.layer_id),
             self.token_to_kv_pool.get_value_buffer(layer.layer_id), slots, indptr, positions)
@@ -386,11 +415,11 @@ class LoopServeAttnBackend:
         for i, comp in comps.items():
             rid = fb.rids[i]
             stats = request_stats(rid)
+            attended = sum(sparse[i][1]) / len(sparse[i][1]) if i in sparse else seq_lens[i]
             if stats is not None:
-                attended = sparse[i].shape[1] if i in sparse else seq_lens[i]
                 stats.add_decode(attended, seq_lens[i])
             if self.metrics is not None:
-                self.metrics.observe_decode(sparse[i].shape[1] if i in sparse else seq_lens[i], seq_lens[i])
+                self.metrics.observe_decode(attended, seq_lens[i])
             if comp.record(q_[i].clone()):
                 t = time.perf_counter()
                 slots = self.req_to_token_pool.req_to_token[int(fb.req_pool_indices[i]), :seq_lens[i]]

@@ -20,6 +20,17 @@ CONFIG_ENV = "SGLANG_LOOPSERVE_CONFIG"
 #: Key of the per-request object inside ``custom_params``.
 REQUEST_KEY = "loopserve"
 
+#: What the LoopServe backend serves (``method``): LoopServe, or a baseline at the same budgets.
+#: ``full``: exact attention through this backend; ``snapkv``: one selection from the prompt's
+#: last window, kept for the whole answer; ``adakv``: SnapKV's scores with the budget shared
+#: across a layer's KV heads; ``streaming_llm``: the first ``sink`` and the latest tokens.  The
+#: baselines prefill exactly (their papers compress the KV for decoding).  ``a_shape``,
+#: ``tri_shape`` and ``minference``: static prefill patterns (``attention.patterns``, about
+#: ``decode_budget`` keys per query, on every forward of a block or more), exact decoding.
+METHODS = ("loopserve", "full", "snapkv", "adakv", "streaming_llm", "a_shape", "tri_shape", "minference")
+#: The methods that compress the prefill with a static pattern (decode reads everything).
+PREFILL_PATTERNS = ("a_shape", "tri_shape", "minference")
+
 
 class LoopServeConfigError(ValueError):
     """A setting is out of range; ``field`` names it."""
@@ -34,6 +45,8 @@ class LoopServeConfig:
     """Defaults from docs (method.md); every field has a ``--loopserve-<name>`` flag."""
 
     enabled: bool = True
+    #: What runs: ``"loopserve"`` or a baseline (``METHODS``).
+    method: str = "loopserve"
     #: Prefill: fraction of the estimated attention mass the kept lines cover, in (0, 1].
     alpha: float = 0.95
     #: Prefill: last queries of the turn sampled for the estimate (plus as many strided).
@@ -60,7 +73,7 @@ class LoopServeConfig:
 
     # Fields a request may override through custom_params (block_size is fixed
     # per server: the kernels are compiled for it).
-    REQUEST_FIELDS = ("enabled", "alpha", "q_window", "min_prefill_len", "decode_budget",
+    REQUEST_FIELDS = ("enabled", "method", "alpha", "q_window", "min_prefill_len", "decode_budget",
                       "decode_interval", "decode_window", "decode_max_interval", "sink", "recent")
 
     def validated(self, name=lambda field: field) -> "LoopServeConfig":
@@ -75,6 +88,8 @@ class LoopServeConfig:
 
         if not isinstance(self.enabled, bool):
             fail("enabled", "must be true or false")
+        if self.method not in METHODS:
+            fail("method", f"must be one of {', '.join(METHODS)}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) \
                 or not 0.0 < float(self.alpha) <= 1.0:
             fail("alpha", "must be a number in (0, 1]")
@@ -97,8 +112,11 @@ class LoopServeConfig:
 
     def keeps_everything(self, context_len: int) -> bool:
         """Exact attention in both phases: LoopServe disabled, or ``alpha`` 1 with a decode budget
-        covering the model's context.  Such requests run on SGLang's own backend, bit for bit."""
-        return not self.enabled or (self.alpha >= 1.0 and self.decode_budget >= context_len)
+        covering the model's context.  Such requests run on SGLang's own backend, bit for bit
+        (method ``full`` asks for this backend's exact paths instead)."""
+        if not self.enabled:
+            return True
+        return self.method == "loopserve" and self.alpha >= 1.0 and self.decode_budget >= context_len
 
     def override(self, values: dict, name=lambda field: field) -> "LoopServeConfig":
         """A copy with a request's ``values`` applied, validated; unknown keys are errors."""

@@ -52,7 +52,7 @@ SCHEDULER_TARGETS = (T_BUILD_BACKEND, T_REQ_INIT, T_RELEASE, T_STREAM, T_INTERNA
 ALL_TARGETS = (T_ADD_CLI_ARGS, T_PREPARE, T_VERIFY, T_META, T_SCHEDULER_INIT) + SCHEDULER_TARGETS
 
 _DEFAULTS = LoopServeConfig()
-_TYPES = {"alpha": float}
+_TYPES = {"alpha": float, "method": str}
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,12 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(FLAGS["enabled"], action="store_true",
                        help="Serve with LoopServe: sparse prefill and decode KV selection.")
     helps = {
+        "method": "What this backend serves: loopserve, or a baseline at the same budgets: full (exact "
+                  "attention), snapkv (one selection from the prompt's last 32 queries), adakv (SnapKV's "
+                  "scores, budget shared across a layer's KV heads), streaming_llm (sink + latest "
+                  "tokens), all four prefilling exactly; a_shape, tri_shape, minference (static prefill "
+                  "patterns of about DECODE_BUDGET keys per query, exact decoding). Per request: "
+                  "custom_params.loopserve.method.",
         "alpha": "Prefill: fraction of the estimated attention mass the kept vertical/slash "
                  "lines cover, in (0, 1]; 1 keeps everything.",
         "q_window": "Prefill: last queries of a turn sampled to estimate attention (plus as many "
@@ -229,7 +235,7 @@ def _after_req_init(result, req, *args, **kwargs):
         logger.exception("LoopServe: request %s has invalid settings; using the server's", req.rid)
         options = settings.config
     req.loopserve_options = options
-    req.loopserve_stats = RequestStats(enabled=options.enabled)
+    req.loopserve_stats = RequestStats(enabled=options.enabled, method=options.method)
     live_requests[req.rid] = req
     namespace = cache_namespace(options)
     if namespace:
@@ -241,13 +247,14 @@ def _after_req_init(result, req, *args, **kwargs):
 
 def cache_namespace(options: LoopServeConfig) -> str | None:
     """The radix-cache namespace of a request's KV: ``None`` (stock's) when its attention is exact
-    (LoopServe disabled, or alpha 1 with a decode budget above the model's context)."""
+    (LoopServe disabled, or alpha 1 with a decode budget above the model's context); else one per
+    method and settings (a baseline's generated tokens carry KV of its own attention)."""
     from .request_state import model_context
 
     if options.keeps_everything(model_context()):
         return None
     o = options
-    return (f"loopserve(a={o.alpha},q={o.q_window},b={o.block_size},m={o.min_prefill_len},s={o.sink},"
+    return (f"loopserve({o.method},a={o.alpha},q={o.q_window},b={o.block_size},m={o.min_prefill_len},s={o.sink},"
             f"B={o.decode_budget},i={o.decode_interval},w={o.decode_window},I={o.decode_max_interval},"
             f"r={o.recent})")
 

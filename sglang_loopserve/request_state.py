@@ -40,6 +40,7 @@ class RequestStats:
     """Sums over layers (and heads, chunks, steps); ``summary()`` turns them into means."""
 
     enabled: bool = True
+    method: str = "loopserve"  # what served the request (LoopServeConfig.method)
     num_layers: int = 1  # attention layers of the model (set by the backend)
     prefill_pairs_computed: float = 0.0  # causal (query, key) pairs computed, summed over layers
     prefill_pairs_causal: float = 0.0  # the same for dense attention
@@ -69,6 +70,7 @@ class RequestStats:
         steps, num_layers = self.decode_layer_steps, self.num_layers
         return {
             "enabled": self.enabled,
+            "method": self.method if self.enabled else None,
             # Mean over layers and heads, weighted by the causal pairs of each forward.
             "prefill_density": (self.prefill_pairs_computed / self.prefill_pairs_causal
                                 if self.prefill_pairs_causal else None),

@@ -29,6 +29,15 @@ class ServerStartError(RuntimeError):
     """The server exited or did not become healthy in time."""
 
 
+class PortTakenError(ServerStartError):
+    """Another socket took the HTTP port before the server bound it (SGLang binds it last,
+    after loading the model; its own internal ports are picked among the free ones meanwhile)."""
+
+
+#: Start-ups retried on a fresh port when the chosen one was taken meanwhile.
+PORT_RETRIES = 3
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -56,6 +65,7 @@ class SGLangServer:
     ):
         self.model_path = str(model_path)
         self.host = host
+        self._pick_port = port is None  # ours to change if it is taken before the server binds it
         self.port = port or free_port()
         self.extra_args = list(extra_args)
         self.max_total_tokens = max_total_tokens
@@ -83,6 +93,16 @@ class SGLangServer:
         return cmd + self.extra_args
 
     def start(self, timeout: float = 600.0) -> "SGLangServer":
+        for attempt in range(PORT_RETRIES + 1):
+            try:
+                return self._start_once(timeout)
+            except PortTakenError:
+                if not self._pick_port or attempt == PORT_RETRIES:
+                    raise
+                self.port = free_port()
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> "SGLangServer":
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
         if self.log_path:
@@ -113,7 +133,9 @@ class SGLangServer:
                 if requests.get(self.url + "/health", timeout=5).status_code == 200:
                     return
             except requests.RequestException:
-                pass
+                if f"address ('{self.host}', {self.port}): address already in use" in self.log_tail(200):
+                    # uvicorn failed to bind, and the launcher waits on: give up on this port now.
+                    raise PortTakenError(f"port {self.port} was taken during start-up") from None
             time.sleep(1.0)
         raise ServerStartError(f"server not healthy after {timeout:.0f} s\n{self.log_tail()}")
 

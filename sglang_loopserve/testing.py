@@ -80,7 +80,7 @@ class Request:
 
     def __init__(self, rid: str, options: LoopServeConfig):
         self.rid, self.loopserve_options = rid, options
-        self.loopserve_stats = RequestStats(enabled=options.enabled)
+        self.loopserve_stats = RequestStats(enabled=options.enabled, method=options.method)
         live_requests[rid] = self
 
     def finished(self):

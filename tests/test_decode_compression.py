@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
-from sglang_loopserve.cache_policy import (METHODS, DecodeCompressor, FullAttention, KeySummaries, LoopServe,
+from sglang_loopserve.config import METHODS as SERVED_METHODS
+from sglang_loopserve.config import PREFILL_PATTERNS
+from sglang_loopserve.cache_policy import (METHODS, AdaKV, DecodeCompressor, FullAttention, KeySummaries, LoopServe,
                                            ScoreContext, SnapKV, StreamingLLM, attention_mass,
                                            batched_decode_attention, decode_attention,
                                            select_decode_kv, select_decode_kv_batched, select_decode_kv_pruned)
@@ -159,6 +163,64 @@ def test_batched_equals_per_request():
         assert (out[b] - decode_attention(q[b], k, v, idx)).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_attention_over_selection_equals_tensor_path(dtype):
+    """The numba kernel (chunked, merged by softmax maxima) against the padded-tensor reference:
+    ragged rows (1 position, a chunked row of 1,500, an empty request aside), GQA groups of 3."""
+    g = torch.Generator().manual_seed(3)
+    n_kv, group = 3, 3
+    pool_k = torch.randn(6000, n_kv, D, generator=g).to(dtype)
+    pool_v = torch.randn(6000, n_kv, D, generator=g).to(dtype)
+    slots = torch.stack([torch.randperm(6000, generator=g)[:2000] for _ in range(2)]).int()
+    counts = [1500, 1, 700, 1040, 1040, 1040]
+    indptr = torch.tensor([0] + list(itertools.accumulate(counts)))
+    pos = torch.cat([torch.randperm(2000, generator=g)[:c].sort().values for c in counts])
+    q = (torch.randn(2, n_kv * group, D, generator=g) * 3).to(dtype)
+    ref = batched_decode_attention(q.double(), pool_k.double(), pool_v.double(), slots, indptr, pos, method="tensor")
+    out = batched_decode_attention(q, pool_k, pool_v, slots, indptr, pos, method="loops")
+    assert out.dtype == dtype and out.shape == ref.shape
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's rounding
+    assert (out.double() - ref).abs().max() < tol
+
+
+def test_attention_over_selection_rejects_bad_method():
+    q, kv = torch.zeros(1, 3, D), torch.zeros(10, 3, D)
+    args = (q, kv, kv, torch.zeros(1, 10, dtype=torch.long), torch.tensor([0, 1, 2, 3]), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="method"):
+        batched_decode_attention(*args, method="fast")
+    with pytest.raises(ValueError, match="'loops'"):
+        batched_decode_attention(q.double(), kv.double(), kv.double(), *args[3:], method="loops")
+
+
+def test_adakv_shares_the_budget_across_heads():
+    """Head 0 attends to 5 planted keys only, head 1 uniformly: under a shared budget head 0 keeps
+    little beyond its planted keys, sink and recent, and head 1 takes the rest."""
+    g = torch.Generator().manual_seed(5)
+    n, budget = 400, 60
+    k = torch.randn(n, 2, D, generator=g) * 0.01
+    q = torch.zeros(40, 2, D)
+    spike = unit(g, 1)[0]
+    q[:, 0] = spike * 40
+    k[[50, 120, 200, 260, 300], 0] = spike
+    ctx = ScoreContext(k=k, prompt_len=n, prompt_q=q)
+    sel = AdaKV(kernel=1).select(ctx, budget=budget, sink=4, recent=32)
+    counts = (sel >= 0).sum(-1).tolist()
+    assert sum(counts) == 2 * budget and counts[0] < budget < counts[1]
+    for h, c in enumerate(counts):
+        row = sel[h, :c].tolist()
+        assert row == sorted(row) and (sel[h, c:] == -1).all()
+        assert set(range(4)) <= set(row) and set(range(n - 32, n)) <= set(row)
+    assert {50, 120, 200, 260, 300} <= set(sel[0, : counts[0]].tolist())
+    comp = DecodeCompressor(budget=budget, interval=16, window=16, sink=4, recent=32)
+    comp.fix(sel, n, source="adakv")
+    flat, per_head = comp.attended(n + 3)
+    assert per_head == [c + 3 for c in counts] and flat.numel() == sum(per_head)
+    assert flat[per_head[0] - 3: per_head[0]].tolist() == [n, n + 1, n + 2]  # tokens since, per head
+    assert not comp.record(torch.zeros(2, D)) and comp.seeded_from == "adakv"
+    with pytest.raises(ValueError, match="ragged"):
+        comp.indices(n)
+
+
 def test_baselines_on_hand_made_case():
     g = torch.Generator().manual_seed(11)
     k = torch.randn(200, 1, D, generator=g) * 0.1
@@ -174,7 +236,8 @@ def test_baselines_on_hand_made_case():
     loop = LoopServe().select(ctx, budget=13, sink=4, recent=8)[0].tolist()
     assert 50 in loop and len(loop) == 13
     assert FullAttention().select(ctx, budget=1)[0].tolist() == list(range(200))
-    assert set(METHODS) == {"loopserve", "snapkv", "streaming_llm", "full"}
+    # every decode method the server takes has its scorer (the others are prefill patterns)
+    assert set(METHODS) == set(SERVED_METHODS) - set(PREFILL_PATTERNS)
 
 
 @pytest.mark.parametrize("kwargs, match", [

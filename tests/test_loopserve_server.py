@@ -7,6 +7,7 @@ client aborts leave no state and no KV behind; chunked = unchunked; flags.
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import threading
@@ -15,7 +16,7 @@ import time
 import pytest
 import requests
 
-from sglang_loopserve.config import FLAGS
+from sglang_loopserve.config import FLAGS, METHODS, PREFILL_PATTERNS
 from sglang_loopserve.frontends import (GROWING_CONVERSATION, connect, module_doc, python_docs,
                                         run_document_chat, run_growing_chat)
 
@@ -131,13 +132,96 @@ def _generate(url, custom_params=None, **kw):
 
 @pytest.mark.parametrize("bad,field", [({"alpha": 1.5}, "alpha"), ({"alpha": 0}, "alpha"),
                                        ({"decode_budget": 0}, "decode_budget"), ({"nope": 1}, "nope"),
-                                       ({"decode_max_interval": 2}, "decode_max_interval")])
+                                       ({"decode_max_interval": 2}, "decode_max_interval"),
+                                       ({"method": "h2o"}, "method")])
 def test_invalid_request_settings_get_400(loopserve_server, bad, field):
     r = _generate(loopserve_server.url, {"loopserve": bad})
     assert r.status_code == 400, r.text
     assert f"custom_params.loopserve.{field}" in r.text
     ok = _generate(loopserve_server.url, {"loopserve": {"alpha": 0.9}})
     assert ok.status_code == 200 and ok.json()["meta_info"]["loopserve"]["enabled"] is True
+
+
+def test_every_method_is_served_and_named(loopserve_server, document):
+    """Each method of ``--loopserve-method`` answers per request and says so in ``meta_info``;
+    ``full`` reads every cached token and answers as stock (LoopServe disabled) does; the decode
+    baselines read their budget plus the tokens generated since; the prefill patterns compute
+    part of the prefill and decode over everything."""
+    prompt = document[:5000] + "\n\nIn one sentence, what is this text about?"
+    out = {}
+    for method in (None,) + METHODS:
+        settings = {"enabled": False} if method is None else {"method": method, "decode_budget": 128}
+        r = requests.post(loopserve_server.url + "/generate", timeout=600, json={
+            "text": prompt, "sampling_params": {"max_new_tokens": 20, "temperature": 0, "ignore_eos": True,
+                                                "custom_params": {"loopserve": settings}}})
+        assert r.status_code == 200, (method, r.text)
+        out[method] = r.json()
+        meta = out[method]["meta_info"]["loopserve"]
+        assert meta["method"] == method, meta
+        if method is None:
+            continue
+        attended, cached = meta["decode_tokens_attended"], meta["decode_tokens_cached"]
+        if method in PREFILL_PATTERNS:
+            assert meta["prefill_density"] < 1 and meta["prefill_sparse_fraction"] == 1, (method, meta)
+        if method == "full" or method in PREFILL_PATTERNS:
+            assert attended == cached and meta["reselections"] == 0
+        else:
+            assert attended < 128 + 20 < cached, (method, meta)
+            assert (meta["reselections"] > 0) == (method == "loopserve"), (method, meta)
+    assert out["full"]["text"] == out[None]["text"]
+
+
+def _sampled_kl(url, prompt_ids, sample_settings, replay_settings, n_tokens=32, seed=0):
+    """SGLang's KL estimate (``sglang.test.kl_test_utils``): sample at temperature 1 with one
+    setting, replay the same tokens as a prefill with the other (cache flushed), mean over tokens of
+    ``exp(r) - 1 - r``, ``r`` = replayed minus sampled log-probability."""
+    def post(body):
+        r = requests.post(url + "/generate", json=body, timeout=600)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    requests.post(url + "/flush_cache", timeout=120).raise_for_status()
+    out = post({"input_ids": prompt_ids, "return_logprob": True, "sampling_params": {
+        "temperature": 1.0, "max_new_tokens": n_tokens, "ignore_eos": True, "sampling_seed": seed,
+        "custom_params": {"loopserve": sample_settings}}})
+    sampled = [x[0] for x in out["meta_info"]["output_token_logprobs"]]
+    requests.post(url + "/flush_cache", timeout=120).raise_for_status()
+    replay = post({"input_ids": prompt_ids + out["output_ids"], "return_logprob": True, "logprob_start_len": 0,
+                   "sampling_params": {"max_new_tokens": 0, "custom_params": {"loopserve": replay_settings}}})
+    replayed = [x[0] for x in replay["meta_info"]["input_token_logprobs"]][-len(sampled):]
+    r = [a - b for a, b in zip(replayed, sampled)]
+    return sum(math.exp(x) - 1 - x for x in r) / len(r)
+
+
+def test_full_method_is_exact_by_sglangs_kl_measure(loopserve_server, document, tokenizer):
+    """``method: full`` sampled and replayed on stock attention is as close as stock to itself."""
+    ids = tokenizer.encode(document[:4000])
+    stock = {"enabled": False}
+    floor = _sampled_kl(loopserve_server.url, ids, stock, stock)
+    full = _sampled_kl(loopserve_server.url, ids, {"method": "full"}, stock)
+    print(f"KL full vs stock {full:.3g}, stock vs stock {floor:.3g}")
+    # fp32 on this CPU: both are at rounding level; 1e-6 bounds what rounding alone gives.
+    assert full <= max(2 * floor, 1e-6), (full, floor)
+
+
+def test_benchmark_runner_against_the_server(loopserve_server, tmp_path):
+    """``python -m sglang_loopserve.bench``'s runner: three turns per method, the history served from
+    the radix cache, LoopServe's figures recorded per turn."""
+    from sglang_loopserve.bench import datasets, runner
+
+    convs = datasets.build("kv_retrieval", 1, seed=0, scale=0.15)
+    recs = runner.run(convs, ["back"], ["full", "snapkv", "tri_shape"], runner.server_ask(loopserve_server.url),
+                      tmp_path / "results.jsonl", settings={"decode_budget": 64})
+    assert [r.method for r in recs] == ["full", "snapkv", "tri_shape"]
+    for r in recs:
+        assert len(r.turns) == 3 and all(t.answer for t in r.turns), r
+        assert r.turns[0].prompt_tokens < r.turns[1].prompt_tokens < r.turns[2].prompt_tokens
+        assert all(t.cached_tokens > 0 for t in r.turns[1:]), r  # the history came from the cache
+        assert all(t.time_to_first_token_s is not None for t in r.turns)
+    tri = recs[2].turns[2]
+    assert tri.prefill_density < 1 and tri.decode_tokens_attended == tri.decode_tokens_cached
+    snap = recs[1].turns[2]
+    assert snap.prefill_density == 1 and snap.decode_tokens_attended < snap.decode_tokens_cached
 
 
 def _chat(url, custom_params):

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from sglang_loopserve.server import SGLangServer, ServerStartError
+from sglang_loopserve.server import PortTakenError, SGLangServer, ServerStartError
 
 
 class FakeServer(SGLangServer):
@@ -57,3 +57,36 @@ def test_early_exit_is_reported_with_log(tmp_path):
     with pytest.raises(ServerStartError, match="code 3") as exc:
         srv.start(timeout=30)
     assert "bad flag --x" in str(exc.value)
+
+
+class PortStealer(FakeServer):
+    """Its first start-ups find their port taken (uvicorn's message, then the launcher hangs on);
+    a later one serves /health."""
+
+    def __init__(self, tmp_path, taken_starts, port=None):
+        super().__init__(tmp_path, "")
+        self._pick_port = port is None
+        self.port = port or self.port
+        self.taken_starts, self.ports = taken_starts, []
+
+    def command(self):
+        self.ports.append(self.port)
+        if len(self.ports) <= self.taken_starts:
+            msg = (f"ERROR:    [Errno 98] error while attempting to bind on address ('{self.host}', {self.port}): "
+                   f"address already in use")
+            return [sys.executable, "-c", f"import time; print({msg!r}, flush=True); time.sleep(600)"]
+        handler = ("from http.server import BaseHTTPRequestHandler as B, HTTPServer as S\n"
+                   "class H(B):\n"
+                   "    def do_GET(self):\n"
+                   "        self.send_response(200); self.end_headers()\n"
+                   f"S(('{self.host}', {self.port}), H).serve_forever()\n")
+        return [sys.executable, "-c", handler]
+
+
+def test_a_port_taken_during_start_up_is_retried_on_a_fresh_one(tmp_path):
+    srv = PortStealer(tmp_path, taken_starts=2)
+    with srv:
+        assert len(srv.ports) == 3 and len(set(srv.ports)) == 3
+    fixed = PortStealer(tmp_path, taken_starts=1, port=srv.ports[0])
+    with pytest.raises(PortTakenError):  # a port the caller chose is not changed behind its back
+        fixed.start(timeout=30)

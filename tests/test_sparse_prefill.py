@@ -186,3 +186,58 @@ def test_sampled_attention_is_the_causal_softmax_of_its_rows():
     logits.masked_fill_(torch.arange(n_ctx)[None, None, :] > pos[None, :, None], float("-inf"))
     torch.testing.assert_close(sample.probs.double(), torch.softmax(logits, -1), rtol=1e-5, atol=1e-7)
     assert torch.equal(sample.positions, pos)
+
+
+# ---------------------------------------------------------------- baselines' static patterns
+@pytest.mark.parametrize("method", ["loops", "tensor"])
+def test_static_patterns_cover_their_cells(method):
+    from sglang_loopserve.attention.patterns import static_lines
+
+    n_new, n_ctx, bs, budget = 300, 1000, 64, 128
+    q, k, _ = random_qkv(n_new, n_ctx, 4, 2, seed=3)
+    qpos = (n_ctx - n_new + torch.arange(n_new))[:, None]
+    key = torch.arange(n_ctx)[None, :]
+    causal = key <= qpos
+    a_shape = ((key < bs) | (qpos - key < budget)) & causal
+    last_block = torch.arange(n_new)[:, None] >= (n_new - 1) // bs * bs
+    for pattern, want in (("a_shape", a_shape), ("tri_shape", a_shape | (last_block & causal))):
+        mask = BlockMask.from_lines(static_lines(pattern, q, k, budget=budget, block_size=bs), method=method)
+        dense = mask.to_dense()
+        assert (dense >= want[None]).all(), pattern
+        # block rounding adds at most a block's width around each line
+        wider = ((key < 2 * bs) | (qpos - key < budget + 2 * bs)) & causal
+        if pattern == "tri_shape":
+            wider |= last_block & causal
+        assert not (dense & ~wider[None]).any(), pattern
+
+
+def test_minference_takes_the_columns_and_diagonals_the_last_queries_attend():
+    from sglang_loopserve.attention.patterns import static_lines
+
+    n_new, n_ctx, d = 200, 800, 32
+    q, k, v = random_qkv(n_new, n_ctx, 2, 1, d=d, seed=4)
+    q, k = q * 0.05, k * 0.05
+    spike = torch.randn(d)
+    k[500, 0] = spike  # every last query looks at key 500 ...
+    q[-64:, :] += spike * 3
+    lines = static_lines("minference", q, k, budget=32, block_size=32)
+    chosen = lines.lines[:, 0, : int(lines.counts.max())]
+    assert all(500 in chosen[h].tolist() for h in range(2))
+    assert set(range(32)) <= set(chosen[0].tolist())  # sink columns
+    assert {n_ctx + x for x in range(32)} <= set(chosen[0].tolist())  # local diagonals
+    out, st = sparse_prefill_attention(q, k, v, pattern="minference", budget=32, block_size=32,
+                                       return_stats=True)
+    mask = BlockMask.from_lines(lines)
+    ref = block_sparse_attention_reference(q.double(), k.double(), v.double(), mask, compute_dtype=torch.float64)
+    assert (out.double() - ref).abs().max() < 2e-4 and st.density == pytest.approx(mask.density())
+    assert st.kernel != "exact"  # a baseline computes its own cells, never the exact rectangle
+
+
+def test_static_pattern_bad_input_is_named():
+    q, k, v = random_qkv(64, 128, 2, 1)
+    with pytest.raises(ValueError, match="pattern"):
+        sparse_prefill_attention(q, k, v, pattern="bigbird")
+    from sglang_loopserve.attention.patterns import static_lines
+
+    with pytest.raises(ValueError, match="budget"):
+        static_lines("a_shape", q, k, budget=0, block_size=32)

@@ -21,6 +21,7 @@ from .block_mask import BlockMask
 from .estimate import sample_attention, sample_query_rows
 from .exact import exact_prefill_attention
 from .kernels import KERNELS, default_kernel
+from .patterns import PATTERNS, static_lines
 from .select import select_vertical_slash
 
 #: Per device type: the sparse kernel runs when the plan's density is below
@@ -132,7 +133,8 @@ def build_block_mask(q, k, *, alpha, q_window, block_size, sink=4, local=None,
 
 def sparse_prefill_attention(q, k, v, *, alpha: float = 0.95, q_window: int = 64,
                              block_size: int = 64, return_stats: bool = False,
-                             kernel: str = "auto", sink: int = 4, local: int | None = None):
+                             kernel: str = "auto", sink: int = 4, local: int | None = None,
+                             pattern: str = "loopserve", budget: int = 1024):
     """Attention of a turn's new tokens over the whole sequence, on the cells that matter.
 
     Args:
@@ -150,6 +152,10 @@ def sparse_prefill_attention(q, k, v, *, alpha: float = 0.95, q_window: int = 64
             plan denser than ``SPARSE_BELOW`` runs the exact rectangle instead.
         sink: leading key columns always kept.
         local: diagonals ``0..local-1`` always kept (default ``block_size``).
+        pattern: ``"loopserve"`` (estimate and select, above) or a baseline's static
+            pattern (``patterns.PATTERNS``: ``alpha`` and ``q_window`` unused; about
+            ``budget`` keys per query; its cells are computed even where the exact
+            rectangle would be cheaper, so it answers as the baseline does).
 
     Returns ``out [n_new, H, d]`` in ``q.dtype``, or ``(out, stats)``.
     """
@@ -157,9 +163,17 @@ def sparse_prefill_attention(q, k, v, *, alpha: float = 0.95, q_window: int = 64
     name = default_kernel(q.device) if kernel == "auto" else kernel
     if name not in KERNELS:
         raise ValueError(f"kernel must be 'auto' or one of {sorted(KERNELS)}, got {kernel!r}")
+    if pattern != "loopserve" and pattern not in PATTERNS:
+        raise ValueError(f"pattern must be 'loopserve' or one of {', '.join(PATTERNS)}, got {pattern!r}")
     timings: dict = {}
     n_heads = q.shape[1]
-    if alpha >= 1.0:
+    if pattern != "loopserve":
+        t0 = time.perf_counter()
+        lines = static_lines(pattern, q, k, budget=budget, block_size=block_size)
+        t1 = _now(q.device)
+        mask = BlockMask.from_lines(lines)
+        timings.update(estimate=0.0, select=t1 - t0, index=_now(q.device) - t1)
+    elif alpha >= 1.0:
         t = time.perf_counter()
         out = exact_prefill_attention(q, k, v)
         timings.update(estimate=0.0, select=0.0, index=0.0, attention=_now(q.device) - t)
@@ -168,10 +182,11 @@ def sparse_prefill_attention(q, k, v, *, alpha: float = 0.95, q_window: int = 64
         ones = torch.ones(n_heads, dtype=torch.float64)
         return out, SparsePrefillStats(density=1.0, head_density=ones, vertical_counts=ones * k.shape[0],
                                        slash_counts=ones * k.shape[0], kernel="exact", timings=timings)
-    mask, lines = _plan(q, k, alpha=float(alpha), q_window=q_window, block_size=block_size, sink=sink,
-                        local=local, rows_per_segment=8, timings=timings)
+    else:
+        mask, lines = _plan(q, k, alpha=float(alpha), q_window=q_window, block_size=block_size, sink=sink,
+                            local=local, rows_per_segment=8, timings=timings)
     t = time.perf_counter()
-    exact = kernel == "auto" and dense_is_cheaper(mask)
+    exact = pattern == "loopserve" and kernel == "auto" and dense_is_cheaper(mask)
     out = exact_prefill_attention(q, k, v) if exact else KERNELS[name](q, k, v, mask)
     timings["attention"] = _now(q.device) - t
     if not return_stats:
@@ -182,6 +197,6 @@ def sparse_prefill_attention(q, k, v, *, alpha: float = 0.95, q_window: int = 64
         density=float(head_density.mean()), head_density=head_density,
         vertical_counts=counts[..., 0].float().mean(-1), slash_counts=counts[..., 1].float().mean(-1),
         kernel="exact" if exact else name, timings=timings,
-        key_scores=lines.key_mass.view(k.shape[1], -1, k.shape[0]).sum(1),
+        key_scores=None if lines.key_mass is None else lines.key_mass.view(k.shape[1], -1, k.shape[0]).sum(1),
         planned_density=mask.density())
     return out, stats

@@ -252,6 +252,10 @@ class DecodeCompressor:
     selection: torch.Tensor | None = field(default=None, repr=False)  # [Hk, n] positions
     selected_at: int = 0  # cache length when ``selection`` was made
     seeded_from: str = "full"
+    #: a baseline's one selection, never re-selected (``fix``)
+    fixed: bool = False
+    #: per-head counts of a ragged selection (AdaKV), else None
+    counts: list | None = field(default=None, repr=False)
     steps: int = 0
     reselections: int = 0
     next_interval: int = 0  # tokens from the last re-selection to the next (0: ``interval``)
@@ -281,20 +285,48 @@ class DecodeCompressor:
             self.seeded_from = source
         self.selected_at = length
         self.next_interval, self._since = self.interval, 0
+        self.fixed, self.counts = False, None
 
-    def indices(self, length: int) -> torch.Tensor | None:
-        """Positions attended at cache length ``length``: selection + tokens since it."""
+    def fix(self, selection: torch.Tensor, length: int, source: str) -> None:
+        """A baseline's selection ``[Hk, W]`` (ascending; rows of different lengths padded with -1
+        after their positions), kept for the whole answer: no re-selection."""
+        valid = selection >= 0
+        self.counts = None if bool(valid.all()) else valid.sum(-1).tolist()
+        self.selection, self.selected_at, self.seeded_from, self.fixed = selection, length, source, True
+
+    def attended(self, length: int) -> tuple[torch.Tensor, list[int]] | None:
+        """What decode reads at cache length ``length``: the selection plus every token since it,
+        as flat ascending positions per KV head and each head's count; ``None``: everything."""
         if self.selection is None:
             return None
         fresh = torch.arange(self.selected_at, length, device=self.selection.device)
-        return torch.cat([self.selection, fresh.expand(self.selection.shape[0], -1)], dim=1)
+        n_kv = self.selection.shape[0]
+        if self.counts is None:
+            rows = torch.cat([self.selection, fresh.expand(n_kv, -1)], dim=1)
+            return rows.reshape(-1), [rows.shape[1]] * n_kv
+        parts = []
+        for h, n in enumerate(self.counts):
+            parts += [self.selection[h, :n], fresh]
+        return torch.cat(parts), [n + fresh.numel() for n in self.counts]
+
+    def indices(self, length: int) -> torch.Tensor | None:
+        """Positions attended at cache length ``length``: selection + tokens since it, ``[Hk, n]``
+        (``attended`` also serves ragged selections)."""
+        if self.selection is None:
+            return None
+        if self.counts is not None:
+            raise ValueError("a ragged selection (different counts per head): use attended()")
+        flat, counts = self.attended(length)
+        return flat.view(len(counts), -1)
 
     def record(self, q: torch.Tensor) -> bool:
         """Record this step's query ``[H, d]``; True when a re-selection is due
         (``next_interval`` tokens generated since the last one)."""
+        self.steps += 1
+        if self.fixed:  # a baseline's one selection: nothing to score later
+            return False
         self._queries.append(q.detach())
         del self._queries[: -self.window]
-        self.steps += 1
         self._since += 1
         return self._since >= self.next_interval
 

@@ -78,6 +78,35 @@ class SnapKV(KVScorer):
 
 
 @dataclass
+class AdaKV(SnapKV):
+    """SnapKV's scores with the budget shared across the KV heads of a layer (Feng et al.,
+    2024): the ``budget * Hk`` best (head, position) pairs, so a head with concentrated
+    attention keeps few tokens and a diffuse one many; each head keeps at least its ``sink``
+    and ``recent`` tokens.  ``select`` returns ``[Hk, W]`` rows padded with -1 after each
+    head's ascending positions."""
+
+    name: ClassVar[str] = "adakv"
+
+    def select(self, ctx, budget, sink=4, recent=32):
+        validate_budget(budget, sink, recent)
+        scores = self.score(ctx).float()  # [Hk, L]
+        n_kv, length = scores.shape
+        if length <= budget:
+            return torch.arange(length, device=scores.device).expand(n_kv, -1).clone()
+        pos = torch.arange(length, device=scores.device)
+        forced = (pos < sink) | (pos >= length - recent)
+        # Heads compare directly: each head's window queries spread the same total attention.
+        ranked = torch.where(forced, torch.full_like(scores, float("inf")), scores)
+        top = ranked.flatten().topk(budget * n_kv).indices
+        keep = torch.zeros(n_kv * length, dtype=torch.bool, device=scores.device)
+        keep[top] = True
+        keep = keep.view(n_kv, length)
+        # Kept positions first, ascending; the others sort to the end as ``length``, then -1.
+        out = torch.where(keep, pos, length).sort(dim=-1).values[:, : int(keep.sum(-1).max())]
+        return out.masked_fill_(out == length, -1)
+
+
+@dataclass
 class StreamingLLM(KVScorer):
     """Attention sinks + the most recent tokens (positional, no attention needed)."""
 
@@ -101,4 +130,4 @@ class FullAttention(KVScorer):
         return torch.arange(ctx.k.shape[0], device=ctx.k.device).expand(ctx.k.shape[1], -1).clone()
 
 
-METHODS: dict[str, type[KVScorer]] = {m.name: m for m in (LoopServe, SnapKV, StreamingLLM, FullAttention)}
+METHODS: dict[str, type[KVScorer]] = {m.name: m for m in (LoopServe, SnapKV, AdaKV, StreamingLLM, FullAttention)}
