@@ -1,0 +1,181 @@
+"""Run the multi-turn benchmark against a server: every method on the same conversations.
+
+A conversation is run once per (question position, method): each turn is one
+chat request (SGLang's frontend with the model's chat template, the
+LoopServe settings in ``custom_params``) whose history holds the earlier turns'
+prompts and the model's own answers (``gold_history``: the gold answers), so
+the radix cache serves the history and only the new turn is prefilled.  Per
+turn the record keeps the answer and its score, prompt and cached tokens,
+client-side time to first token and decode rate, and LoopServe's prefill
+density and decode KV read (``meta_info["loopserve"]``).
+
+Results go to a JSONL file, one line per finished (conversation, position,
+method); a rerun skips what the file already holds (resumable: an interrupted
+conversation is redone whole).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import metrics
+from .datasets import first_line_only
+from .published import Conversation, position_name
+
+#: Answer lengths per metric (LongBench's dataset2maxlen: QA 32-128, summaries 512 scaled to the
+#: embedded model's one-sentence summaries, few-shot 64).
+MAX_TOKENS = {"qa_f1": 32, "exact_match": 24, "retrieval": 16, "count": 8, "classification": 16,
+              "rouge_l": 64}
+
+SYSTEM_PROMPT = "You are a helpful assistant. Answer from the documents in the conversation, briefly."
+
+
+@dataclass
+class TurnRecord:
+    answer: str
+    score: float
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    time_to_first_token_s: float | None
+    decode_tokens_per_s: float | None
+    prefill_density: float | None
+    decode_tokens_attended: float | None
+    decode_tokens_cached: float | None
+
+
+@dataclass
+class RunRecord:
+    dataset: str
+    id: str
+    position: str
+    method: str
+    turns: list[TurnRecord] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        return (self.dataset, self.id, self.position, self.method)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunRecord":
+        return cls(d["dataset"], d["id"], d["position"], d["method"], [TurnRecord(**t) for t in d["turns"]])
+
+
+def load_results(path) -> list[RunRecord]:
+    """The records of a results file; a torn last line (an interrupted write) is ignored."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(RunRecord.from_dict(json.loads(line)))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return out
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a last line an interrupted run left unfinished, so appends start on a line of their own."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+#: ``ask(history, message, max_tokens, settings) -> dict`` with the TurnRecord fields but the score:
+#: one chat request; ``history`` is ``[(user, assistant), ...]``.
+Ask = Callable[[list, str, int, dict], dict]
+
+
+def run_conversation(conv: Conversation, position: str, method: str, ask: Ask, *, settings: dict,
+                     gold_history: bool = False) -> RunRecord:
+    rec = RunRecord(conv.dataset, conv.id, position, method)
+    history: list[tuple[str, str]] = []
+    max_tokens = MAX_TOKENS.get(conv.metric or "qa_f1", 32)
+    cut = first_line_only(conv.dataset)
+    for turn in conv.turns:
+        message = turn.prompt(position)
+        got = ask(history, message, max_tokens, dict(settings, method=method))
+        answer = got["answer"]
+        score = metrics.score(conv.metric or "qa_f1", answer, turn.answers, all_classes=conv.all_classes,
+                              first_line_only=cut) if turn.answers else 0.0
+        rec.turns.append(TurnRecord(score=score, **got))
+        history.append((message, turn.answers[0] if gold_history and turn.answers else answer))
+    return rec
+
+
+def run(conversations: Iterable[Conversation], positions: Iterable[str], methods: Iterable[str], ask: Ask,
+        results_path, *, settings: dict | None = None, gold_history: bool = False,
+        progress: Callable[[int], None] | None = None) -> list[RunRecord]:
+    """Every (conversation, position, method) not yet in ``results_path``, appended as it finishes."""
+    results_path = Path(results_path)
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    _drop_torn_tail(results_path)
+    done = {r.key for r in load_results(results_path)}
+    positions = [position_name(p) for p in positions]
+    new = []
+    with results_path.open("a", encoding="utf-8") as out:
+        for conv in conversations:
+            for pos in positions:
+                for method in methods:
+                    if (conv.dataset, conv.id, pos, method) in done:
+                        if progress:
+                            progress(1)
+                        continue
+                    rec = run_conversation(conv, pos, method, ask, settings=settings or {},
+                                           gold_history=gold_history)
+                    out.write(rec.to_json() + "\n")
+                    out.flush()
+                    new.append(rec)
+                    if progress:
+                        progress(1)
+    return new
+
+
+def server_ask(url: str) -> Ask:
+    """``ask`` through SGLang's frontend (the model's chat template, streamed for timing)."""
+    import sglang as sgl
+
+    from ..frontends.multiturn import connect
+
+    @sgl.function
+    def turn(s, history, message, max_tokens):
+        s += sgl.system(SYSTEM_PROMPT)
+        for user, assistant in history:
+            s += sgl.user(user)
+            s += sgl.assistant(assistant)
+        s += sgl.user(message)
+        s += sgl.assistant(sgl.gen("answer", max_tokens=max_tokens, temperature=0.0))
+
+    endpoints: dict[str, object] = {}
+
+    def ask(history, message, max_tokens, settings):
+        key = json.dumps(settings, sort_keys=True)
+        if key not in endpoints:
+            endpoints[key] = connect(url, loopserve=settings, timing=True)
+        state = turn.run(history=history, message=message, max_tokens=max_tokens, backend=endpoints[key])
+        if state.error() is not None:
+            raise RuntimeError(f"request failed: {state.error()}")
+        meta = state.get_meta_info("answer")
+        client, ls = meta.get("client") or {}, meta.get("loopserve") or {}
+        decode_s, n = client.get("decode_s"), meta["completion_tokens"]
+        return {
+            "answer": state["answer"].strip(), "prompt_tokens": meta["prompt_tokens"],
+            "cached_tokens": meta.get("cached_tokens", 0), "completion_tokens": n,
+            "time_to_first_token_s": client.get("time_to_first_token_s"),
+            "decode_tokens_per_s": (n - 1) / decode_s if decode_s and n > 1 else None,
+            "prefill_density": ls.get("prefill_density"),
+            "decode_tokens_attended": ls.get("decode_tokens_attended"),
+            "decode_tokens_cached": ls.get("decode_tokens_cached"),
+        }
+
+    return ask

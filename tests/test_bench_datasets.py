@@ -1,0 +1,83 @@
+"""The benchmark's offline data sets: deterministic, questions where their position says, answers
+supported by the text."""
+
+from __future__ import annotations
+
+import pytest
+
+from sglang_loopserve.bench import datasets, published
+from sglang_loopserve.bench.generate import main as generate
+
+N = 3
+
+
+@pytest.fixture(scope="module")
+def built():
+    return {name: datasets.build(name, N, seed=5) for name in datasets.DATASETS}
+
+
+def test_eleven_datasets_deterministic_from_the_seed(built):
+    assert len(datasets.DATASETS) == 11
+    for name, convs in built.items():
+        again = datasets.build(name, N, seed=5)
+        assert [c.to_row() for c in again] == [c.to_row() for c in convs], name
+        other = datasets.build(name, N, seed=6)
+        assert [c.to_row() for c in other] != [c.to_row() for c in convs], name
+
+
+def test_three_turns_each_position_placed_and_history_growing(built):
+    for name, convs in built.items():
+        for conv in convs:
+            assert len(conv.turns) == 3 and conv.positions == ["front", "middle", "back"], name
+            history = 0
+            for turn, want in zip(conv.turns, datasets.TURN_TOKENS):
+                published.check_question_placement(turn)  # suffix / prefix / strictly inside
+                q = turn.questions["back"]
+                assert turn.prompts["front"].count(q) == turn.prompts["middle"].count(q) == 1, name
+                tokens = datasets.approx_tokens(turn.prompts["back"])
+                assert 0.8 * want <= tokens <= 1.5 * want, (name, tokens)
+                history += tokens
+                assert turn.answers and all(a for a in turn.answers), name
+            assert 6000 <= history <= 9000, (name, history)
+
+
+def test_answers_are_supported_by_the_text(built):
+    extractive = ("single_doc_qa", "multi_doc_qa", "multi_hop_2", "multi_hop_3", "kv_retrieval")
+    for name in extractive:
+        for conv in built[name]:
+            for turn in conv.turns:
+                assert any(a in turn.prompts["back"] for a in turn.answers), name
+    for conv in built["passage_retrieval"]:
+        for turn in conv.turns:
+            summary = turn.questions["back"].split('"')[1]
+            (number,) = [p.split(":")[0] for p in turn.prompts["back"].split("\n\n")
+                         if p.startswith("Paragraph ") and summary in p]
+            assert turn.answers == [number]
+    for conv in built["counting"]:
+        for turn in conv.turns:
+            color = turn.questions["back"].split("ledger ")[1].split("?")[0]
+            assert turn.answers == [str(turn.prompts["back"].count(f"stamped the ledger {color}."))]
+    for conv in built["dialogue_dependency"]:
+        first = conv.turns[0].answers[0]
+        # turn 3's answer is the version of turn 1's package, stated in turn 1's documents
+        assert f"package {first}, version {conv.turns[2].answers[0]}:" in conv.turns[0].prompts["back"]
+        assert "first answer" in conv.turns[2].questions["back"]
+    for conv in built["few_shot"]:
+        assert conv.metric == "classification" and conv.turns[0].answers[0] in conv.all_classes
+        assert datasets.first_line_only("few_shot") and not datasets.first_line_only("single_doc_qa")
+
+
+def test_generated_files_load_back(tmp_path):
+    assert generate(["--out", str(tmp_path), "--n", "2", "--datasets", "kv_retrieval", "summarization"]) == 0
+    kv = published.load(tmp_path / "kv_retrieval.jsonl")
+    assert [c.to_row() for c in kv] == [c.to_row() for c in datasets.build("kv_retrieval", 2, seed=0)]
+    assert published.load(tmp_path / "summarization.jsonl")[0].metric == "rouge_l"
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="dataset"):
+        datasets.build("squad", 1)
+    with pytest.raises(ValueError, match="n must"):
+        datasets.build("kv_retrieval", 0)
+    with pytest.raises(ValueError, match="scale"):
+        datasets.build("kv_retrieval", 1, scale=0)

@@ -1,0 +1,87 @@
+"""The benchmark runner and its report, with a stand-in for the server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sglang_loopserve.bench import datasets, report, runner
+from sglang_loopserve.bench.__main__ import parse_args
+
+
+def fake_ask(calls):
+    def ask(history, message, max_tokens, settings):
+        calls.append((len(history), settings["method"], [h[1] for h in history]))
+        answer = "42" if settings["method"] == "full" else f"{settings['method']} says 42"
+        return {"answer": answer, "prompt_tokens": len(message) // 4, "cached_tokens": 10 * len(history),
+                "completion_tokens": 3, "time_to_first_token_s": 0.5, "decode_tokens_per_s": 10.0,
+                "prefill_density": 0.5 if settings["method"] == "loopserve" else 1.0,
+                "decode_tokens_attended": 100.0, "decode_tokens_cached": 400.0}
+    return ask
+
+
+@pytest.fixture
+def convs():
+    return datasets.build("kv_retrieval", 2, seed=0, scale=0.2)
+
+
+def test_runner_resumes_a_half_written_results_file(tmp_path, convs):
+    path = tmp_path / "results.jsonl"
+    methods, positions = ["full", "loopserve"], ["front", "end"]
+    calls = []
+    first = runner.run(convs[:1], positions, methods, fake_ask(calls), path)
+    assert len(first) == 4 and len(calls) == 4 * 3  # 1 conversation x 2 positions x 2 methods, 3 turns each
+    with path.open("a") as f:
+        f.write('{"dataset": "kv_retrieval", "id": "torn')  # an interrupted write
+    calls.clear()
+    second = runner.run(convs, positions, methods, fake_ask(calls), path)
+    assert len(second) == 4 and len(calls) == 4 * 3  # only the second conversation ran
+    keys = [r.key for r in runner.load_results(path)]
+    assert len(keys) == len(set(keys)) == 8
+    calls.clear()
+    assert runner.run(convs, positions, methods, fake_ask(calls), path) == [] and not calls
+
+
+def test_history_is_the_models_answers_or_the_gold_ones(tmp_path, convs):
+    calls = []
+    rec = runner.run(convs[:1], ["back"], ["snapkv"], fake_ask(calls), tmp_path / "a.jsonl")[0]
+    assert calls[2][2] == ["snapkv says 42", "snapkv says 42"]
+    assert rec.turns[0].score == 0.0  # exact_match: the value is not "42"
+    calls.clear()
+    runner.run(convs[:1], ["back"], ["snapkv"], fake_ask(calls), tmp_path / "b.jsonl", gold_history=True)
+    assert calls[2][2] == [t.answers[0] for t in convs[0].turns[:2]]
+
+
+def test_report_scores_agreement_speed_and_trace(tmp_path, convs):
+    path = tmp_path / "results.jsonl"
+    runner.run(convs, ["front", "back"], ["full", "loopserve"], fake_ask([]), path)
+    s = report.summarize(runner.load_results(path))
+    assert s["methods"] == ["full", "loopserve"] and s["positions"] == ["front", "back"]
+    assert s["scores"]["kv_retrieval|back|full"] == 0.0
+    assert s["agreement_with_full"]["full"]["back"] == {"same": 1.0, "first_difference": None}
+    # "loopserve says 42" vs "42": differs at the first word
+    assert s["agreement_with_full"]["loopserve"]["front"] == {"same": 0.0, "first_difference": 0}
+    turn3 = s["speed_per_turn"]["loopserve"][2]
+    assert turn3["turn"] == 3 and turn3["cached_tokens"] == 20 and turn3["kv_read"] == 0.25
+    files = report.write(s, tmp_path / "out")
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| kv_retrieval | back | 0.0 | 0.0 |" in table and "**mean**" in table
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["runs"] == 8
+    assert all(f.exists() for f in files)
+    assert {f.name for f in files} >= {"score_by_position.png", "speed_per_turn.png"}
+    trace = report.agentic_trace(convs, "back")
+    assert len(trace["conversations"]) == 2 and len(trace["conversations"][0]) == 3
+    first_turn = trace["conversations"][0][0]["messages"]
+    assert [m["role"] for m in first_turn] == ["system", "user"]
+    assert first_turn[1]["content"] == convs[0].turns[0].prompts["back"]
+
+
+def test_cli_rejects_bad_arguments(capsys):
+    for argv, word in ((["--out", "x", "--positions", "top"], "--positions"), (["--out", "x", "--n", "0"], "--n"),
+                       (["--out", "x", "--methods", "h2o"], "--methods"), (["--out", "x", "--budget", "0"], "--budget")):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert word in capsys.readouterr().err
+    a = parse_args(["--out", "x", "--positions", "start", "end", "--methods", "full", "adakv"])
+    assert a.positions == ["front", "back"] and a.methods == ["full", "adakv"]
