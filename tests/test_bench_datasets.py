@@ -41,6 +41,14 @@ def test_three_turns_each_position_placed_and_history_growing(built):
             assert 6000 <= history <= 9000, (name, history)
 
 
+@pytest.mark.parametrize("scale", [0.05, 0.2])
+def test_small_scales_still_place_every_question(scale):
+    """Scaled-down turns (a CPU run of the whole grid) keep a middle to put the question in."""
+    for name in datasets.DATASETS:
+        for turn in datasets.build(name, 1, seed=1, scale=scale)[0].turns:
+            published.check_question_placement(turn)
+
+
 def test_answers_are_supported_by_the_text(built):
     extractive = ("single_doc_qa", "multi_doc_qa", "multi_hop_2", "multi_hop_3", "kv_retrieval")
     for name in extractive:

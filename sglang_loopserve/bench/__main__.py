@@ -39,6 +39,10 @@ def parse_args(argv=None):
     p.add_argument("--scale", type=float, default=1.0, help="context per turn relative to ~2K/2K/3K tokens")
     p.add_argument("--budget", type=int, default=1024,
                    help="decode budget of every method (and the prefill patterns' keys per query)")
+    p.add_argument("--min-prefill-len", type=int, default=0,
+                   help="every method's prefill runs on sequences of at least this many tokens (default 0: "
+                        "every forward of a block or more, so short scaled-down turns compare the methods, "
+                        "not the server's speed gate; -1: the server's own gate)")
     p.add_argument("--gold-history", action="store_true", help="history with gold answers, not the model's")
     p.add_argument("--export-trace", type=Path,
                    help="also write the conversations as sglang.bench_serving agentic-trace JSON")
@@ -48,6 +52,8 @@ def parse_args(argv=None):
         p.error("--limit/--n must be >= 1")
     if a.budget < 1:
         p.error("--budget must be >= 1")
+    if a.min_prefill_len < -1:
+        p.error("--min-prefill-len must be >= 0 (or -1 for the server's gate)")
     if not a.scale > 0:
         p.error("--scale must be > 0")
     try:
@@ -101,6 +107,8 @@ def main(argv=None) -> int:
         except ImportError:  # pragma: no cover - tqdm ships with SGLang
             bar, progress = None, None
         settings = {"decode_budget": a.budget}
+        if a.min_prefill_len >= 0:
+            settings["min_prefill_len"] = a.min_prefill_len
         if a.url:
             runner.run(convs, a.positions, a.methods, runner.server_ask(a.url), results, settings=settings,
                        gold_history=a.gold_history, progress=progress)

@@ -264,11 +264,12 @@ def _context(rng, fact: Fact, target_tokens: int, count_tokens, filler) -> list[
     budget = target_tokens - sum(count_tokens(p) for p in paras)
     start = rng.randrange(len(filler))
     i = 0
-    while budget > 0 and i < len(filler):
+    # At least two paragraphs, whatever the size: the middle position needs a boundary.
+    while (budget > 0 or len(paras) < 2) and i < len(filler):
         para = filler[(start + i) % len(filler)]
         i += 1
         cost = count_tokens(para)
-        if cost > budget + 150:  # would overshoot the turn's size: the next one
+        if cost > budget + 150 and len(paras) >= 2:  # would overshoot the turn's size: the next one
             continue
         paras.insert(rng.randrange(len(paras) + 1), para)
         budget -= cost
