@@ -4,12 +4,13 @@ numba is a dependency of SGLang; where it cannot be imported ``numba`` is
 ``None`` and the callers run their torch paths.  The loops compile on first
 use (seconds; cached on disk).
 
-Threading layer: OpenMP first.  Measured on the 2-core CI machine (a 4K-token
-turn, one layer), the prefill plan took 30-37 ms on it and 36-49 ms on the
-workqueue layer, whose two threads start while torch's OpenMP threads still
-spin after the estimate's matmul; torch ops right after a plan ran at the
-same speed on either.  The workqueue layer takes one parallel launch at a
-time: callers hold ``lock`` (harmless on the others).
+Threading layer: numba's own work queue, never OpenMP.  numba's OpenMP layer
+shares torch's OpenMP runtime and, once it has launched, leaves torch's
+parallel ops oversubscribed: measured on the 2-core CI machine, a 2.3K-token
+one-shot prefill took 7.3 s on stock attention in the server and 16-27 s on
+the sparse paths (one static-pattern layer: 1.2 s instead of 40 ms); with the
+work queue 3.7 s and 2.6-3.8 s.  The work queue takes one parallel launch at
+a time: callers hold ``lock``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ except ImportError:  # pragma: no cover - numba ships with SGLang
     numba = njit = prange = None
 else:
     if numba.config.THREADING_LAYER == "default":
-        numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
+        numba.config.THREADING_LAYER = "workqueue"
 
 lock = threading.Lock()
 
