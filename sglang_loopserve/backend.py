@@ -41,6 +41,8 @@ from .cache_policy import METHODS, KeySummaries, ScoreContext, attention_mass, b
 from .cache_policy.decode import reselect_pruned
 from .config import PREFILL_PATTERNS, LoopServeConfig
 from .request_state import RequestStats, live_requests, model_context, set_model_context, store
+from .srt.radix import PADDING_SLOT, count_prefill
+from .srt.radix import stats as radix_stats
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,21 @@ logger = logging.getLogger(__name__)
 def causal_pairs(prefix: int, n_new: int) -> int:
     """(query, key) pairs of ``n_new`` queries after ``prefix`` cached keys, causal."""
     return n_new * prefix + n_new * (n_new + 1) // 2
+
+
+def without_positions(rows, dead: torch.Tensor, length: int, n_kv: int):
+    """A decode read set (``DecodeCompressor.attended``: flat positions and a count per KV
+    head, or ``None`` for every position) without the positions ``dead``."""
+    if rows is None:
+        keep = torch.ones(length, dtype=torch.bool, device=dead.device)
+        keep[dead] = False
+        live = keep.nonzero().flatten()
+        return live.repeat(n_kv), [live.numel()] * n_kv
+    flat, counts = rows
+    keep = ~torch.isin(flat, dead.to(flat.device))
+    head = torch.repeat_interleave(torch.arange(len(counts), device=flat.device),
+                                   torch.tensor(counts, device=flat.device))
+    return flat[keep], torch.bincount(head[keep], minlength=len(counts)).tolist()
 
 
 def _token_starts(new_lens) -> list[int]:
@@ -134,6 +151,7 @@ class LoopServeAttnBackend:
         # a batch LoopServe takes entirely skips them; a mixed one runs on
         # them whole and LoopServe overwrites its requests' rows.
         self._base_subsets = hasattr(base, "_run_sdpa_forward_extend")
+        self._pruned_now: dict = {}
         self._warm_up(model_runner)
 
     def _warm_up(self, model_runner) -> None:
@@ -178,7 +196,28 @@ class LoopServeAttnBackend:
     # ------------------------------------------------------------------ glue
     def init_forward_metadata(self, forward_batch):
         self.store.drop_missing()
+        self._pruned_now = self._pruned_prefixes(forward_batch)
+        if self.metrics is not None:
+            self.metrics.sync_radix(radix_stats)
         self.base.init_forward_metadata(forward_batch)
+
+    def _pruned_prefixes(self, fb) -> dict:
+        """``rid -> positions`` of each extend request's cached prefix whose slot is the padding
+        slot (KV the radix tree pruned, ``srt/radix.py``), for requests that have any; and the
+        prompt tokens computed (not served from the cache) go to the tree's counters."""
+        mode = fb.forward_mode
+        if mode is None or not mode.is_extend() or not fb.rids:
+            return {}
+        count_prefill(sum(fb.extend_seq_lens_cpu))
+        out = {}
+        rows = self.req_to_token_pool.req_to_token
+        for i, (rid, prefix) in enumerate(zip(fb.rids, fb.extend_prefix_lens_cpu)):
+            if prefix <= 0:
+                continue
+            dead = (rows[int(fb.req_pool_indices[i]), :prefix] == PADDING_SLOT).nonzero().flatten()
+            if dead.numel():
+                out[rid] = dead
+        return out
 
     def forward(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         mode = forward_batch.forward_mode
@@ -242,21 +281,28 @@ class LoopServeAttnBackend:
         # GPU bases (FlashInfer, Triton) already compute only the new rows.
         return "exact" if self._base_subsets else "base"
 
-    @staticmethod
-    def _seed_after_exact(comp, opts, q_i, k_all, length):
+    def _seed_after_exact(self, comp, opts, q_i, k_all, length, live=None, rid=None):
         """The decode selection after an exact prefill: LoopServe's from the attention of the
         prompt's last queries (no estimate to seed from; a short follow-up reads its selection
         from the first token on, not the whole cache for ``interval`` tokens); a baseline's one
-        selection (``full``: none, every token)."""
+        selection (``full``: none, every token).  ``live``: the positions of ``k_all``'s rows
+        when pruned ones were removed (selections and scores map back to positions)."""
         if opts.method == "loopserve":
-            comp.seed(attention_mass(q_i[-opts.decode_window:], k_all), length, source="prompt")
+            mass = attention_mass(q_i[-opts.decode_window:], k_all)
+            if live is not None:
+                mass = mass.new_zeros(mass.shape[0], length).index_copy_(1, live.to(mass.device), mass)
+            comp.seed(mass, length, source="prompt")
+            if rid is not None:
+                self.store.importance(rid).observe_columns(mass)
         elif opts.method == "full" or opts.method in PREFILL_PATTERNS:
             comp.seed(None, length)
             comp.fixed = True
         else:
-            ctx = ScoreContext(k=k_all, prompt_len=length, prompt_q=q_i)
-            comp.fix(METHODS[opts.method]().select(ctx, opts.decode_budget, opts.sink, opts.recent), length,
-                     source=opts.method)
+            ctx = ScoreContext(k=k_all, prompt_len=k_all.shape[0], prompt_q=q_i)
+            selection = METHODS[opts.method]().select(ctx, opts.decode_budget, opts.sink, opts.recent)
+            if live is not None:
+                selection = torch.where(selection >= 0, live.to(selection.device)[selection.clamp(min=0)], -1)
+            comp.fix(selection, length, source=opts.method)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         fb = forward_batch
@@ -266,7 +312,10 @@ class LoopServeAttnBackend:
         plans = []  # (i, options, mode)
         for i, rid in enumerate(rids):
             opts = options_of(rid, self.config)
-            plans.append((i, opts, self.extend_mode(opts, seq_lens[i], new_lens[i])))
+            mode = self.extend_mode(opts, seq_lens[i], new_lens[i])
+            if rid in self._pruned_now:  # a pruned prefix: exact over the keys still held
+                mode = "exact"
+            plans.append((i, opts, mode))
 
         o = self._run_base(False, q, k, v, layer, fb, save_kv_cache,
                            taken={i for i, _, mode in plans if mode != "base"})
@@ -282,7 +331,11 @@ class LoopServeAttnBackend:
                 continue
             # A prefill starts the turn's decode state afresh (at the first layer).
             state = None if layer.layer_id == 0 else self.store.get(rid)
-            state = state or self.store.new_turn(rid, opts)
+            if state is None:
+                state = self.store.new_turn(rid, opts)
+                state.pruned = self._pruned_now.get(rid)
+                if stats is not None:
+                    stats.pruned_cached_tokens = 0 if state.pruned is None else int(state.pruned.numel())
             comp = state.compressor(layer.layer_id)
             causal = causal_pairs(prefix_lens[i], new_lens[i]) * layer.tp_q_head_num
             if mode == "base":
@@ -296,8 +349,14 @@ class LoopServeAttnBackend:
             if mode == "sparse" and opts.method == "loopserve" and self.dense_layers.skip(layer.layer_id):
                 mode = "exact"
             if mode == "exact":
+                live = None
+                if state.pruned is not None:  # the pruned positions' keys are removed, not zeroed
+                    keep = torch.ones(seq_lens[i], dtype=torch.bool, device=k_all.device)
+                    keep[state.pruned.to(k_all.device)] = False
+                    live = keep.nonzero().flatten()
+                    k_all, v_all = k_all[live], v_all[live]
                 o_[lo:hi] = exact_prefill_attention(q_i, k_all, v_all).to(o_.dtype)
-                self._seed_after_exact(comp, opts, q_i, k_all, seq_lens[i])
+                self._seed_after_exact(comp, opts, q_i, k_all, seq_lens[i], live, rid)
                 if stats is not None:
                     stats.add_prefill(causal, causal, sparse=False)
                     stats.seeded_from = comp.seeded_from
@@ -311,6 +370,7 @@ class LoopServeAttnBackend:
             if pattern == "loopserve":
                 self.dense_layers.observe(layer.layer_id, st.kernel == "exact")
                 comp.seed(st.key_scores, seq_lens[i])
+                self.store.importance(rid).observe_columns(st.key_scores[:, :seq_lens[i]])
             else:  # a prefill pattern: decoding reads everything
                 self._seed_after_exact(comp, opts, q_i, k_all, seq_lens[i])
             select_s = sum(st.timings.get(stage, 0.0) for stage in ("estimate", "select", "index"))
@@ -382,6 +442,8 @@ class LoopServeAttnBackend:
             state = self.store.get(rid) or self.store.new_turn(rid, opts)
             comp = comps[i] = state.compressor(layer.layer_id)
             rows = comp.attended(seq_lens[i])
+            if state.pruned is not None:  # never read a pruned position's (padding) slot
+                rows = without_positions(rows, state.pruned, seq_lens[i], layer.tp_k_head_num)
             if rows is not None and sum(rows[1]) < seq_lens[i] * len(rows[1]):
                 sparse[i] = rows
 
@@ -425,6 +487,7 @@ class LoopServeAttnBackend:
                 slots = self.req_to_token_pool.req_to_token[int(fb.req_pool_indices[i]), :seq_lens[i]]
                 comp.reselect_from(self.token_to_kv_pool.get_key_buffer(layer.layer_id), slots)
                 dt = time.perf_counter() - t
+                self.store.importance(rid).observe_selection(comp.selection, comp.selection_mass)
                 if stats is not None:
                     stats.reselections += 1
                     stats.select_time_s += dt

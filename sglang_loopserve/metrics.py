@@ -8,6 +8,15 @@ mode, so values recorded here are served by the HTTP process.
 from __future__ import annotations
 
 
+RADIX_COUNTERS = {
+    "pruned_tokens": "Cached tokens whose KV the radix tree pruned (tombstoned) under pressure.",
+    "freed_slots": "KV slots the radix tree gave back: pruned tokens and evicted leaves.",
+    "evicted_leaves": "Whole radix-tree leaves evicted (LoopServe's policy).",
+    "evicted_tokens": "Live KV slots of the evicted leaves.",
+    "reprefilled_tokens": "Prompt tokens computed by prefill, not served from the radix cache.",
+}
+
+
 class LoopServeMetrics:
     def __init__(self):
         from prometheus_client import Counter, Histogram
@@ -28,6 +37,10 @@ class LoopServeMetrics:
             "Cached tokens available to decode attention (per layer step).")
         self.reselections = Counter(
             "sglang:loopserve_reselections", "Decode re-selections (per layer).")
+        # The radix tree's pressure handling (srt/radix.py), labelled by eviction policy.
+        self.radix = {name: Counter(f"sglang:loopserve_radix_{name}", doc, ["policy"])
+                      for name, doc in RADIX_COUNTERS.items()}
+        self._radix_seen: dict[str, int] = {}
 
     def observe_prefill(self, density: float, select_s: float) -> None:
         self.prefill_density.observe(density)
@@ -40,3 +53,12 @@ class LoopServeMetrics:
     def observe_reselection(self, seconds: float) -> None:
         self.reselections.inc()
         self.select_seconds.labels("decode").observe(seconds)
+
+    def sync_radix(self, stats) -> None:
+        """Bring the radix counters up to ``stats`` (a ``srt.radix.RadixStats``)."""
+        for name, counter in self.radix.items():
+            value = getattr(stats, name)
+            delta = value - self._radix_seen.get(name, 0)
+            if delta > 0:
+                counter.labels(stats.policy).inc(delta)
+                self._radix_seen[name] = value

@@ -48,10 +48,12 @@ T_META = "sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_
 T_INTERNAL_STATE = ("sglang.srt.managers.scheduler_components.internal_state."
                     "SchedulerInternalStateController.get_internal_state")
 T_SCHEDULER_INIT = "sglang.srt.managers.scheduler.Scheduler.__init__"
-SCHEDULER_TARGETS = (T_BUILD_BACKEND, T_REQ_INIT, T_RELEASE, T_STREAM, T_INTERNAL_STATE)
+T_TREE_CACHE = "sglang.srt.mem_cache.registry.default_radix_cache_factory"
+SCHEDULER_TARGETS = (T_BUILD_BACKEND, T_REQ_INIT, T_RELEASE, T_STREAM, T_INTERNAL_STATE, T_TREE_CACHE)
 ALL_TARGETS = (T_ADD_CLI_ARGS, T_PREPARE, T_VERIFY, T_META, T_SCHEDULER_INIT) + SCHEDULER_TARGETS
 
 _DEFAULTS = LoopServeConfig()
+RADIX_POLICY = "loopserve"  # srt.radix.POLICY (not imported here: that module imports SGLang)
 _TYPES = {"alpha": float, "method": str}
 
 
@@ -163,10 +165,15 @@ def _around_prepare_server_args(original, argv, *args, **kwargs):
     if not config.enabled:
         os.environ.pop(CONFIG_ENV, None)
         _settings_cache.clear()
-        return original(argv, *args, **kwargs)
+        server_args = original(argv, *args, **kwargs)
+        if getattr(server_args, "radix_eviction_policy", None) == RADIX_POLICY:
+            raise SystemExit(f"--radix-eviction-policy {RADIX_POLICY} needs --enable-loopserve: it prunes "
+                             f"the KV that LoopServe's attention scored (and masks)")
+        return server_args
     _check_targets()
     argv = list(argv)
     server_args = original(argv, *args, **kwargs)
+    _check_radix_policy(server_args)
     if server_args.device not in (None, "cpu"):
         server_args = _eager_attention(original, argv, server_args, *args, **kwargs)
     settings = LaunchSettings(config, bool(getattr(server_args, "enable_metrics", False)))
@@ -174,6 +181,26 @@ def _around_prepare_server_args(original, argv, *args, **kwargs):
     _settings_cache.clear()
     logger.info("LoopServe enabled: %s", config)
     return server_args
+
+
+def _check_radix_policy(server_args) -> None:
+    """``--radix-eviction-policy loopserve`` needs the radix cache LoopServe builds; stop the launch
+    where SGLang would build another one."""
+    if getattr(server_args, "radix_eviction_policy", None) != RADIX_POLICY:
+        return
+    conflicts = [flag for flag, on in (
+        ("--disable-radix-cache", getattr(server_args, "disable_radix_cache", False)),
+        ("--enable-hierarchical-cache", getattr(server_args, "enable_hierarchical_cache", False)),
+        ("--enable-lmcache", getattr(server_args, "enable_lmcache", False)),
+        ("--radix-cache-backend", bool(getattr(server_args, "radix_cache_backend", None))),
+        ("--speculative-algorithm", bool(getattr(server_args, "speculative_algorithm", None))),
+        ("--page-size > 1", (getattr(server_args, "page_size", 1) or 1) > 1),
+    ) if on]
+    if conflicts:
+        raise SystemExit(f"--radix-eviction-policy {RADIX_POLICY} cannot run with {', '.join(conflicts)}: "
+                         f"it needs the Python tree core of SGLang's unified radix cache, page size 1 "
+                         f"and LoopServe's attention reading every pruned row")
+    logger.info("LoopServe: --radix-eviction-policy %s selects the Python radix tree core", RADIX_POLICY)
 
 
 def graph_backends(server_args) -> dict[str, str | None]:
@@ -281,6 +308,9 @@ def _after_scheduler_init(result, scheduler, *args, **kwargs):
 
     from .backend import LoopServeAttnBackend
 
+    from .srt.radix import stats as radix_stats
+
+    radix_stats.policy = getattr(scheduler.server_args, "radix_eviction_policy", None) or "lru"
     missing = [t for t in SCHEDULER_TARGETS if t not in HookRegistry._patched]
     backend = getattr(getattr(getattr(scheduler, "tp_worker", None), "model_runner", None), "attn_backend", None)
     if missing or not isinstance(backend, LoopServeAttnBackend):
@@ -331,13 +361,32 @@ def _after_internal_state(result, controller, *args, **kwargs):
         return
     from .request_state import store
 
+    from .srt.radix import stats as radix_stats
+
     scheduler = controller.scheduler
     store.drop_missing()
     result.internal_state[REQUEST_KEY] = {
         "tracked_requests": len(store),
         "kv_available_tokens": int(scheduler.token_to_kv_pool_allocator.available_size()),
         "kv_evictable_tokens": int(scheduler.tree_cache.evictable_size()),
+        "radix": radix_stats.as_dict(),
     }
+
+
+def _around_tree_cache(original, ctx, *args, **kwargs):
+    """``--radix-eviction-policy loopserve``: LoopServe's radix cache (``srt/radix.py``)."""
+    from sglang.srt.runtime_context import get_memory
+
+    if get_memory().radix_eviction_policy != RADIX_POLICY:
+        return original(ctx, *args, **kwargs)
+    if launch_settings() is None:
+        raise RuntimeError(f"--radix-eviction-policy {RADIX_POLICY} needs --enable-loopserve")
+    from .request_state import store
+    from .srt.radix_cache import build_cache
+
+    cache = build_cache(ctx)
+    cache.importance_of = store.importance_scores
+    return cache
 
 
 # ------------------------------------------------------------------ entry point
@@ -345,6 +394,9 @@ def register() -> None:
     """Entry point: register the hooks (applied by SGLang right after)."""
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
+    from .srt.radix import register_policy
+
+    register_policy()  # a choice of --radix-eviction-policy in every process (--help lists it)
     hooks = [
         (T_ADD_CLI_ARGS, _on_add_cli_args, HookType.AFTER),
         (T_PREPARE, _around_prepare_server_args, HookType.AROUND),
@@ -356,6 +408,7 @@ def register() -> None:
         (T_STREAM, _before_stream, HookType.BEFORE),
         (T_META, _after_meta_info, HookType.AFTER),
         (T_INTERNAL_STATE, _after_internal_state, HookType.AFTER),
+        (T_TREE_CACHE, _around_tree_cache, HookType.AROUND),
     ]
     for target, fn, kind in hooks:
         HookRegistry.register(target, fn, kind)

@@ -17,6 +17,7 @@ import weakref
 from dataclasses import dataclass, field
 
 from .cache_policy import DecodeCompressor
+from .cache_policy.prune import TokenImportance
 from .config import LoopServeConfig
 
 _context = [1 << 62]
@@ -52,6 +53,7 @@ class RequestStats:
     reselections: int = 0  # per layer
     select_time_s: float = 0.0  # prefill estimate + index, decode re-selection
     seeded_from: str = "full"
+    pruned_cached_tokens: int = 0  # cached prefix positions whose KV the radix tree pruned
 
     def add_prefill(self, computed: float, causal: float, sparse: bool, select_s: float = 0.0):
         self.prefill_pairs_computed += computed
@@ -82,6 +84,7 @@ class RequestStats:
             "reselections": self.reselections // max(num_layers, 1),
             "select_time_s": round(self.select_time_s, 6),
             "seeded_from": self.seeded_from,
+            "pruned_cached_tokens": self.pruned_cached_tokens,
         }
 
 
@@ -91,6 +94,9 @@ class DecodeState:
 
     options: LoopServeConfig
     layers: dict = field(default_factory=dict)  # layer_id -> DecodeCompressor
+    #: ascending positions of the cached prefix whose slot is the padding slot (pruned by the
+    #: radix tree; masked in prefill and decode), or None
+    pruned: object = None
 
     def compressor(self, layer_id: int) -> DecodeCompressor:
         comp = self.layers.get(layer_id)
@@ -107,6 +113,7 @@ class RequestStore:
 
     def __init__(self):
         self._states: dict[str, DecodeState] = {}
+        self._importance: dict[str, TokenImportance] = {}  # lives as long as the request, across turns' chunks
         self._lock = threading.Lock()  # the overlap scheduler releases from another thread
 
     def new_turn(self, rid: str, options: LoopServeConfig) -> DecodeState:
@@ -118,15 +125,30 @@ class RequestStore:
     def get(self, rid: str) -> DecodeState | None:
         return self._states.get(rid)
 
+    def importance(self, rid: str) -> TokenImportance:
+        """The request's per-position importance (created on first use)."""
+        imp = self._importance.get(rid)
+        if imp is None:
+            with self._lock:
+                imp = self._importance.setdefault(rid, TokenImportance())
+        return imp
+
+    def importance_scores(self, rid: str):
+        """``[L]`` scores of what the request has observed, or None (what the radix tree stores)."""
+        imp = self._importance.get(rid)
+        return None if imp is None else imp.scores
+
     def drop(self, rid: str) -> None:
         with self._lock:
             self._states.pop(rid, None)
+            self._importance.pop(rid, None)
 
     def drop_missing(self) -> None:
         """Forget states whose request object is gone (a backstop for exotic exit paths)."""
         with self._lock:
-            for rid in [r for r in self._states if r not in live_requests]:
-                del self._states[rid]
+            for table in (self._states, self._importance):
+                for rid in [r for r in table if r not in live_requests]:
+                    del table[rid]
 
     def __len__(self) -> int:
         return len(self._states)

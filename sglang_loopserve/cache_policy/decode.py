@@ -250,6 +250,8 @@ class DecodeCompressor:
     #: score with the window's queries averaged per head (False: with each of them)
     pool_window: bool = True
     selection: torch.Tensor | None = field(default=None, repr=False)  # [Hk, n] positions
+    #: the window's attention mass on ``selection`` at the last re-selection (``[Hk, n]``)
+    selection_mass: torch.Tensor | None = field(default=None, repr=False)
     selected_at: int = 0  # cache length when ``selection`` was made
     seeded_from: str = "full"
     #: a baseline's one selection, never re-selected (``fix``)
@@ -342,7 +344,7 @@ class DecodeCompressor:
         recent_q = torch.stack(self._queries)  # [w, H, d]
         if self.pool_window:
             recent_q = recent_q.float().mean(0, keepdim=True)
-        self.selection, _, held = reselect_pruned(
+        self.selection, self.selection_mass, held = reselect_pruned(
             recent_q, k_buffer, slots, self.summaries, budget=self.budget, sink=self.sink, recent=self.recent,
             factor=self.candidate_factor, previous=self.selection)
         self.selected_at = slots.shape[0]
