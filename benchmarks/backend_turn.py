@@ -33,9 +33,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sglang_loopserve.attention.synthetic import planted_qkv  # noqa: E402
-from sglang_loopserve.backend import LoopServeAttnBackend  # noqa: E402
+from sglang_loopserve.srt.backend import LoopServeAttnBackend  # noqa: E402
 from sglang_loopserve.config import LoopServeConfig  # noqa: E402
-from sglang_loopserve.request_state import store  # noqa: E402
+from sglang_loopserve.srt.request_state import store  # noqa: E402
 from sglang_loopserve.testing import (DenseBase, KVPool, Request, attention_layer, decode_batch,  # noqa: E402
                                       dense_sdpa, extend_batch, model_runner, provide_kv_write_loc)
 

@@ -85,7 +85,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     dev = torch.device(a.device)
     if a.dtype is None:
-        from sglang_loopserve.platform import default_cpu_dtype
+        from sglang_loopserve.srt.platform import default_cpu_dtype
 
         a.dtype = "bfloat16" if dev.type == "cuda" else default_cpu_dtype()
     dtype = getattr(torch, a.dtype)

@@ -47,7 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sglang_loopserve.attention import build_block_mask  # noqa: E402
-from sglang_loopserve.backend import DenseLayers  # noqa: E402
+from sglang_loopserve.srt.backend import DenseLayers  # noqa: E402
 from sglang_loopserve.attention.exact import exact_prefill_attention  # noqa: E402
 from sglang_loopserve.attention.kernels import KERNELS, default_kernel  # noqa: E402
 from sglang_loopserve.attention.sparse_prefill import dense_is_cheaper  # noqa: E402
@@ -273,7 +273,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     device = torch.device(a.device)
     if a.dtype is None:
-        from sglang_loopserve.platform import default_cpu_dtype
+        from sglang_loopserve.srt.platform import default_cpu_dtype
 
         a.dtype = "bfloat16" if device.type == "cuda" else default_cpu_dtype()
     dtype = getattr(torch, a.dtype)

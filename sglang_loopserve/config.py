@@ -1,6 +1,6 @@
 """LoopServe's settings: one dataclass for the server flags and the per-request overrides.
 
-The server-wide values come from ``--loopserve-*`` flags (``plugin.py``); a
+The server-wide values come from ``--loopserve-*`` flags (``srt/plugin.py``); a
 request may override some of them with ``custom_params={"loopserve": {...}}``.
 Both go through ``LoopServeConfig.validated``, so a bad value is reported the
 same way, naming the flag (start-up) or the field (HTTP 400).

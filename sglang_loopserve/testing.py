@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import LoopServeConfig
-from .request_state import RequestStats, live_requests
+from .srt.request_state import RequestStats, live_requests
 
 
 class KVPool:

@@ -14,10 +14,10 @@ import torch
 from sglang_loopserve.attention import build_block_mask
 from sglang_loopserve.attention.kernels.reference import block_sparse_attention_reference, causal_attention
 from sglang_loopserve.attention.sparse_prefill import dense_is_cheaper
-from sglang_loopserve.backend import DenseLayers, LoopServeAttnBackend
+from sglang_loopserve.srt.backend import DenseLayers, LoopServeAttnBackend
 from sglang_loopserve.cache_policy import decode_attention
 from sglang_loopserve.config import LoopServeConfig
-from sglang_loopserve.request_state import live_requests, store
+from sglang_loopserve.srt.request_state import live_requests, store
 from sglang_loopserve.testing import (DenseBase, KVPool, Request, attention_layer, decode_batch,
                                       extend_batch, model_runner, provide_kv_write_loc)
 

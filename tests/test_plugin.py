@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from sglang_loopserve import plugin
+from sglang_loopserve.srt import plugin
 from sglang_loopserve.config import (CONFIG_ENV, FLAGS, LoopServeConfig, LoopServeConfigError,
                                      request_field_name)
-from sglang_loopserve.request_state import RequestStats
+from sglang_loopserve.srt.request_state import RequestStats
 
 BAD_FLAG_VALUES = [
     ("alpha", "0"), ("alpha", "1.5"), ("alpha", "-0.1"), ("q_window", "0"), ("block_size", "48"),
@@ -123,7 +123,7 @@ def test_stats_summary_means():
 
 
 def test_radix_namespace_separates_approximate_kv(monkeypatch):
-    from sglang_loopserve import request_state
+    from sglang_loopserve.srt import request_state
 
     monkeypatch.setattr(request_state, "_context", [8192])
     base = LoopServeConfig()

@@ -25,7 +25,7 @@ def test_prune_plan_takes_the_least_important_live_tokens_outside_the_protected_
     live[4] = False  # already pruned
     # Node at positions 10..19 of a branch ending at 22: recent 4 protects 18..21 (local 8, 9).
     plan = prune_plan(imp, live, start=10, branch_end=22, sink=4, recent=4, keep_ratio=0.5)
-    # 9 live -> keep ceil(4.5) = 5, prune 4 among local 0..7 live: lowest 0 (0.0), 7 (0.01), 2, 6.
+    # 10 tokens, 9 live -> leave ceil(0.5 * 10) = 5 live, prune 4 among local 0..7: 0, 7, 2, 6.
     assert plan.tolist() == [0, 2, 6, 7]
     # The sink: positions below `sink` are never pruned (node starting at 0).
     plan = prune_plan(imp, live, start=0, branch_end=100, sink=4, recent=0, keep_ratio=0.0)
@@ -236,9 +236,9 @@ def test_backend_masks_pruned_positions_exactly_like_removing_their_keys():
     from sglang.srt.layers.radix_attention import AttentionType
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
-    from sglang_loopserve.backend import LoopServeAttnBackend
+    from sglang_loopserve.srt.backend import LoopServeAttnBackend
     from sglang_loopserve.config import LoopServeConfig
-    from sglang_loopserve.request_state import store
+    from sglang_loopserve.srt.request_state import store
     from sglang_loopserve.testing import (KVPool, Request, attention_layer, decode_batch, extend_batch,
                                           model_runner)
 
@@ -284,7 +284,7 @@ def test_backend_masks_pruned_positions_exactly_like_removing_their_keys():
     assert req.loopserve_stats.pruned_cached_tokens == dead.numel()
     # Decode steps: the first reads every live position, later ones a selection; each equals
     # attention over exactly what it reads, and that never includes a pruned position.
-    from sglang_loopserve.backend import without_positions
+    from sglang_loopserve.srt.backend import without_positions
 
     length, g = prefix + n_new, H // HK
     for step in range(8):

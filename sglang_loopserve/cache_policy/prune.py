@@ -12,7 +12,7 @@ Engine-agnostic (torch in, torch out); ``srt/radix.py`` applies it to SGLang's r
   that ignore it.
 * ``prune_plan``: the lowest-importance live tokens of a node, outside the protected spans
   (the first ``sink`` positions of the sequence and the last ``recent`` of the branch), down
-  to ``keep_ratio`` of the node's live tokens.
+  to ``keep_ratio`` of the node's length.
 * ``leaf_priority``: the order in which whole leaves go (smallest first).
 """
 
@@ -76,8 +76,9 @@ def prune_plan(importance: torch.Tensor, live: torch.Tensor, *, start: int, bran
 
     ``importance``, ``live``: ``[n]`` for the node's tokens, which sit at absolute positions
     ``start .. start+n-1`` of a branch ending at ``branch_end`` (exclusive).  Never prunes a
-    dead token, a position below ``sink``, or one of the branch's last ``recent``; keeps at
-    least ``ceil(keep_ratio * live)`` of the node's live tokens; at most ``max_tokens``
+    dead token, a position below ``sink``, or one of the branch's last ``recent``; leaves at
+    least ``ceil(keep_ratio * n)`` live tokens (a share of the node's length, so repeated
+    pressure stops pruning there and whole leaves go instead); at most ``max_tokens``
     (``None``: no cap)."""
     n = importance.numel()
     if live.shape != importance.shape:
@@ -89,7 +90,7 @@ def prune_plan(importance: torch.Tensor, live: torch.Tensor, *, start: int, bran
     pos = torch.arange(start, start + n)
     allowed = live & (pos >= sink) & (pos < branch_end - recent)
     n_live = int(live.sum())
-    quota = n_live - math.ceil(keep_ratio * n_live)
+    quota = n_live - math.ceil(keep_ratio * n)
     if max_tokens is not None:
         quota = min(quota, max_tokens)
     quota = min(quota, int(allowed.sum()))

@@ -16,9 +16,9 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 
-from .cache_policy import DecodeCompressor
-from .cache_policy.prune import TokenImportance
-from .config import LoopServeConfig
+from ..cache_policy import DecodeCompressor
+from ..cache_policy.prune import TokenImportance
+from ..config import LoopServeConfig
 
 _context = [1 << 62]
 

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 #: Entry-point name in group ``sglang.srt.platforms`` (see pyproject.toml);
 #: ``SGLANG_PLATFORM=loopserve_cpu`` selects this platform explicitly.
 PLATFORM_NAME = "loopserve_cpu"
-PLATFORM_QUALNAME = "sglang_loopserve.platform.LoopServeCpuPlatform"
+PLATFORM_QUALNAME = "sglang_loopserve.srt.platform.LoopServeCpuPlatform"
 
 #: Serving dtype used when the user leaves ``--dtype auto``, by whether the CPU
 #: computes bf16 natively (AVX-512 bf16 or AMX; oneDNN says).  Measured with

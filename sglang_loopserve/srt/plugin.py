@@ -15,7 +15,12 @@ of SGLang is edited.  What each hook does:
   ``LoopServeAttnBackend``; ``Req.__init__`` attaches the request's settings
   and stats; ``release_kv_cache`` frees its decode state (finish, abort,
   retraction); the output streamer puts the stats into ``meta_info["loopserve"]``;
-  ``/server_info`` reports the backend's state and the KV pool.
+  ``/server_info`` reports the backend's state, the KV pool and the radix
+  tree's counters;
+* scheduler: ``default_radix_cache_factory`` builds LoopServe's radix cache
+  under ``--radix-eviction-policy loopserve`` (``srt/radix_cache.py``); the
+  policy is a choice of that flag in every process, and asking for it without
+  ``--enable-loopserve`` (or with a cache it cannot use) stops the launch.
 
 Without ``--enable-loopserve`` every hook returns at once: SGLang is stock.
 """
@@ -29,7 +34,7 @@ import os
 import pkgutil
 from dataclasses import dataclass, fields
 
-from .config import (CONFIG_ENV, FLAGS, REQUEST_KEY, LoopServeConfig, LoopServeConfigError,
+from ..config import (CONFIG_ENV, FLAGS, REQUEST_KEY, LoopServeConfig, LoopServeConfigError,
                      request_field_name)
 
 logger = logging.getLogger(__name__)
@@ -118,7 +123,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         "sink": "First tokens always kept (prefill columns and decode selection).",
         "recent": "Decode: last tokens always kept.",
     }
-    from .attention.sparse_prefill import MIN_PREFILL_LEN
+    from ..attention.sparse_prefill import MIN_PREFILL_LEN
 
     shown = {"min_prefill_len": "the break-even measured per device (" + ", ".join(
         f"{device} {tokens}" for device, tokens in MIN_PREFILL_LEN.items()) + " tokens)"}
@@ -308,7 +313,7 @@ def _after_scheduler_init(result, scheduler, *args, **kwargs):
 
     from .backend import LoopServeAttnBackend
 
-    from .srt.radix import stats as radix_stats
+    from .radix import stats as radix_stats
 
     radix_stats.policy = getattr(scheduler.server_args, "radix_eviction_policy", None) or "lru"
     missing = [t for t in SCHEDULER_TARGETS if t not in HookRegistry._patched]
@@ -361,7 +366,7 @@ def _after_internal_state(result, controller, *args, **kwargs):
         return
     from .request_state import store
 
-    from .srt.radix import stats as radix_stats
+    from .radix import stats as radix_stats
 
     scheduler = controller.scheduler
     store.drop_missing()
@@ -382,7 +387,7 @@ def _around_tree_cache(original, ctx, *args, **kwargs):
     if launch_settings() is None:
         raise RuntimeError(f"--radix-eviction-policy {RADIX_POLICY} needs --enable-loopserve")
     from .request_state import store
-    from .srt.radix_cache import build_cache
+    from .radix_cache import build_cache
 
     cache = build_cache(ctx)
     cache.importance_of = store.importance_scores
@@ -394,7 +399,7 @@ def register() -> None:
     """Entry point: register the hooks (applied by SGLang right after)."""
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    from .srt.radix import register_policy
+    from .radix import register_policy
 
     register_policy()  # a choice of --radix-eviction-policy in every process (--help lists it)
     hooks = [

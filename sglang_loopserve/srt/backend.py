@@ -19,6 +19,14 @@ cheaper:
 So with everything kept (``alpha`` 1, a budget above the context) or LoopServe
 disabled for a request, that request's numbers are exactly ``base``'s.
 
+Pruned prefixes (``--radix-eviction-policy loopserve``, ``radix_cache.py``): a
+request whose cached prefix has positions pointing at the padding slot runs
+its prefill exactly over the keys still held (the pruned ones removed, not
+zeroed) and its decode never reads those positions (``without_positions``).
+Every prefill and decode re-selection also feeds the request's per-token
+importance (``request_state.RequestStore.importance``), which the radix cache
+stores on the nodes of its path.
+
 Both phases share the KV pool: the backend never writes or frees KV other than
 the forward's own new tokens, so radix-shared prefixes are untouched; decode
 selection is a per-request index set.
@@ -33,16 +41,17 @@ import time
 
 import torch
 
-from .attention import sparse_prefill_attention
-from .attention.exact import exact_prefill_attention
-from .attention.kernels import default_kernel
-from .attention.sparse_prefill import min_prefill_len
-from .cache_policy import METHODS, KeySummaries, ScoreContext, attention_mass, batched_decode_attention
-from .cache_policy.decode import reselect_pruned
-from .config import PREFILL_PATTERNS, LoopServeConfig
+from ..attention import sparse_prefill_attention
+from ..attention.exact import exact_prefill_attention
+from ..attention.kernels import default_kernel
+from ..attention.sparse_prefill import min_prefill_len
+from ..cache_policy import METHODS, KeySummaries, ScoreContext, attention_mass, batched_decode_attention
+from ..cache_policy.decode import reselect_pruned
+from ..config import PREFILL_PATTERNS, LoopServeConfig
 from .request_state import RequestStats, live_requests, model_context, set_model_context, store
-from .srt.radix import PADDING_SLOT, count_prefill
-from .srt.radix import stats as radix_stats
+from .radix import PADDING_SLOT, count_prefill
+from .radix import POLICY as RADIX_POLICY
+from .radix import stats as radix_stats
 
 logger = logging.getLogger(__name__)
 
@@ -209,6 +218,8 @@ class LoopServeAttnBackend:
         if mode is None or not mode.is_extend() or not fb.rids:
             return {}
         count_prefill(sum(fb.extend_seq_lens_cpu))
+        if radix_stats.policy != RADIX_POLICY:  # no other policy leaves tombstones
+            return {}
         out = {}
         rows = self.req_to_token_pool.req_to_token
         for i, (rid, prefix) in enumerate(zip(fb.rids, fb.extend_prefix_lens_cpu)):
