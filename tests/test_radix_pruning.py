@@ -229,13 +229,14 @@ def test_prune_off_evicts_whole_leaves_only(tree):
 
 
 # ------------------------------------------------------------------ the backend
-def test_backend_masks_pruned_positions_exactly_like_removing_their_keys():
+def test_backend_masks_pruned_positions_exactly_like_removing_their_keys(monkeypatch):
     """Extend and decode over a prefix whose pruned positions point at the padding slot equal
     attention over the same prefix with those keys removed (their slot holds garbage)."""
     from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
     from sglang.srt.layers.radix_attention import AttentionType
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
+    from sglang_loopserve.srt import radix
     from sglang_loopserve.srt.backend import LoopServeAttnBackend
     from sglang_loopserve.config import LoopServeConfig
     from sglang_loopserve.srt.request_state import store
@@ -243,6 +244,8 @@ def test_backend_masks_pruned_positions_exactly_like_removing_their_keys():
                                           model_runner)
 
     H, HK, D = 4, 2, 16
+    # What the scheduler sets under --radix-eviction-policy loopserve.
+    monkeypatch.setattr(radix.stats, "policy", "loopserve")
     cfg = LoopServeConfig(alpha=0.9, q_window=16, block_size=16, min_prefill_len=64, decode_budget=48,
                           decode_interval=4, decode_window=4, sink=2, recent=4)
     gen = torch.Generator().manual_seed(3)

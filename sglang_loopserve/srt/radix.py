@@ -60,7 +60,7 @@ def in_loopserve_namespace(extra_key) -> bool:
 class RadixStats:
     """Counters of the tree's pressure handling (``/metrics``, ``/server_info``)."""
 
-    policy: str = POLICY
+    policy: str = "lru"  # the server's --radix-eviction-policy (set at scheduler start; SGLang's default)
     pruned_tokens: int = 0  # entries turned into tombstones
     freed_slots: int = 0  # pool slots given back: pruned + those of evicted leaves
     evicted_leaves: int = 0
