@@ -66,6 +66,17 @@ def test_leaf_priority_orders_private_before_shared_then_least_recent():
     assert sorted([shared_old, private_new, private_old]) == [private_old, private_new, shared_old]
 
 
+def test_protected_spans_follow_the_namespace_settings():
+    from sglang_loopserve.config import LoopServeConfig
+    from sglang_loopserve.srt.plugin import cache_namespace
+    from sglang_loopserve.srt.radix import in_loopserve_namespace, protected_spans
+
+    ns = cache_namespace(LoopServeConfig(sink=16, recent=8))
+    assert in_loopserve_namespace(f"lora|{ns}") and not in_loopserve_namespace(None)
+    assert protected_spans(ns, 4, 32) == (16, 32)  # the larger of the policy's and the request's
+    assert protected_spans(None, 4, 32) == (4, 32)
+
+
 def test_policy_config_is_validated_naming_the_key():
     for bad, key in (({"keep_ratio": 2}, "keep_ratio"), ({"prune": "yes"}, "prune"),
                      ({"max_step": 0}, "max_step"), ({"recent": -1}, "recent")):

@@ -18,6 +18,7 @@ import pytest
 import requests
 
 from conftest import LOG_DIR
+from test_loopserve_server import _flush_and_count
 from sglang_loopserve.frontends import module_doc
 from sglang_loopserve.server import SGLangServer
 
@@ -39,8 +40,8 @@ def _radix(url):
 
 
 def _idle_available(url):
-    assert requests.post(url + "/flush_cache", timeout=60).status_code == 200
-    return _radix(url)["kv_available_tokens"]
+    """Free KV tokens once the cache is flushed (waits for requests still running)."""
+    return _flush_and_count(url)["kv_available_tokens"]
 
 
 def _ask(url, text, custom=None, max_new_tokens=16):

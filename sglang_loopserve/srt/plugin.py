@@ -200,6 +200,9 @@ def _check_radix_policy(server_args) -> None:
         ("--radix-cache-backend", bool(getattr(server_args, "radix_cache_backend", None))),
         ("--speculative-algorithm", bool(getattr(server_args, "speculative_algorithm", None))),
         ("--page-size > 1", (getattr(server_args, "page_size", 1) or 1) > 1),
+        ("--enable-mixed-chunk", getattr(server_args, "enable_mixed_chunk", False)),
+        ("--disaggregation-mode", getattr(server_args, "disaggregation_mode", "null") not in (None, "null")),
+        ("--tp-size > 1", (getattr(server_args, "tp_size", 1) or 1) > 1),
     ) if on]
     if conflicts:
         raise SystemExit(f"--radix-eviction-policy {RADIX_POLICY} cannot run with {', '.join(conflicts)}: "
@@ -391,6 +394,7 @@ def _around_tree_cache(original, ctx, *args, **kwargs):
 
     cache = build_cache(ctx)
     cache.importance_of = store.importance_scores
+    cache.pruned_row = store.set_pruned
     return cache
 
 

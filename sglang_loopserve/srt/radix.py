@@ -34,6 +34,7 @@ is part of every radix key).
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from dataclasses import asdict, dataclass
 
@@ -54,6 +55,18 @@ NAMESPACE_PREFIX = "loopserve("
 def in_loopserve_namespace(extra_key) -> bool:
     """Whether a radix key's ``extra_key`` is one of LoopServe's namespaces (plugin.cache_namespace)."""
     return isinstance(extra_key, str) and NAMESPACE_PREFIX in extra_key
+
+
+_SPANS = re.compile(r"\bs=(\d+).*\br=(\d+)")
+
+
+def protected_spans(extra_key, sink: int, recent: int) -> tuple[int, int]:
+    """The sink and recent spans a node keeps: the policy's, or the larger ones of the LoopServe
+    settings its namespace was computed with (``plugin.cache_namespace`` writes ``s=`` / ``r=``)."""
+    m = _SPANS.search(extra_key) if isinstance(extra_key, str) else None
+    if m is None:
+        return sink, recent
+    return max(sink, int(m.group(1))), max(recent, int(m.group(2)))
 
 
 @dataclass
@@ -109,7 +122,7 @@ class LoopServeEvictionStrategy:
         cd = node.component_data[ComponentType.FULL]
         imp = cd.metadata.get(IMPORTANCE)
         live = cd.value is not None and len(cd.value) > cd.metadata.get(TOMBSTONES, 0)
-        mean = float(imp[cd.value != PADDING_SLOT].mean()) if imp is not None and live else 0.0
+        mean = float(imp[(cd.value != PADDING_SLOT).cpu()].mean()) if imp is not None and live else 0.0
         return leaf_priority(shared=max(getattr(node, "hit_count", 0) - 1, 0), importance=mean,
                              last_access=node.last_access_time, recompute_tokens=len(node.key))
 

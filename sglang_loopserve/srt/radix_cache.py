@@ -12,7 +12,7 @@ import torch
 
 from ..cache_policy.prune import prune_plan
 from .radix import (IMPORTANCE, PADDING_SLOT, POLICY, TOMBSTONES, LoopServeEvictionStrategy, _stats_lock,
-                    in_loopserve_namespace, stats)
+                    in_loopserve_namespace, protected_spans, stats)
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,8 @@ class LoopServeFullComponent(_component_base()):
                 stats.evicted_leaves += 1
                 stats.evicted_tokens += freed
                 stats.freed_slots += freed
+            node.component_data[ct].metadata.pop(TOMBSTONES, None)
+            node.component_data[ct].metadata.pop(IMPORTANCE, None)
         return out
 
     # ---- the walk: prune every candidate once, then evict whole leaves
@@ -100,9 +102,15 @@ class LoopServeFullComponent(_component_base()):
     def _evict_device_next_node(self, tracker, device_frees, host_frees, cache_actions):
         ct = self.component_type
         queue = getattr(self, "_prune_queue", None)
-        while queue and tracker[ct] < self._evict_device_request_cnt:
+        # An allocation's walk may run "to target" with a quota of everything evictable; pruning
+        # cannot be undone, so it frees no more than the allocation asked for.
+        need = getattr(self.cache, "loopserve_need", None)
+        wanted = self._evict_device_request_cnt - tracker[ct]
+        if need is not None:
+            wanted = min(wanted, need - tracker[ct])
+        while queue and wanted > 0:
             node = queue.pop()
-            freed = self._prune(node, self._evict_device_request_cnt - tracker[ct], device_frees)
+            freed = self._prune(node, wanted, device_frees)
             if freed:
                 tracker[ct] += freed
                 return None  # one mutation per step: the cache drains the frees and re-checks
@@ -117,18 +125,19 @@ class LoopServeFullComponent(_component_base()):
         ct = self.component_type
         cd = node.component_data[ct]
         imp = cd.metadata.get(IMPORTANCE)
-        if (cd.value is None or imp is None or cd.lock_ref > 0 or len(node.children) > 1
+        if (cd.value is None or imp is None or cd.lock_ref > 0 or cd.session_ref > 0 or len(node.children) > 1
                 or not in_loopserve_namespace(getattr(node.key, "extra_key", None))):
             return 0
         strategy = self.tree_core.eviction_strategy
         start = _path_start(node, self.tree_core.root_node)
         branch_end = start + _chain_end(node)
-        live = cd.value != PADDING_SLOT
-        plan = prune_plan(imp, live, start=start, branch_end=branch_end, sink=strategy.sink,
-                          recent=strategy.recent, keep_ratio=strategy.keep_ratio,
-                          max_tokens=min(wanted, strategy.max_step))
+        live = (cd.value != PADDING_SLOT).cpu()  # node values live where the KV rows do (a GPU)
+        sink, recent = protected_spans(node.key.extra_key, strategy.sink, strategy.recent)
+        plan = prune_plan(imp, live, start=start, branch_end=branch_end, sink=sink, recent=recent,
+                          keep_ratio=strategy.keep_ratio, max_tokens=min(wanted, strategy.max_step))
         if not plan.numel():
             return 0
+        plan = plan.to(cd.value.device)
         value = cd.value.clone()
         victims = value[plan].clone()
         value[plan] = PADDING_SLOT
@@ -169,11 +178,29 @@ def _cache_base():
 class LoopServeRadixCache(_cache_base()):
     """The unified radix cache, storing each cached request's token importance on its path."""
 
-    importance_of = None  # rid -> [L] scores (set by the backend at start-up)
+    importance_of = None  # rid -> [L] scores (set by the plugin at start-up)
+    pruned_row = None  # (rid, positions) -> None: a running request's row now has tombstones
+    loopserve_need = None  # the shortfall of the allocation being served (caps pruning)
+
+    def evict_for_alloc(self, params, **kwargs):
+        self.loopserve_need = params.num_tokens
+        try:
+            return super().evict_for_alloc(params, **kwargs)
+        finally:
+            self.loopserve_need = None
 
     def checkpoint_into_tree(self, req, *, up_to: int, **kwargs) -> None:
         super().checkpoint_into_tree(req, up_to=up_to, **kwargs)
-        if self.importance_of is None or not in_loopserve_namespace(getattr(req, "extra_key", None)):
+        if not in_loopserve_namespace(getattr(req, "extra_key", None)):
+            return
+        if not req.finished() and self.pruned_row is not None:
+            # The insert may have matched a pruned node over tokens this request computed: its
+            # row now points there at the padding slot, and its decode must not read them.
+            row = self.req_to_token_pool.req_to_token[req.kv.req_pool_idx, :req.kv.cache_protected_len]
+            dead = (row == PADDING_SLOT).nonzero().flatten().cpu()
+            if dead.numel():
+                self.pruned_row(req.rid, dead)
+        if self.importance_of is None:
             return
         node_id = getattr(req, "last_node", None)  # a NodeId in the unified cache
         node = self.tree_core._node_arena.get(node_id) if node_id is not None else None

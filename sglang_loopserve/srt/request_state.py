@@ -16,6 +16,8 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 
+import torch
+
 from ..cache_policy import DecodeCompressor
 from ..cache_policy.prune import TokenImportance
 from ..config import LoopServeConfig
@@ -124,6 +126,13 @@ class RequestStore:
 
     def get(self, rid: str) -> DecodeState | None:
         return self._states.get(rid)
+
+    def set_pruned(self, rid: str, positions) -> None:
+        """A running request's row gained pruned positions (the radix cache re-pointed it at a
+        pruned node when it was cached): its decode must skip them too."""
+        state = self._states.get(rid)
+        if state is not None:
+            state.pruned = positions if state.pruned is None else torch.unique(torch.cat([state.pruned, positions]))
 
     def importance(self, rid: str) -> TokenImportance:
         """The request's per-position importance (created on first use)."""
