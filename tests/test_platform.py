@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sglang_loopserve import platform as lp
+from sglang_loopserve.srt import platform as lp
 
 
 @pytest.fixture
