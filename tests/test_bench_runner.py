@@ -79,9 +79,11 @@ def test_report_scores_agreement_speed_and_trace(tmp_path, convs):
 
 def test_cli_rejects_bad_arguments(capsys):
     for argv, word in ((["--out", "x", "--positions", "top"], "--positions"), (["--out", "x", "--n", "0"], "--n"),
-                       (["--out", "x", "--methods", "h2o"], "--methods"), (["--out", "x", "--budget", "0"], "--budget")):
+                       (["--out", "x", "--methods", "h2o"], "--methods"), (["--out", "x", "--budget", "0"], "--budget"),
+                       (["--out", "x", "--min-prefill-len", "-2"], "--min-prefill-len")):
         with pytest.raises(SystemExit):
             parse_args(argv)
         assert word in capsys.readouterr().err
     a = parse_args(["--out", "x", "--positions", "start", "end", "--methods", "full", "adakv"])
     assert a.positions == ["front", "back"] and a.methods == ["full", "adakv"]
+    assert a.min_prefill_len == 0  # the methods' prefill runs at scaled-down sizes by default

@@ -228,6 +228,33 @@ def test_locked_nodes_other_namespaces_and_unscored_nodes_are_not_pruned(tree):
     _accounting(t)
 
 
+def test_an_allocation_prunes_no_more_than_its_shortfall(tree):
+    """SGLang's allocation walk runs "to target" with a quota of everything evictable; pruning is
+    irreversible, so it frees only what the allocation is short of."""
+    t = tree
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+    _insert(t, range(1, 81), importance=torch.rand(80))  # 80 of 96 slots used, 16 free
+    t.cache.evict_for_alloc(EvictParams(num_tokens=3))
+    _accounting(t)
+    assert t.cache.loopserve_need is None  # reset after the walk
+    leaf = next(iter(t.cache.tree_core.root_node.children.values()))
+    assert int((_value(t, leaf) == PADDING_SLOT).sum()) == 3
+
+
+def test_a_running_request_learns_of_tombstones_its_row_took():
+    from sglang_loopserve.config import LoopServeConfig
+    from sglang_loopserve.srt.request_state import RequestStore
+
+    store = RequestStore()
+    store.set_pruned("gone", torch.tensor([3]))  # no state: nothing to do
+    state = store.new_turn("r", LoopServeConfig())
+    store.set_pruned("r", torch.tensor([7, 5]))
+    assert state.pruned.tolist() == [5, 7]
+    store.set_pruned("r", torch.tensor([5, 9]))
+    assert state.pruned.tolist() == [5, 7, 9]
+
+
 def test_prune_off_evicts_whole_leaves_only(tree):
     t = tree
     from sglang.srt.mem_cache.base_prefix_cache import EvictParams

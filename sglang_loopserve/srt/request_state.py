@@ -132,7 +132,8 @@ class RequestStore:
         pruned node when it was cached): its decode must skip them too."""
         state = self._states.get(rid)
         if state is not None:
-            state.pruned = positions if state.pruned is None else torch.unique(torch.cat([state.pruned, positions]))
+            held = positions if state.pruned is None else torch.cat([state.pruned, positions])
+            state.pruned = torch.unique(held)  # ascending, as extend records them
 
     def importance(self, rid: str) -> TokenImportance:
         """The request's per-position importance (created on first use)."""
