@@ -50,8 +50,7 @@ from ..cache_policy.decode import reselect_pruned
 from ..config import PREFILL_PATTERNS, LoopServeConfig
 from .request_state import RequestStats, live_requests, model_context, set_model_context, store
 from .radix import PADDING_SLOT, count_prefill
-from .radix import POLICY as RADIX_POLICY
-from .radix import stats as radix_stats
+from .radix import POLICY as RADIX_POLICY, stats as radix_stats
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +159,8 @@ class LoopServeAttnBackend:
         # a batch LoopServe takes entirely skips them; a mixed one runs on
         # them whole and LoopServe overwrites its requests' rows.
         self._base_subsets = hasattr(base, "_run_sdpa_forward_extend")
-        self._pruned_now: dict = {}
+        self._pruned_now: dict = {}  # rid -> pruned prefix positions, this forward
+        self._live_now: dict = {}  # rid -> the other positions, this forward
         self._warm_up(model_runner)
 
     def _warm_up(self, model_runner) -> None:
@@ -206,9 +206,19 @@ class LoopServeAttnBackend:
     def init_forward_metadata(self, forward_batch):
         self.store.drop_missing()
         self._pruned_now = self._pruned_prefixes(forward_batch)
+        self._live_now = {}
         if self.metrics is not None:
             self.metrics.sync_radix(radix_stats)
         self.base.init_forward_metadata(forward_batch)
+
+    def _live_positions(self, rid, pruned, length, device):
+        """Positions ``0 .. length-1`` but ``pruned``: built once per forward, read by every layer."""
+        live = self._live_now.get(rid)
+        if live is None:
+            keep = torch.ones(length, dtype=torch.bool, device=device)
+            keep[pruned.to(device)] = False
+            live = self._live_now[rid] = keep.nonzero().flatten()
+        return live
 
     def _pruned_prefixes(self, fb) -> dict:
         """``rid -> positions`` of each extend request's cached prefix whose slot is the padding
@@ -362,9 +372,7 @@ class LoopServeAttnBackend:
             if mode == "exact":
                 live = None
                 if state.pruned is not None:  # the pruned positions' keys are removed, not zeroed
-                    keep = torch.ones(seq_lens[i], dtype=torch.bool, device=k_all.device)
-                    keep[state.pruned.to(k_all.device)] = False
-                    live = keep.nonzero().flatten()
+                    live = self._live_positions(rid, state.pruned, seq_lens[i], k_all.device)
                     k_all, v_all = k_all[live], v_all[live]
                 o_[lo:hi] = exact_prefill_attention(q_i, k_all, v_all).to(o_.dtype)
                 self._seed_after_exact(comp, opts, q_i, k_all, seq_lens[i], live, rid)
