@@ -36,6 +36,7 @@ from dataclasses import dataclass, fields
 
 from ..config import (CONFIG_ENV, FLAGS, REQUEST_KEY, LoopServeConfig, LoopServeConfigError,
                      request_field_name)
+from .radix import POLICY as RADIX_POLICY
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,6 @@ SCHEDULER_TARGETS = (T_BUILD_BACKEND, T_REQ_INIT, T_RELEASE, T_STREAM, T_INTERNA
 ALL_TARGETS = (T_ADD_CLI_ARGS, T_PREPARE, T_VERIFY, T_META, T_SCHEDULER_INIT) + SCHEDULER_TARGETS
 
 _DEFAULTS = LoopServeConfig()
-RADIX_POLICY = "loopserve"  # srt.radix.POLICY (not imported here: that module imports SGLang)
 _TYPES = {"alpha": float, "method": str}
 
 
