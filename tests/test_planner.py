@@ -102,6 +102,26 @@ def test_equal_masses_take_the_lower_line_first(method):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_near_equal_masses_in_order(method):
+    """Near-uniform rows put hundreds of lines in one mass bucket (the loops split such a
+    bucket by finer mass bits): still taken in decreasing mass, ties lower line first."""
+    g = torch.Generator().manual_seed(1)
+    probs = torch.softmax(torch.randn(1, 1, 1500, generator=g) * 0.05, dim=-1)
+    sample = AttentionSample(rows=torch.tensor([0]), positions=torch.tensor([1499]), probs=probs)
+    lines = select_vertical_slash(sample, 1, alpha=0.7, block_size=16, sink=0, local=0, method=method)
+    count = int(lines.counts[0, 0])
+    assert count >= 1000
+    # One row: column j ties with diagonal 1499 - j (the same cell); the column comes first.
+    by_mass = probs[0, 0].sort(descending=True, stable=True).indices
+    expected = torch.stack([by_mass, 1500 + 1499 - by_mass], dim=1).flatten()[:count]
+    assert torch.equal(lines.lines[0, 0, :count].long(), expected)
+    flat = torch.full((1, 1, 400), 1 / 400)  # exact ties everywhere: the lowest columns, ascending
+    sample = AttentionSample(rows=torch.tensor([0]), positions=torch.tensor([399]), probs=flat)
+    lines = select_vertical_slash(sample, 1, alpha=0.5, block_size=16, sink=0, local=0, method=method)
+    assert lines.lines[0, 0, :int(lines.counts[0, 0])].tolist() == list(range(200))
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_union_coverage_counts_shared_cells_once(method):
     """One row; a column and a diagonal through the same heavy cell: one line suffices."""
     probs = torch.zeros(1, 1, 64)
