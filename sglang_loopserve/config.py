@@ -30,6 +30,12 @@ REQUEST_KEY = "loopserve"
 METHODS = ("loopserve", "full", "snapkv", "adakv", "streaming_llm", "a_shape", "tri_shape", "minference")
 #: The methods that compress the prefill with a static pattern (decode reads everything).
 PREFILL_PATTERNS = ("a_shape", "tri_shape", "minference")
+#: What LoopServe's decode reads before its first re-selection of a turn (``decode_seed``):
+#: ``estimate``: the top of the prefill estimate's column mass, summed over all its sampled rows
+#: (after an exact prefill, which has no estimate: as ``last_queries``); ``last_queries``: the
+#: cached tokens the turn's last ``decode_window`` prompt queries attend to most; ``full``:
+#: every cached token.  ``benchmarks/kl_fidelity.py`` compares them.
+DECODE_SEEDS = ("estimate", "last_queries", "full")
 
 
 class LoopServeConfigError(ValueError):
@@ -66,6 +72,8 @@ class LoopServeConfig:
     decode_window: int = 16
     #: Decode: while consecutive re-selections agree the interval doubles, up to this.
     decode_max_interval: int = 128
+    #: Decode: what the first ``decode_interval`` tokens of a turn read (``DECODE_SEEDS``).
+    decode_seed: str = "estimate"
     #: First tokens always kept (prefill columns and decode selection).
     sink: int = 4
     #: Decode: last tokens always kept.
@@ -74,7 +82,8 @@ class LoopServeConfig:
     # Fields a request may override through custom_params (block_size is fixed
     # per server: the kernels are compiled for it).
     REQUEST_FIELDS = ("enabled", "method", "alpha", "q_window", "min_prefill_len", "decode_budget",
-                      "decode_interval", "decode_window", "decode_max_interval", "sink", "recent")
+                      "decode_interval", "decode_window", "decode_max_interval", "decode_seed", "sink",
+                      "recent")
 
     def validated(self, name=lambda field: field) -> "LoopServeConfig":
         """``self`` if every value is in range, else ``LoopServeConfigError``;
@@ -90,6 +99,8 @@ class LoopServeConfig:
             fail("enabled", "must be true or false")
         if self.method not in METHODS:
             fail("method", f"must be one of {', '.join(METHODS)}")
+        if self.decode_seed not in DECODE_SEEDS:
+            fail("decode_seed", f"must be one of {', '.join(DECODE_SEEDS)}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) \
                 or not 0.0 < float(self.alpha) <= 1.0:
             fail("alpha", "must be a number in (0, 1]")

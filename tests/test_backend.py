@@ -86,7 +86,7 @@ def test_mixed_batch_extend_then_decode(setup):
                                   _batch("extend", ["dense"], [1], [0], [40], out_loc[96:]))
     assert torch.equal(o[96:].reshape(40, -1), alone)
     st = live_requests["sparse"].loopserve_stats.summary()
-    assert 0 < st["prefill_density"] <= 1 and st["seeded_from"] == "prefill"
+    assert 0 < st["prefill_density"] <= 1 and st["seeded_from"] == "prefill"  # decode_seed estimate
     assert live_requests["dense"].loopserve_stats.summary()["prefill_density"] == 1.0
 
     # Decode: the sparse request reads its 40-token selection; the other request reads everything.
@@ -115,6 +115,50 @@ def test_mixed_batch_extend_then_decode(setup):
     st = live_requests["sparse"].loopserve_stats.summary()
     assert st["reselections"] == 1 and st["decode_steps"] == 6
     assert st["decode_tokens_attended"] < st["decode_tokens_cached"]
+
+
+@pytest.mark.parametrize("seed", ["last_queries", "estimate", "full"])
+def test_decode_seed_after_a_sparse_prefill(setup, seed):
+    """``decode_seed``: what a turn's first tokens read.  Planted: the turn's last
+    ``decode_window`` queries look at keys 40-47, every earlier query of the turn at keys
+    100-131.  ``last_queries`` keeps 40-47 (the budget of 40 then has no room for all of
+    100-131); ``estimate`` is the prefill estimate's column mass over all its sampled rows;
+    ``full`` reads everything until the first re-selection."""
+    from sglang_loopserve.cache_policy import attention_mass, keep_top
+
+    s, cfg = setup, setup.config
+    gen = torch.Generator().manual_seed(3)
+    req = Request("sparse", cfg.override({"decode_seed": seed}))  # noqa: F841 (alive)
+    prefix, n_new, w = 160, 96, cfg.decode_window
+    total = prefix + n_new
+    s.req_to_token[0, :total] = torch.arange(total)
+    k_all = torch.randn(total, HK, D, generator=gen) * 0.1
+    a, b = torch.randn(HK, D, generator=gen), torch.randn(HK, D, generator=gen)
+    k_all[40:48] += 3 * a
+    k_all[100:132] += 3 * b
+    q = torch.randn(n_new, H, D, generator=gen) * 0.1
+    group = H // HK
+    q[:-w] += 3 * b.repeat_interleave(group, 0)
+    q[-w:] += 3 * a.repeat_interleave(group, 0)
+    s.pool.k[:prefix] = k_all[:prefix]
+    s.pool.v[:prefix] = torch.randn(prefix, HK, D, generator=gen)
+    v_new = torch.randn(n_new, HK * D, generator=gen)
+    fb = _batch("extend", ["sparse"], [0], [prefix], [n_new], torch.arange(prefix, total))
+    s.backend.forward(q.reshape(n_new, -1), k_all[prefix:].reshape(n_new, -1), v_new, s.layer, fb)
+    comp = store.get("sparse").compressor(0)
+    if seed == "full":
+        assert comp.indices(total) is None and comp.seeded_from == "full"
+        return
+    kept = comp.indices(total)
+    assert kept.shape == (HK, cfg.decode_budget)
+    if seed == "estimate":
+        assert comp.seeded_from == "prefill"
+        return
+    assert comp.seeded_from == "prompt"
+    expected = keep_top(attention_mass(q[-w:], k_all), cfg.decode_budget, cfg.sink, cfg.recent)
+    assert torch.equal(kept, expected)
+    for h in range(HK):
+        assert set(range(40, 48)) <= set(kept[h].tolist())
 
 
 @pytest.mark.parametrize("n_new", [1, 31, 700])

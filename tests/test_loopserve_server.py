@@ -133,7 +133,8 @@ def _generate(url, custom_params=None, **kw):
 @pytest.mark.parametrize("bad,field", [({"alpha": 1.5}, "alpha"), ({"alpha": 0}, "alpha"),
                                        ({"decode_budget": 0}, "decode_budget"), ({"nope": 1}, "nope"),
                                        ({"decode_max_interval": 2}, "decode_max_interval"),
-                                       ({"method": "h2o"}, "method")])
+                                       ({"method": "h2o"}, "method"),
+                                       ({"decode_seed": "random"}, "decode_seed")])
 def test_invalid_request_settings_get_400(loopserve_server, bad, field):
     r = _generate(loopserve_server.url, {"loopserve": bad})
     assert r.status_code == 400, r.text

@@ -15,7 +15,8 @@ BAD_FLAG_VALUES = [
     ("alpha", "0"), ("alpha", "1.5"), ("alpha", "-0.1"), ("q_window", "0"), ("block_size", "48"),
     ("block_size", "8"), ("min_prefill_len", "-1"), ("decode_budget", "0"), ("decode_interval", "0"),
     ("decode_window", "0"), ("sink", "-1"), ("recent", "-2"), ("decode_budget", "20"),
-    ("decode_max_interval", "8"), ("decode_max_interval", "0"),
+    ("decode_max_interval", "8"), ("decode_max_interval", "0"), ("decode_seed", "prefill"),
+    ("decode_seed", ""),
 ]
 
 
@@ -35,6 +36,15 @@ def test_per_request_decode_max_interval():
         base.override({"decode_max_interval": 4}, request_field_name)
     with pytest.raises(LoopServeConfigError, match="custom_params.loopserve.min_prefill_len"):
         base.override({"min_prefill_len": -5}, request_field_name)
+
+
+def test_per_request_decode_seed():
+    base = LoopServeConfig()
+    assert base.decode_seed == "estimate"
+    assert base.override({"decode_seed": "last_queries"}).decode_seed == "last_queries"
+    for bad in ("snapkv", 1, None):
+        with pytest.raises(LoopServeConfigError, match="custom_params.loopserve.decode_seed"):
+            base.override({"decode_seed": bad}, request_field_name)
 
 
 @pytest.mark.parametrize("field,value", BAD_FLAG_VALUES)

@@ -302,19 +302,27 @@ class LoopServeAttnBackend:
         # GPU bases (FlashInfer, Triton) already compute only the new rows.
         return "exact" if self._base_subsets else "base"
 
-    def _seed_after_exact(self, comp, opts, q_i, k_all, length, live=None, rid=None):
-        """The decode selection after an exact prefill: LoopServe's from the attention of the
-        prompt's last queries (no estimate to seed from; a short follow-up reads its selection
-        from the first token on, not the whole cache for ``interval`` tokens); a baseline's one
-        selection (``full``: none, every token).  ``live``: the positions of ``k_all``'s rows
-        when pruned ones were removed (selections and scores map back to positions)."""
+    def _seed_after_exact(self, comp, opts, q_i, k_all, length, live=None, rid=None, estimate=None):
+        """The decode selection after a prefill.  LoopServe's (``decode_seed``): ``estimate``
+        (default): from the sparse prefill's ``estimate`` (its column mass over every sampled
+        row); after an exact prefill, which has none, and with ``last_queries``: from the
+        attention of the prompt's last ``decode_window`` queries, the ones nearest the answer
+        (so a short follow-up reads its selection from the first token on, not the whole cache
+        for ``interval`` tokens); ``full``: every token until the first re-selection.  A baseline's one selection (``full``: none, every token).  ``live``: the
+        positions of ``k_all``'s rows when pruned ones were removed (selections and scores map
+        back to positions)."""
         if opts.method == "loopserve":
-            mass = attention_mass(q_i[-opts.decode_window:], k_all)
-            if live is not None:
-                mass = mass.new_zeros(mass.shape[0], length).index_copy_(1, live.to(mass.device), mass)
-            comp.seed(mass, length, source="prompt")
-            if rid is not None:
-                self.store.importance(rid).observe_columns(mass)
+            if opts.decode_seed == "full":
+                comp.seed(None, length)
+            elif opts.decode_seed == "estimate" and estimate is not None:
+                comp.seed(estimate, length)
+            else:
+                mass = attention_mass(q_i[-opts.decode_window:], k_all)
+                if live is not None:
+                    mass = mass.new_zeros(mass.shape[0], length).index_copy_(1, live.to(mass.device), mass)
+                comp.seed(mass, length, source="prompt")
+                if rid is not None and estimate is None:
+                    self.store.importance(rid).observe_columns(mass)
         elif opts.method == "full" or opts.method in PREFILL_PATTERNS:
             comp.seed(None, length)
             comp.fixed = True
@@ -388,7 +396,7 @@ class LoopServeAttnBackend:
             o_[lo:hi] = out.to(o_.dtype)
             if pattern == "loopserve":
                 self.dense_layers.observe(layer.layer_id, st.kernel == "exact")
-                comp.seed(st.key_scores, seq_lens[i])
+                self._seed_after_exact(comp, opts, q_i, k_all, seq_lens[i], estimate=st.key_scores)
                 self.store.importance(rid).observe_columns(st.key_scores[:, :seq_lens[i]])
             else:  # a prefill pattern: decoding reads everything
                 self._seed_after_exact(comp, opts, q_i, k_all, seq_lens[i])

@@ -59,7 +59,7 @@ SCHEDULER_TARGETS = (T_BUILD_BACKEND, T_REQ_INIT, T_RELEASE, T_STREAM, T_INTERNA
 ALL_TARGETS = (T_ADD_CLI_ARGS, T_PREPARE, T_VERIFY, T_META, T_SCHEDULER_INIT) + SCHEDULER_TARGETS
 
 _DEFAULTS = LoopServeConfig()
-_TYPES = {"alpha": float, "method": str}
+_TYPES = {"alpha": float, "method": str, "decode_seed": str}
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,11 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         "decode_max_interval": "Decode: while consecutive re-selections agree (70%% of the new one's "
                                "attention mass on positions the previous one held), the interval "
                                "doubles, up to this many tokens; a change resets it.",
+        "decode_seed": "Decode: what a turn's first DECODE_INTERVAL tokens read, before the first "
+                       "re-selection: estimate (the top of the prefill estimate's column mass over all "
+                       "its sampled rows; after an exact prefill as last_queries), last_queries (the "
+                       "cached tokens the turn's last DECODE_WINDOW prompt queries attend to most) or "
+                       "full (every cached token).",
         "sink": "First tokens always kept (prefill columns and decode selection).",
         "recent": "Decode: last tokens always kept.",
     }
