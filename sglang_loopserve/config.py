@@ -72,8 +72,10 @@ class LoopServeConfig:
     decode_window: int = 16
     #: Decode: while consecutive re-selections agree the interval doubles, up to this.
     decode_max_interval: int = 128
-    #: Decode: what the first ``decode_interval`` tokens of a turn read (``DECODE_SEEDS``).
+    #: Decode: what a turn's tokens read before its first re-selection (``DECODE_SEEDS``).
     decode_seed: str = "estimate"
+    #: Decode: tokens from a turn's start to its first re-selection (``None``: ``decode_interval``).
+    decode_first_interval: int | None = None
     #: First tokens always kept (prefill columns and decode selection).
     sink: int = 4
     #: Decode: last tokens always kept.
@@ -82,8 +84,8 @@ class LoopServeConfig:
     # Fields a request may override through custom_params (block_size is fixed
     # per server: the kernels are compiled for it).
     REQUEST_FIELDS = ("enabled", "method", "alpha", "q_window", "min_prefill_len", "decode_budget",
-                      "decode_interval", "decode_window", "decode_max_interval", "decode_seed", "sink",
-                      "recent")
+                      "decode_interval", "decode_window", "decode_max_interval", "decode_seed",
+                      "decode_first_interval", "sink", "recent")
 
     def validated(self, name=lambda field: field) -> "LoopServeConfig":
         """``self`` if every value is in range, else ``LoopServeConfigError``;
@@ -104,7 +106,10 @@ class LoopServeConfig:
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) \
                 or not 0.0 < float(self.alpha) <= 1.0:
             fail("alpha", "must be a number in (0, 1]")
-        for f in ("q_window", "decode_budget", "decode_interval", "decode_window", "decode_max_interval"):
+        for f in ("q_window", "decode_budget", "decode_interval", "decode_window", "decode_max_interval",
+                  "decode_first_interval"):
+            if f == "decode_first_interval" and self.decode_first_interval is None:
+                continue
             if not is_int(getattr(self, f)) or getattr(self, f) < 1:
                 fail(f, "must be an integer >= 1")
         for f in ("min_prefill_len", "sink", "recent"):

@@ -344,6 +344,27 @@ def test_interval_doubles_while_selections_agree_and_resets_on_a_change():
     assert after == [(8, 8), (16, 16), (32, 32)]
 
 
+def test_first_interval_sets_only_the_first_reselection_of_a_turn():
+    """``first_interval``: a turn seeded with everything re-selects after 3 tokens, then on the
+    base interval; each new turn (``seed``) starts with the short one again; bad values refused."""
+    k, v, hot, u = planted(3000)
+    comp = DecodeCompressor(budget=300, interval=8, window=8, max_interval=8, first_interval=3)
+    q = queries(u, 200, 6)
+    for turn_start in (2900, 2950):
+        comp.seed(None, turn_start)
+        assert comp.indices(turn_start + 1) is None  # everything until the first re-selection
+        due = []
+        for t in range(20):
+            if comp.record(q[t]):
+                comp.reselect(k[:turn_start + 1 + t])
+                due.append(t + 1)
+        assert due == [3, 11, 19]
+        assert comp.indices(turn_start + 21).shape[1] == 300 + 2  # the selection + 2 tokens since
+    for bad in (-1, 1.5):
+        with pytest.raises(ValueError, match="first_interval"):
+            DecodeCompressor(first_interval=bad)
+
+
 def test_two_stage_keeps_only_real_positions():
     """A cache that ends inside a block: the candidates' padding past it is never kept."""
     k, hot, u = clustered(length=5001)

@@ -16,7 +16,7 @@ BAD_FLAG_VALUES = [
     ("block_size", "8"), ("min_prefill_len", "-1"), ("decode_budget", "0"), ("decode_interval", "0"),
     ("decode_window", "0"), ("sink", "-1"), ("recent", "-2"), ("decode_budget", "20"),
     ("decode_max_interval", "8"), ("decode_max_interval", "0"), ("decode_seed", "prefill"),
-    ("decode_seed", ""),
+    ("decode_seed", ""), ("decode_first_interval", "0"),
 ]
 
 
@@ -45,6 +45,15 @@ def test_per_request_decode_seed():
     for bad in ("snapkv", 1, None):
         with pytest.raises(LoopServeConfigError, match="custom_params.loopserve.decode_seed"):
             base.override({"decode_seed": bad}, request_field_name)
+
+
+def test_per_request_decode_first_interval():
+    base = LoopServeConfig()
+    assert base.decode_first_interval is None  # the base interval
+    assert base.override({"decode_first_interval": 4}).decode_first_interval == 4
+    for bad in (0, -3, 2.5, "4", True):
+        with pytest.raises(LoopServeConfigError, match="custom_params.loopserve.decode_first_interval"):
+            base.override({"decode_first_interval": bad}, request_field_name)
 
 
 @pytest.mark.parametrize("field,value", BAD_FLAG_VALUES)

@@ -245,6 +245,9 @@ class DecodeCompressor:
     sink: int = 4
     recent: int = 32
     max_interval: int = 128
+    #: tokens from a turn's seed to its first re-selection (0: ``interval``); a short one with
+    #: ``seed(None)`` reads everything only until the answer's own queries can choose
+    first_interval: int = 0
     #: candidates per re-selection, a multiple of the budget (0: score every key)
     candidate_factor: float = CANDIDATE_FACTOR
     #: score with the window's queries averaged per head (False: with each of them)
@@ -271,6 +274,8 @@ class DecodeCompressor:
             raise ValueError(f"interval must be an integer >= 1, got {self.interval!r}")
         if not isinstance(self.window, int) or self.window < 1:
             raise ValueError(f"window must be an integer >= 1, got {self.window!r}")
+        if not isinstance(self.first_interval, int) or self.first_interval < 0:
+            raise ValueError(f"first_interval must be an integer >= 0 (0: interval), got {self.first_interval!r}")
         if not isinstance(self.max_interval, int) or self.max_interval < self.interval:
             raise ValueError(f"max_interval must be an integer >= interval={self.interval}, "
                              f"got {self.max_interval!r}")
@@ -286,7 +291,7 @@ class DecodeCompressor:
             self.selection = keep_top(vertical_scores[:, :length], self.budget, self.sink, self.recent)
             self.seeded_from = source
         self.selected_at = length
-        self.next_interval, self._since = self.interval, 0
+        self.next_interval, self._since = self.first_interval or self.interval, 0
         self.fixed, self.counts = False, None
 
     def fix(self, selection: torch.Tensor, length: int, source: str) -> None:

@@ -120,18 +120,20 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         "decode_max_interval": "Decode: while consecutive re-selections agree (70%% of the new one's "
                                "attention mass on positions the previous one held), the interval "
                                "doubles, up to this many tokens; a change resets it.",
-        "decode_seed": "Decode: what a turn's first DECODE_INTERVAL tokens read, before the first "
-                       "re-selection: estimate (the top of the prefill estimate's column mass over all "
+        "decode_seed": "Decode: what a turn's tokens read before its first re-selection: estimate (the top of the prefill estimate's column mass over all "
                        "its sampled rows; after an exact prefill as last_queries), last_queries (the "
                        "cached tokens the turn's last DECODE_WINDOW prompt queries attend to most) or "
                        "full (every cached token).",
+        "decode_first_interval": "Decode: tokens from a turn's start to its first re-selection (with "
+                                 "--loopserve-decode-seed full: how long a turn reads every cached token).",
         "sink": "First tokens always kept (prefill columns and decode selection).",
         "recent": "Decode: last tokens always kept.",
     }
     from ..attention.sparse_prefill import MIN_PREFILL_LEN
 
     shown = {"min_prefill_len": "the break-even measured per device (" + ", ".join(
-        f"{device} {tokens}" for device, tokens in MIN_PREFILL_LEN.items()) + " tokens)"}
+        f"{device} {tokens}" for device, tokens in MIN_PREFILL_LEN.items()) + " tokens)",
+             "decode_first_interval": "DECODE_INTERVAL"}
     for f in fields(LoopServeConfig):
         if f.name == "enabled":
             continue
