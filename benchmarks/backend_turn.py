@@ -141,7 +141,9 @@ def main(argv=None):
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     heads = tuple(int(x) for x in args.heads.split(","))
-    config = LoopServeConfig(alpha=args.alpha, decode_budget=args.budget, min_prefill_len=1)
+    # decode_seed "estimate": every timed step reads a selection (the steady state; the default
+    # "auto" reads everything until the first re-selection after a long turn).
+    config = LoopServeConfig(alpha=args.alpha, decode_budget=args.budget, min_prefill_len=1, decode_seed="estimate")
     provide_kv_write_loc()
     torch.set_grad_enabled(False)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"

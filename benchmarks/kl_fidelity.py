@@ -62,6 +62,8 @@ QUESTION = "Question: which function of these modules would you use to {task}, a
 TASKS = ("wrap a long paragraph to a given width", "parse a JSON string into Python objects",
          "reduce a fraction to lowest terms")
 POSITIONS = ("start", "middle", "end")
+#: A floor below this is rounding (fp32); a multiple of it means nothing.
+FLOOR_EPSILON = 1e-6
 
 
 def conversation(tokenizer, doc_index: int, position: str, total_tokens: int, first_share: float = 0.45):
@@ -155,8 +157,9 @@ def summarise(rows: list[dict], settings: list[str]) -> str:
         kls = []
         for p in POSITIONS:
             v = cell(name, p, "kl")
-            ratio = v / floor[p] if floor[p] and not math.isnan(floor[p]) else float("nan")
-            kls.append(f"{v:.4f} ({ratio:.1f}x)")
+            # An fp32 server's floor is ~0 (extend and decode agree to rounding): no ratio then.
+            ratio = f"{v / floor[p]:.1f}x" if floor[p] > FLOOR_EPSILON else "floor ~0"
+            kls.append(f"{v:.4f} ({ratio})")
         read = statistics.fmean(cell(name, p, "decode_read") for p in POSITIONS)
         dens = statistics.fmean(cell(name, p, "prefill_density") for p in POSITIONS)
         res = statistics.fmean(cell(name, p, "reselections") for p in POSITIONS)

@@ -31,11 +31,15 @@ METHODS = ("loopserve", "full", "snapkv", "adakv", "streaming_llm", "a_shape", "
 #: The methods that compress the prefill with a static pattern (decode reads everything).
 PREFILL_PATTERNS = ("a_shape", "tri_shape", "minference")
 #: What LoopServe's decode reads before its first re-selection of a turn (``decode_seed``):
+#: ``auto`` (default): a turn of at most ``q_window`` new tokens (a follow-up question) reads the
+#: cached tokens all of its queries attend to most, a longer turn reads every cached token;
 #: ``estimate``: the top of the prefill estimate's column mass, summed over all its sampled rows
 #: (after an exact prefill, which has no estimate: as ``last_queries``); ``last_queries``: the
 #: cached tokens the turn's last ``decode_window`` prompt queries attend to most; ``full``:
-#: every cached token.  ``benchmarks/kl_fidelity.py`` compares them.
-DECODE_SEEDS = ("estimate", "last_queries", "full")
+#: every cached token.  ``benchmarks/kl_fidelity.py`` compares them: a seed chosen by prompt
+#: queries misses what the answer reads when the question is not among them (per-token KL to
+#: stock 2-3x higher than ``full`` with the question at the start or middle of a long turn).
+DECODE_SEEDS = ("auto", "estimate", "last_queries", "full")
 
 
 class LoopServeConfigError(ValueError):
@@ -73,7 +77,7 @@ class LoopServeConfig:
     #: Decode: while consecutive re-selections agree the interval doubles, up to this.
     decode_max_interval: int = 128
     #: Decode: what a turn's tokens read before its first re-selection (``DECODE_SEEDS``).
-    decode_seed: str = "estimate"
+    decode_seed: str = "auto"
     #: Decode: tokens from a turn's start to its first re-selection (``None``: ``decode_interval``).
     decode_first_interval: int | None = None
     #: First tokens always kept (prefill columns and decode selection).

@@ -22,8 +22,10 @@ from sglang_loopserve.testing import (DenseBase, KVPool, Request, attention_laye
                                       extend_batch, model_runner, provide_kv_write_loc)
 
 H, HK, D, SLOTS = 4, 2, 16, 4096
+#: ``decode_seed="estimate"``: the tests below check selections from the first step on (``auto``,
+#: the default, has its own test).
 CONFIG = LoopServeConfig(alpha=0.5, q_window=16, block_size=16, min_prefill_len=64, decode_budget=40,
-                         decode_interval=4, decode_window=4, sink=2, recent=4)
+                         decode_interval=4, decode_window=4, sink=2, recent=4, decode_seed="estimate")
 
 
 def expected_prefill(q, k, v, alpha=0.5):
@@ -158,6 +160,65 @@ def test_decode_seed_after_a_sparse_prefill(setup, seed):
     expected = keep_top(attention_mass(q[-w:], k_all), cfg.decode_budget, cfg.sink, cfg.recent)
     assert torch.equal(kept, expected)
     for h in range(HK):
+        assert set(range(40, 48)) <= set(kept[h].tolist())
+
+
+@pytest.mark.parametrize("chunks", [[12], [16], [17], [48], [40, 8]])
+def test_auto_seed_follow_ups_choose_long_turns_read_everything(setup, chunks, monkeypatch):
+    """``decode_seed`` ``auto``: a turn of at most ``q_window`` (16) new tokens is seeded from
+    the attention of all its queries (planted: its first queries, the question, look at keys
+    40-47, its last ones elsewhere); a longer turn, also one whose last chunk is short, reads
+    everything until the first re-selection."""
+    from sglang_loopserve.cache_policy import attention_mass, keep_top
+
+    s, gen = setup, torch.Generator().manual_seed(5)
+    cfg = s.config.override({"decode_seed": "auto", "min_prefill_len": 100_000})  # exact forwards
+    req = Request("sparse", cfg)  # noqa: F841 (alive)
+    prefix, turn = 200, sum(chunks)
+    total = prefix + turn
+    s.req_to_token[0, :total] = torch.arange(total)
+    k_all = torch.randn(total, HK, D, generator=gen) * 0.1
+    a, b = torch.randn(HK, D, generator=gen), torch.randn(HK, D, generator=gen)
+    k_all[40:48] += 3 * a
+    k_all[120:200] += 3 * b
+    q = torch.randn(turn, H, D, generator=gen) * 0.1
+    group = H // HK
+    q[: turn // 2] += 3 * a.repeat_interleave(group, 0)
+    q[turn // 2:] += 3 * b.repeat_interleave(group, 0)
+    s.pool.k[:prefix] = k_all[:prefix]
+    s.pool.v[:prefix] = torch.randn(prefix, HK, D, generator=gen)
+    v_new = torch.randn(turn, HK * D, generator=gen)
+    done = prefix
+    for n in chunks:  # a chunked prefill: the same request, one forward per chunk
+        sl = slice(done - prefix, done - prefix + n)
+        fb = _batch("extend", ["sparse"], [0], [done], [n], torch.arange(done, done + n))
+        s.backend.forward(q[sl].reshape(n, -1), k_all[done:done + n].reshape(n, -1), v_new[sl], s.layer, fb)
+        done += n
+    comp = store.get("sparse").compressor(0)
+    assert store.get("sparse").turn_tokens == turn
+    if turn > cfg.q_window:
+        assert comp.seeded_from == "full" and comp.indices(total) is None
+        # Its first decode step reads every position (on a CPU through the batched kernel): exact.
+        s.req_to_token[0, total] = total
+        qd, kd, vd = (torch.randn(1, h * D, generator=gen) for h in (H, HK, HK))
+        fb = _batch("decode", ["sparse"], [0], [total], [1], torch.tensor([total]))
+        import sglang_loopserve.srt.backend as backend_module
+
+        calls = []
+        kernel = backend_module.batched_decode_attention
+        monkeypatch.setattr(backend_module, "batched_decode_attention",
+                            lambda *a, **kw: calls.append(a[-1].numel()) or kernel(*a, **kw))
+        o = s.backend.forward(qd, kd, vd, s.layer, fb).view(H, D)
+        assert calls == [HK * (total + 1)]
+        rows = s.req_to_token[0, :total + 1].long()
+        dense = decode_attention(qd.view(H, D), s.pool.k[rows], s.pool.v[rows], None)
+        torch.testing.assert_close(o, dense, atol=1e-5, rtol=1e-4)
+        assert live_requests["sparse"].loopserve_stats.summary()["decode_tokens_attended"] == total + 1
+        return
+    assert comp.seeded_from == "prompt"
+    kept = comp.indices(total)
+    assert torch.equal(kept, keep_top(attention_mass(q, k_all), cfg.decode_budget, cfg.sink, cfg.recent))
+    for h in range(HK):  # the question's keys, though its queries are not the turn's last ones
         assert set(range(40, 48)) <= set(kept[h].tolist())
 
 

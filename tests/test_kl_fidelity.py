@@ -42,3 +42,20 @@ def test_conversation_caches_the_first_turn_and_places_the_question(tokenizer, p
     second = tokenizer.decode(prompt[len(first):])
     at = second.find("Question:") / len(second)
     assert {"start": at < 0.1, "middle": 0.3 < at < 0.7, "end": at > 0.9}[position], (position, at)
+
+
+def _row(setting, position, kl, read=1.0):
+    return {"setting": setting, "position": position, "kl": kl, "decode_read": read,
+            "prefill_density": 1.0, "reselections": 0}
+
+
+def test_table_gives_multiples_of_a_real_floor_and_none_of_a_rounding_floor():
+    rows = [r for p in kl_fidelity.POSITIONS for r in
+            (_row("floor", p, [0.002, 0.004]), _row("mine", p, [0.006, 0.012], read=0.5))]
+    table = kl_fidelity.summarise(rows, ["floor", "mine"])
+    mine = next(line for line in table.splitlines() if line.startswith("| mine"))
+    assert mine.count("0.0090 (3.0x)") == 3 and "| 0.50 |" in mine
+    fp32 = [dict(r, kl=[0.0, 1e-9]) if r["setting"] == "floor" else r for r in rows]
+    mine = next(line for line in kl_fidelity.summarise(fp32, ["floor", "mine"]).splitlines()
+                if line.startswith("| mine"))
+    assert mine.count("0.0090 (floor ~0)") == 3

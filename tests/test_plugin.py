@@ -40,7 +40,7 @@ def test_per_request_decode_max_interval():
 
 def test_per_request_decode_seed():
     base = LoopServeConfig()
-    assert base.decode_seed == "estimate"
+    assert base.decode_seed == "auto"
     assert base.override({"decode_seed": "last_queries"}).decode_seed == "last_queries"
     for bad in ("snapkv", 1, None):
         with pytest.raises(LoopServeConfigError, match="custom_params.loopserve.decode_seed"):

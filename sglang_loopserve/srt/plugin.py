@@ -120,7 +120,10 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         "decode_max_interval": "Decode: while consecutive re-selections agree (70%% of the new one's "
                                "attention mass on positions the previous one held), the interval "
                                "doubles, up to this many tokens; a change resets it.",
-        "decode_seed": "Decode: what a turn's tokens read before its first re-selection: estimate (the top of the prefill estimate's column mass over all "
+        "decode_seed": "Decode: what a turn's tokens read before its first re-selection: auto (a turn of "
+                       "at most Q_WINDOW new tokens: the cached tokens all its queries attend to most; "
+                       "a longer one: every cached token), estimate (the top of the prefill "
+                       "estimate's column mass over all "
                        "its sampled rows; after an exact prefill as last_queries), last_queries (the "
                        "cached tokens the turn's last DECODE_WINDOW prompt queries attend to most) or "
                        "full (every cached token).",

@@ -99,6 +99,8 @@ class DecodeState:
     #: ascending positions of the cached prefix whose slot is the padding slot (pruned by the
     #: radix tree; masked in prefill and decode), or None
     pruned: object = None
+    #: new tokens this turn's prefill brought, over all its chunks so far
+    turn_tokens: int = 0
 
     def compressor(self, layer_id: int) -> DecodeCompressor:
         comp = self.layers.get(layer_id)
@@ -119,10 +121,16 @@ class RequestStore:
         self._importance: dict[str, TokenImportance] = {}  # lives as long as the request, across turns' chunks
         self._lock = threading.Lock()  # the overlap scheduler releases from another thread
 
-    def new_turn(self, rid: str, options: LoopServeConfig) -> DecodeState:
-        """Fresh state: a prefill (a new turn, or a retracted request's redo) starts over."""
+    def new_turn(self, rid: str, options: LoopServeConfig, new_tokens: int = 0) -> DecodeState:
+        """Fresh state: a prefill (a new turn, or a retracted request's redo) starts over.  A
+        later chunk of the same prefill (state with no decode step yet) adds its ``new_tokens``
+        to the turn's count."""
         with self._lock:
-            state = self._states[rid] = DecodeState(options)
+            old = self._states.get(rid)
+            earlier = 0
+            if old is not None and not any(c.steps for c in old.layers.values()):
+                earlier = old.turn_tokens
+            state = self._states[rid] = DecodeState(options, turn_tokens=earlier + new_tokens)
         return state
 
     def get(self, rid: str) -> DecodeState | None:
