@@ -14,7 +14,9 @@ reading keys from a KV pool through their slots):
 * ``two-stage``: candidates from key-block bounds, exact scores among them,
   as the server runs it (on a CPU one compiled call, ``cache_policy/cpu_loops``);
 * ``tensor``: the same two stages as torch ops (a GPU's path; on a CPU, how
-  it ran before the compiled call).
+  it ran before the compiled call);
+* ``mean``: the two stages with the window's mean query only (``decode_pooling all``:
+  cheaper, less faithful; the default ranks blocks by it and scores candidates by each query).
 
 The re-selection *share* is its cost amortised over the interval, as a share
 of the step's attention time: ``(t_re / interval) / (t_step + t_re / interval)``
@@ -47,9 +49,9 @@ from sglang_loopserve.cache_policy import DecodeCompressor, batched_decode_atten
 from sglang_loopserve.cache_policy.decode import CANDIDATE_FACTOR, reselect_pruned  # noqa: E402
 
 
-def reselect_time(pool_k, slots, recent_q, budget, interval, factor, device, method="auto"):
+def reselect_time(pool_k, slots, recent_q, budget, interval, factor, device, method="auto", pooling="bounds"):
     """Seconds to re-select every request of the batch once, as ``DecodeCompressor.reselect_from``
-    does (window pooled, the previous selection's share measured; the summaries are built first,
+    does (``pooling``: its ``pool_window``; the previous selection's share measured; the summaries are built first,
     as the server's first re-selection of a turn does: later ones only add the new keys)."""
     comps = [DecodeCompressor(budget=budget, interval=interval, window=recent_q.shape[1],
                               candidate_factor=factor) for _ in range(slots.shape[0])]
@@ -59,9 +61,12 @@ def reselect_time(pool_k, slots, recent_q, budget, interval, factor, device, met
 
     def run():
         for i, comp in enumerate(comps):
-            pooled = torch.stack(comp._queries).float().mean(0, keepdim=True)
-            reselect_pruned(pooled, pool_k, slots[i], comp.summaries, budget=budget, sink=comp.sink,
-                            recent=comp.recent, factor=factor, previous=comp.selection, method=method)
+            window = torch.stack(comp._queries)
+            pooled = window.float().mean(0, keepdim=True)
+            score_q = pooled if pooling == "all" else window
+            reselect_pruned(score_q, pool_k, slots[i], comp.summaries, budget=budget, sink=comp.sink,
+                            recent=comp.recent, factor=factor, previous=comp.selection, method=method,
+                            bound_q=window if pooling == "none" else pooled)
 
     return timeit(run, device, 3)
 
@@ -99,7 +104,7 @@ def main(argv=None):
           f"threads {torch.get_num_threads()}")
     print(f"{'L':>6} {'B':>5} {'batch':>5} {'full ms':>8} {'sel. ms':>8} {'tensor':>7} {'speedup':>8} {'goal':>6} | "
           f"{'every key':>9} {'tensor':>7} {'two-stage':>9} (ms, reselect) | share: {'every@16':>8} "
-          f"{'tensor@16':>9} {'two@16':>7} {'two@' + str(a.steady_interval):>7}")
+          f"{'tensor@16':>9} {'two@16':>7} {'two@' + str(a.steady_interval):>7} {'mean@16':>7}")
     for length in a.lengths:
         for batch in a.batches:
             g = torch.Generator().manual_seed(length + batch)
@@ -124,12 +129,14 @@ def main(argv=None):
                 t_every = reselect_time(pool_k, slots, rq, budget, a.interval, 0, dev)
                 t_tensor = reselect_time(pool_k, slots, rq, budget, a.interval, CANDIDATE_FACTOR, dev, "tensor")
                 t_two = reselect_time(pool_k, slots, rq, budget, a.interval, CANDIDATE_FACTOR, dev)
+                t_mean = reselect_time(pool_k, slots, rq, budget, a.interval, CANDIDATE_FACTOR, dev, pooling="all")
                 print(f"{length:>6} {budget:>5} {batch:>5} {t_full * 1e3:>8.3f} {t_sel * 1e3:>8.3f} "
                       f"{t_tensor_step * 1e3:>7.3f} "
                       f"{t_full / t_sel:>7.2f}x {goal * length / budget:>5.1f}x | {t_every * 1e3:>9.2f} "
                       f"{t_tensor * 1e3:>7.2f} {t_two * 1e3:>9.2f}                | "
                       f"{share(t_every, a.interval, t_sel):>15.1%} {share(t_tensor, a.interval, t_sel):>9.1%} "
-                      f"{share(t_two, a.interval, t_sel):>7.1%} {share(t_two, a.steady_interval, t_sel):>7.1%}",
+                      f"{share(t_two, a.interval, t_sel):>7.1%} {share(t_two, a.steady_interval, t_sel):>7.1%} "
+                      f"{share(t_mean, a.interval, t_sel):>7.1%}",
                       flush=True)
 
 

@@ -57,7 +57,7 @@ def run_layer(layer, prompt_len, steps, budget, interval, window):
     comp = DecodeCompressor(budget=budget, interval=interval, window=window)
     comp.seed(None, prompt_len)
     before = DecodeCompressor(budget=budget, interval=interval, window=window, max_interval=interval,
-                                 candidate_factor=0, pool_window=False)
+                                 candidate_factor=0, pool_window="none")
     before.seed(None, prompt_len)
     ctx = ScoreContext(k=k[:prompt_len], prompt_len=prompt_len, prompt_q=q[prompt_len - 32:prompt_len])
     snap = SnapKV(window=32).select(ctx, budget=budget)

@@ -40,6 +40,11 @@ PREFILL_PATTERNS = ("a_shape", "tri_shape", "minference")
 #: queries misses what the answer reads when the question is not among them (per-token KL to
 #: stock 2-3x higher than ``full`` with the question at the start or middle of a long turn).
 DECODE_SEEDS = ("auto", "estimate", "last_queries", "full")
+#: How a decode re-selection's window of queries scores the cache (``decode_pooling``):
+#: ``bounds`` (default): their mean per head ranks the key blocks, each query scores the
+#: candidates; ``all``: their mean does both (cheapest, a third more KL to full attention);
+#: ``none``: each query does both (the paper's scoring).  ``cache_policy.decode.WINDOW_POOLING``.
+DECODE_POOLINGS = ("bounds", "all", "none")
 
 
 class LoopServeConfigError(ValueError):
@@ -80,6 +85,8 @@ class LoopServeConfig:
     decode_seed: str = "auto"
     #: Decode: tokens from a turn's start to its first re-selection (``None``: ``decode_interval``).
     decode_first_interval: int | None = None
+    #: Decode: how the window's queries score the cache at a re-selection (``DECODE_POOLINGS``).
+    decode_pooling: str = "bounds"
     #: First tokens always kept (prefill columns and decode selection).
     sink: int = 4
     #: Decode: last tokens always kept.
@@ -89,7 +96,7 @@ class LoopServeConfig:
     # per server: the kernels are compiled for it).
     REQUEST_FIELDS = ("enabled", "method", "alpha", "q_window", "min_prefill_len", "decode_budget",
                       "decode_interval", "decode_window", "decode_max_interval", "decode_seed",
-                      "decode_first_interval", "sink", "recent")
+                      "decode_first_interval", "decode_pooling", "sink", "recent")
 
     def validated(self, name=lambda field: field) -> "LoopServeConfig":
         """``self`` if every value is in range, else ``LoopServeConfigError``;
@@ -107,6 +114,8 @@ class LoopServeConfig:
             fail("method", f"must be one of {', '.join(METHODS)}")
         if self.decode_seed not in DECODE_SEEDS:
             fail("decode_seed", f"must be one of {', '.join(DECODE_SEEDS)}")
+        if self.decode_pooling not in DECODE_POOLINGS:
+            fail("decode_pooling", f"must be one of {', '.join(DECODE_POOLINGS)}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) \
                 or not 0.0 < float(self.alpha) <= 1.0:
             fail("alpha", "must be a number in (0, 1]")

@@ -243,7 +243,8 @@ def test_baselines_on_hand_made_case():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(budget=0), "budget"), (dict(budget=10, sink=4, recent=32), "sink \\+ recent"),
     (dict(interval=0), "interval"), (dict(window=0), "window"),
-    (dict(interval=16, max_interval=8), "max_interval"),
+    (dict(interval=16, max_interval=8), "max_interval"), (dict(pool_window=True), "pool_window"),
+    (dict(pool_window="mean"), "pool_window"),
 ])
 def test_compressor_bad_parameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -377,12 +378,15 @@ def test_two_stage_keeps_only_real_positions():
             assert set(range(5001 - 40, 5001)) <= set(kept[h].tolist())
 
 
-@pytest.mark.parametrize("dtype, window, length, budget", [
-    (torch.float32, 1, 6000, 256), (torch.float32, 16, 3001, 100), (torch.bfloat16, 4, 5000, 300),
+@pytest.mark.parametrize("dtype, window, length, budget, pooled_bounds", [
+    (torch.float32, 1, 6000, 256, False), (torch.float32, 16, 3001, 100, False), (torch.bfloat16, 4, 5000, 300, False),
+    (torch.float32, 16, 6000, 256, True), (torch.bfloat16, 8, 5000, 300, True),
 ])
-def test_compiled_reselection_equals_tensor_path(dtype, window, length, budget):
+def test_compiled_reselection_equals_tensor_path(dtype, window, length, budget, pooled_bounds):
     """The CPU's one-call re-selection (numba) keeps the positions the tensor ops keep, with
-    their mass, the previous selection's share and the summaries, from keys in a pool."""
+    their mass, the previous selection's share and the summaries, from keys in a pool; also
+    with the blocks ranked by the window's mean query and the candidates scored by each
+    (``decode_pooling`` ``bounds``)."""
     from sglang_loopserve.cache_policy import cpu_loops
     from sglang_loopserve.cache_policy.decode import reselect_pruned
 
@@ -392,13 +396,14 @@ def test_compiled_reselection_equals_tensor_path(dtype, window, length, budget):
     slots = torch.randperm(length + 500, generator=g)[:length].to(torch.int32)
     q = torch.randn(window, 9, D, generator=g)
     previous = torch.randperm(length, generator=g)[:budget].sort().values.expand(3, -1).contiguous()
+    bound_q = q.mean(0, keepdim=True) if pooled_bounds else None
     out = {}
     for method in ("tensor", "loops"):
         summaries = KeySummaries()
         reselect_pruned(q, pool, slots[:length - 45], summaries, budget=budget, sink=4, recent=32,
-                        method=method)  # then grown by 45 keys, as a decode does
+                        method=method, bound_q=bound_q)  # then grown by 45 keys, as a decode does
         out[method] = reselect_pruned(q, pool, slots, summaries, budget=budget, sink=4, recent=32,
-                                      previous=previous, method=method) + (summaries.bounds,)
+                                      previous=previous, method=method, bound_q=bound_q) + (summaries.bounds,)
     (kept, mass, held, bounds), (kept2, mass2, held2, bounds2) = out["tensor"], out["loops"]
     assert torch.equal(kept, kept2) and torch.equal(bounds, bounds2)
     torch.testing.assert_close(mass2, mass, rtol=1e-4, atol=1e-6)
@@ -407,6 +412,37 @@ def test_compiled_reselection_equals_tensor_path(dtype, window, length, budget):
     for method in ("tensor", "loops"):
         assert reselect_pruned(q, pool, slots, KeySummaries(), budget=budget, previous=previous[:, :0],
                                method=method)[2] == 0.0
+
+
+@pytest.mark.parametrize("pooling, recalled", [("bounds", True), ("none", True), ("all", False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_window_query_keeps_what_it_attends_to(pooling, recalled, dtype):
+    """Planted: each of 4 window queries attends to its own key (logit 8), and 4 decoys lie
+    along their mean (logit 4 from every query).  Scored by each query, a re-selection of 4
+    free slots keeps the 4 keys the window attends to; scored by the mean query (``all``) it
+    prefers the decoys (logit 2 on a planted key, 4 on a decoy): why ``bounds`` is the default.
+    The blocks are ranked by the mean query: among 12 x budget candidates (of 1600 keys), the
+    decoys' blocks rank first and the planted ones still find room."""
+    g = torch.Generator().manual_seed(7)
+    length, budget = 1600, 4 + 8 + 4  # sink 4, recent 8, 4 free
+    k = torch.randn(length, 1, D, generator=g) * 0.02
+    basis = torch.linalg.qr(torch.randn(D, 4, generator=g))[0].T  # 4 orthonormal directions
+    scale = 8.0 ** 0.5 * D ** 0.25  # logit q.k / sqrt(D) = 8 between a query and its key
+    hot = [300, 620, 940, 1260]
+    decoys = [450, 770, 1090, 1410]
+    for i, pos in enumerate(hot):
+        k[pos, 0] = scale * basis[i]
+    for pos in decoys:
+        k[pos, 0] = scale * basis.sum(0) / 2  # logit 4 from every query and from their mean
+    window = (scale * basis)[:, None, :].expand(4, 3, D).clone()  # 4 queries, 3 query heads of one KV head
+    comp = DecodeCompressor(budget=budget, interval=4, window=4, sink=4, recent=8, pool_window=pooling,
+                            candidate_factor=12.0)
+    comp._queries = list(window)
+    comp.reselect_from(k.to(dtype), torch.arange(length))
+    kept = set(comp.selection[0].tolist())
+    assert (set(hot) <= kept) == recalled
+    if not recalled:
+        assert set(decoys) <= kept
 
 
 def test_compiled_reselection_recalls_planted_keys():

@@ -16,7 +16,7 @@ BAD_FLAG_VALUES = [
     ("block_size", "8"), ("min_prefill_len", "-1"), ("decode_budget", "0"), ("decode_interval", "0"),
     ("decode_window", "0"), ("sink", "-1"), ("recent", "-2"), ("decode_budget", "20"),
     ("decode_max_interval", "8"), ("decode_max_interval", "0"), ("decode_seed", "prefill"),
-    ("decode_seed", ""), ("decode_first_interval", "0"),
+    ("decode_seed", ""), ("decode_first_interval", "0"), ("decode_pooling", "mean"), ("decode_pooling", ""),
 ]
 
 
@@ -54,6 +54,19 @@ def test_per_request_decode_first_interval():
     for bad in (0, -3, 2.5, "4", True):
         with pytest.raises(LoopServeConfigError, match="custom_params.loopserve.decode_first_interval"):
             base.override({"decode_first_interval": bad}, request_field_name)
+
+
+def test_per_request_decode_pooling():
+    from sglang_loopserve.cache_policy.decode import WINDOW_POOLING
+    from sglang_loopserve.config import DECODE_POOLINGS
+
+    assert DECODE_POOLINGS == WINDOW_POOLING  # the flag's choices are the compressor's
+    base = LoopServeConfig()
+    assert base.decode_pooling == "bounds"
+    assert base.override({"decode_pooling": "all"}).decode_pooling == "all"
+    for bad in ("mean", 1, None, True):
+        with pytest.raises(LoopServeConfigError, match="custom_params.loopserve.decode_pooling"):
+            base.override({"decode_pooling": bad}, request_field_name)
 
 
 @pytest.mark.parametrize("field,value", BAD_FLAG_VALUES)

@@ -123,9 +123,10 @@ if numba is not None:
     # Reassociation lets the dot products vectorize (a float32 sum in strict order waits on
     # each add); infinities stay meaningful (masked logits), so no "ninf"/"nnan".
     @njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc", "contract"})
-    def _reselect(queries, qpos, k_pool, slots, storage, first_block, length, block, take, budget,
-                  sink, recent, previous, n_previous, kept, kept_mass, held):
+    def _reselect(bound_queries, queries, qpos, k_pool, slots, storage, first_block, length, block, take,
+                  budget, sink, recent, previous, n_previous, kept, kept_mass, held):
         n_kv, n_q, d = queries.shape
+        n_bq = bound_queries.shape[1]
         n_blocks = -(-length // block)
         n_cand = take * block
         sink_blocks = -(-sink // block)
@@ -151,19 +152,19 @@ if numba is not None:
                             lo[x] = min(lo[x], key[x])
         # 2. Each block's bound per query: the query's positive parts times the block's
         # maxima plus its negative parts times the minima.
-        split = np.empty((n_kv, n_q, 2 * d), dtype=np.float32)
+        split = np.empty((n_kv, n_bq, 2 * d), dtype=np.float32)
         for h in range(n_kv):
-            for i in range(n_q):
+            for i in range(n_bq):
                 for x in range(d):
-                    qx = queries[h, i, x]
+                    qx = bound_queries[h, i, x]
                     split[h, i, x] = max(qx, np.float32(0.0))
                     split[h, i, d + x] = min(qx, np.float32(0.0))
-        bound = np.empty((n_kv, n_q, n_blocks), dtype=np.float32)
+        bound = np.empty((n_kv, n_bq, n_blocks), dtype=np.float32)
         for task in prange(n_kv * _CHUNKS):
             h = task // _CHUNKS
             for b in range((task % _CHUNKS) * b_chunk, min((task % _CHUNKS + 1) * b_chunk, n_blocks)):
                 row = storage[h, b]
-                for i in range(n_q):
+                for i in range(n_bq):
                     acc = np.float32(0.0)
                     for x in range(2 * d):
                         acc += split[h, i, x] * row[x]
@@ -174,7 +175,7 @@ if numba is not None:
         for h in prange(n_kv):
             mass = np.zeros(n_blocks, dtype=np.float32)
             exponents = np.empty(n_blocks, dtype=np.int32)
-            for i in range(n_q):
+            for i in range(n_bq):
                 _softmax_sum_into(bound[h, i], mass, exponents)
             for b in range(n_blocks):
                 if b < sink_blocks or b >= recent_block:
@@ -322,10 +323,11 @@ def sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tenso
 
 def reselect(queries: torch.Tensor, qpos: torch.Tensor, k_buffer: torch.Tensor, slots: torch.Tensor,
              summaries, *, budget: int, take: int, sink: int, recent: int,
-             previous: torch.Tensor | None):
+             previous: torch.Tensor | None, bound_queries: torch.Tensor | None = None):
     """The two-stage re-selection of one request (``decode.select_decode_kv_pruned``'s pruning
     branch), in place on ``summaries``: ``queries [Hk, Q, d]`` float32, already scaled, at
-    positions ``qpos [Q]``; ``take`` blocks of candidates.  Returns ``(kept [Hk, budget]
+    positions ``qpos [Q]``, score the candidates; ``bound_queries [Hk, Qb, d]`` (same form;
+    default ``queries``) rank the blocks; ``take`` blocks of candidates.  Returns ``(kept [Hk, budget]
     ascending, their window mass, held)``: ``held`` the share of the mass on positions
     ``previous [Hk, n]`` (ascending) holds too, ``None`` without ``previous``."""
     length = slots.shape[0]  # read as int64, whatever the pool's index type: one compiled signature
@@ -338,7 +340,8 @@ def reselect(queries: torch.Tensor, qpos: torch.Tensor, k_buffer: torch.Tensor, 
     held = torch.zeros(n_kv, 2, dtype=torch.float64)
     prev = previous.to(torch.int64).contiguous() if previous is not None else torch.zeros(n_kv, 1, dtype=torch.int64)
     with lock:
-        _reselect(queries.contiguous().numpy(), qpos.numpy(), k_buffer.view(_AS[k_buffer.dtype]).numpy(),
+        bound_queries = queries if bound_queries is None else bound_queries
+        _reselect(bound_queries.contiguous().numpy(), queries.contiguous().numpy(), qpos.numpy(), k_buffer.view(_AS[k_buffer.dtype]).numpy(),
                   slots.to(torch.int64).contiguous().numpy(), summaries.storage.numpy(), summaries.length // bs,
                   length, bs, take, budget, sink, recent, prev.numpy(), 0 if previous is None else prev.shape[1],
                   kept.numpy(), kept_mass.numpy(), held.numpy())

@@ -59,7 +59,7 @@ SCHEDULER_TARGETS = (T_BUILD_BACKEND, T_REQ_INIT, T_RELEASE, T_STREAM, T_INTERNA
 ALL_TARGETS = (T_ADD_CLI_ARGS, T_PREPARE, T_VERIFY, T_META, T_SCHEDULER_INIT) + SCHEDULER_TARGETS
 
 _DEFAULTS = LoopServeConfig()
-_TYPES = {"alpha": float, "method": str, "decode_seed": str}
+_TYPES = {"alpha": float, "method": str, "decode_seed": str, "decode_pooling": str}
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                        "full (every cached token).",
         "decode_first_interval": "Decode: tokens from a turn's start to its first re-selection (with "
                                  "--loopserve-decode-seed full: how long a turn reads every cached token).",
+        "decode_pooling": "Decode: how a re-selection's window of queries scores the cache: bounds (their "
+                          "mean per head ranks the key blocks, each query scores the candidates), all "
+                          "(their mean does both: cheapest, less faithful) or none (each query does both).",
         "sink": "First tokens always kept (prefill columns and decode selection).",
         "recent": "Decode: last tokens always kept.",
     }

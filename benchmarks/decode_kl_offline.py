@@ -1,0 +1,249 @@
+"""Decode selection rules by their exact KL to full attention, teacher-forced, offline.
+
+``kl_fidelity.py`` measures a served answer against stock by SGLang's sampled
+estimate, above a bf16 floor.  This tool isolates decode: the embedded model
+(transformers, fp32, exact prefill) samples ``--tokens`` tokens at temperature
+1 with full attention on ``kl_fidelity``'s conversations (question at the
+start, middle or end); then, for each setting, the answer is replayed as one
+forward over the cached prompt in which every layer's answer rows attend only
+to what the setting's selection holds at that step (the selection follows the
+layer's own queries, as in a server).  Per token the exact
+``KL(compressed || full)`` over the vocabulary; no sampling noise, no floor.
+The first ``interval`` steps read everything under the default ``auto`` seed
+of a long turn, so the table also gives the mean over the later steps.
+
+A setting is ``name=JSON``: ``{"compressor": {...}}`` passes its fields to
+``DecodeCompressor`` (``budget``, ``pool_window``, ``max_interval``,
+``first_interval``, ...); ``{"scorer": {...}}`` runs ``ExactRule``, a plain
+re-selection that scores every key with every window query, with
+exploratory options (``maxpool``, ``value_norm``, ``ema``, ``group_max``,
+``cover``, ``pool``); ``"layers": [lo, hi]`` compresses only those layers.
+
+    python benchmarks/decode_kl_offline.py [--settings name=JSON ...] [--docs 3] [--tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from capture import load_model  # noqa: E402
+from kl_fidelity import POSITIONS, conversation  # noqa: E402
+
+from sglang_loopserve.cache_policy.decode import DecodeCompressor, attention_mass, keep_top  # noqa: E402
+
+SETTINGS = {
+    "pooling bounds (default)": {"compressor": {}},
+    "pooling all": {"compressor": {"pool_window": "all"}},
+    "pooling none": {"compressor": {"pool_window": "none"}},
+    "budget 2048": {"compressor": {"budget": 2048}},
+}
+
+
+class ExactRule:
+    """Re-selection every ``interval`` tokens from the last ``window`` queries over every key,
+    with options to try: ``pool`` (score with their mean), ``maxpool`` (max-pool the scores over
+    this many neighbours), ``value_norm`` (scores times the value's norm), ``ema`` (blend with the
+    previous scores), ``group_max`` (a group's query heads combined by max, not sum), ``cover``
+    (per KV head the fewest positions covering this share of the window mass: ragged)."""
+
+    def __init__(self, budget=1024, interval=16, window=16, sink=4, recent=32, pool=False, maxpool=0,
+                 value_norm=False, ema=0.0, group_max=False, cover=0.0):
+        self.budget, self.interval, self.window, self.sink, self.recent = budget, interval, window, sink, recent
+        self.pool, self.maxpool, self.value_norm, self.ema = pool, maxpool, value_norm, ema
+        self.group_max, self.cover = group_max, cover
+        self.selection, self.selected_at, self.queries, self.since, self.previous = None, 0, [], 0, None
+
+    def seed(self, length):
+        self.selection, self.selected_at = None, length
+
+    def indices(self, length):
+        """``[Hk, n]`` positions, or a list of per-head ones (``cover``), or None (everything)."""
+        if self.selection is None:
+            return None
+        fresh = torch.arange(self.selected_at, length)
+        if isinstance(self.selection, list):
+            return [torch.cat([x, fresh]) for x in self.selection]
+        return torch.cat([self.selection, fresh.expand(self.selection.shape[0], -1)], 1)
+
+    def scores(self, k, v):
+        window = torch.stack(self.queries).float()
+        if self.pool:
+            window = window.mean(0, keepdim=True)
+        length, n_kv = k.shape[0], k.shape[1]
+        if self.group_max:
+            w, n_heads, d = window.shape
+            group = n_heads // n_kv
+            logits = torch.einsum("whd,lhd->hwl", window, k.float().repeat_interleave(group, 1)) * d**-0.5
+            qpos = length - w + torch.arange(w)
+            logits.masked_fill_(torch.arange(length)[None, None, :] > qpos[None, :, None], float("-inf"))
+            s = torch.softmax(logits, -1).sum(1).view(n_kv, group, length).amax(1)
+        else:
+            s = attention_mass(window, k)
+        s = s / s.sum(-1, keepdim=True)
+        if self.value_norm:
+            s = s * v.float().norm(dim=-1).T
+        if self.ema:
+            if self.previous is not None:
+                s = (1 - self.ema) * s + self.ema * F.pad(self.previous, (0, length - self.previous.shape[1]))
+            self.previous = s
+        if self.maxpool:
+            s = F.max_pool1d(s[:, None], self.maxpool, 1, self.maxpool // 2)[:, 0]
+        return s
+
+    def observe(self, q, k, v):
+        self.queries = (self.queries + [q])[-self.window:]
+        self.since += 1
+        if self.since < self.interval:
+            return
+        s, length = self.scores(k, v), k.shape[0]
+        if self.cover:
+            pos = torch.arange(length)
+            forced = (pos < self.sink) | (pos >= length - self.recent)
+            share = s / s.sum(-1, keepdim=True)
+            order = share.masked_fill(forced, 0).sort(-1, descending=True)
+            need = (order.values.cumsum(-1) < self.cover - (share * forced).sum(-1, keepdim=True)).sum(-1) + 1
+            self.selection = [torch.cat([order.indices[h, :int(n)], pos[forced]]).unique() for h, n in enumerate(need)]
+        else:
+            self.selection = keep_top(s, self.budget, self.sink, self.recent)
+        self.selected_at, self.since = length, 0
+
+
+class CompressorRule:
+    """``DecodeCompressor`` as the server runs it (seeded with everything: a long turn's ``auto``)."""
+
+    def __init__(self, **fields):
+        self.comp = DecodeCompressor(**fields)
+
+    def seed(self, length):
+        self.comp.seed(None, length)
+
+    def indices(self, length):
+        return self.comp.indices(length)
+
+    def observe(self, q, k, v):
+        self.comp.observe(q, k)
+
+
+class Replay:
+    """The attention function of the replay: exact for the prompt, selected for the answer."""
+
+    def __init__(self):
+        self.setting, self.prompt_len, self.reads = None, -1, []
+
+    def rule(self, layer):
+        s = self.setting
+        if s is None or ("layers" in s and not s["layers"][0] <= layer <= s["layers"][1]):
+            return None
+        return CompressorRule(**s["compressor"]) if "compressor" in s else ExactRule(**s["scorer"])
+
+    def __call__(self, module, query, key, value, attention_mask, **kwargs):
+        n = query.shape[2]
+        if key.shape[2] != self.prompt_len + n:  # the prompt's own forward, or sampling: exact
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [n, H, d], [P + n, Hk, d]
+        n_heads, d = q.shape[1:]
+        n_kv = k.shape[1]
+        group = n_heads // n_kv
+        rule = self.rule(module.layer_idx)
+        if rule is not None:
+            rule.seed(self.prompt_len)
+        out = torch.empty(1, n, n_heads, d)
+        heads = torch.arange(n_kv)[:, None]
+        read = 0.0
+        for t in range(n):
+            length = self.prompt_len + t + 1
+            idx = rule.indices(length) if rule is not None else None
+            idx = torch.arange(length).expand(n_kv, -1) if idx is None else idx
+            qg = q[t].view(n_kv, group, d)
+            if isinstance(idx, list):  # ragged: per head
+                for h, ih in enumerate(idx):
+                    p = torch.softmax(qg[h] @ k[ih, h].T * d**-0.5, -1)
+                    out[0, t, h * group:(h + 1) * group] = p @ v[ih, h]
+                read += sum(len(x) for x in idx) / n_kv / length
+            else:
+                p = torch.softmax(torch.bmm(qg, k[idx, heads].transpose(1, 2)) * d**-0.5, -1)
+                out[0, t] = torch.bmm(p, v[idx, heads]).reshape(n_heads, d)
+                read += idx.shape[1] / length
+            if rule is not None:
+                rule.observe(q[t], k[:length], v[:length])
+        self.reads.append(read / n)
+        return out, None
+
+
+def parse_setting(text):
+    name, sep, body = text.partition("=")
+    if not sep:
+        if text not in SETTINGS:
+            raise SystemExit(f"--settings: unknown {text!r}; known: {', '.join(SETTINGS)} (or name=JSON)")
+        return text, SETTINGS[text]
+    setting = json.loads(body)
+    if not isinstance(setting, dict) or ("compressor" in setting) == ("scorer" in setting):
+        raise SystemExit(f"--settings {name}: JSON with exactly one of 'compressor' and 'scorer'")
+    return name, setting
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), help="names above, or name=JSON")
+    p.add_argument("--docs", type=int, default=3)
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--prompt-tokens", type=int, default=3800)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    settings = dict(parse_setting(s) for s in a.settings)
+    from transformers import AttentionInterface
+
+    torch.set_grad_enabled(False)
+    torch.manual_seed(a.seed)
+    model, tok = load_model()
+    replay = Replay()
+    AttentionInterface.register("loopserve_replay", replay)
+    model.set_attn_implementation("loopserve_replay")
+    first = 1 + DecodeCompressor().interval  # the prefill's token, then the steps before a re-selection
+    rows = {name: [] for name in settings}
+    for doc in range(a.docs):
+        for position in POSITIONS:
+            prompt = torch.tensor(conversation(tok, doc, position, a.prompt_tokens)[1])[None]
+            replay.setting, replay.prompt_len = None, -1
+            answer = model.generate(prompt, max_new_tokens=a.tokens, min_new_tokens=a.tokens, do_sample=True,
+                                    temperature=1.0, top_k=0, top_p=1.0)[:, prompt.shape[1]:]
+            replay.prompt_len = prompt.shape[1]
+            cached = model(prompt, use_cache=True)
+            last = cached.logits[0, -1:].float()
+
+            def logprobs(setting):
+                replay.setting, replay.reads = setting, []
+                out = model(answer, past_key_values=copy.deepcopy(cached.past_key_values), use_cache=True)
+                return torch.cat([last, out.logits[0, :-1].float()]).log_softmax(-1)
+
+            full = logprobs(None)
+            for name, setting in settings.items():
+                lp = logprobs(setting)
+                kl = (lp.exp() * (lp - full)).sum(-1)
+                read = sum(replay.reads) / len(replay.reads)
+                rows[name].append((position, kl.mean().item(), kl[first:].mean().item(), read))
+                print(f"doc {doc} {position:6} {name:32} KL {kl.mean():.5f} (after step {first - 1}: "
+                      f"{kl[first:].mean():.5f})  read {read:.3f}", flush=True)
+    print(f"\n| setting | KL start | KL middle | KL end | mean | after step {first - 1} | decode read / cached |")
+    print("|---|---|---|---|---|---|---|")
+    for name, got in rows.items():
+        by = [[r[1] for r in got if r[0] == pos] for pos in POSITIONS]
+        means = [sum(x) / len(x) for x in by]
+        print(f"| {name} | " + " | ".join(f"{m:.4f}" for m in means) + f" | {sum(means) / 3:.4f} | "
+              f"{sum(r[2] for r in got) / len(got):.4f} | {sum(r[3] for r in got) / len(got):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
