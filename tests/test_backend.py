@@ -119,6 +119,24 @@ def test_mixed_batch_extend_then_decode(setup):
     assert st["decode_tokens_attended"] < st["decode_tokens_cached"]
 
 
+def _plant_turn(s, gen, prefix, n_new, hot_a, hot_b, a_rows):
+    """A turn of ``n_new`` tokens over a cached ``prefix``: keys ``hot_a`` and ``hot_b`` lean along
+    two directions, the turn's queries ``a_rows`` along the first and the others along the second;
+    the prefix's KV written to the pool.  Returns ``(k_all, q, v_new)``."""
+    total = prefix + n_new
+    s.req_to_token[0, :total] = torch.arange(total)
+    k_all = torch.randn(total, HK, D, generator=gen) * 0.1
+    a, b = torch.randn(HK, D, generator=gen), torch.randn(HK, D, generator=gen)
+    k_all[hot_a] += 3 * a
+    k_all[hot_b] += 3 * b
+    group = H // HK
+    q = torch.randn(n_new, H, D, generator=gen) * 0.1 + 3 * b.repeat_interleave(group, 0)
+    q[a_rows] += 3 * (a - b).repeat_interleave(group, 0)
+    s.pool.k[:prefix] = k_all[:prefix]
+    s.pool.v[:prefix] = torch.randn(prefix, HK, D, generator=gen)
+    return k_all, q, torch.randn(n_new, HK * D, generator=gen)
+
+
 @pytest.mark.parametrize("seed", ["last_queries", "estimate", "full"])
 def test_decode_seed_after_a_sparse_prefill(setup, seed):
     """``decode_seed``: what a turn's first tokens read.  Planted: the turn's last
@@ -133,18 +151,7 @@ def test_decode_seed_after_a_sparse_prefill(setup, seed):
     req = Request("sparse", cfg.override({"decode_seed": seed}))  # noqa: F841 (alive)
     prefix, n_new, w = 160, 96, cfg.decode_window
     total = prefix + n_new
-    s.req_to_token[0, :total] = torch.arange(total)
-    k_all = torch.randn(total, HK, D, generator=gen) * 0.1
-    a, b = torch.randn(HK, D, generator=gen), torch.randn(HK, D, generator=gen)
-    k_all[40:48] += 3 * a
-    k_all[100:132] += 3 * b
-    q = torch.randn(n_new, H, D, generator=gen) * 0.1
-    group = H // HK
-    q[:-w] += 3 * b.repeat_interleave(group, 0)
-    q[-w:] += 3 * a.repeat_interleave(group, 0)
-    s.pool.k[:prefix] = k_all[:prefix]
-    s.pool.v[:prefix] = torch.randn(prefix, HK, D, generator=gen)
-    v_new = torch.randn(n_new, HK * D, generator=gen)
+    k_all, q, v_new = _plant_turn(s, gen, prefix, n_new, slice(40, 48), slice(100, 132), slice(n_new - w, None))
     fb = _batch("extend", ["sparse"], [0], [prefix], [n_new], torch.arange(prefix, total))
     s.backend.forward(q.reshape(n_new, -1), k_all[prefix:].reshape(n_new, -1), v_new, s.layer, fb)
     comp = store.get("sparse").compressor(0)
@@ -176,18 +183,7 @@ def test_auto_seed_follow_ups_choose_long_turns_read_everything(setup, chunks, m
     req = Request("sparse", cfg)  # noqa: F841 (alive)
     prefix, turn = 200, sum(chunks)
     total = prefix + turn
-    s.req_to_token[0, :total] = torch.arange(total)
-    k_all = torch.randn(total, HK, D, generator=gen) * 0.1
-    a, b = torch.randn(HK, D, generator=gen), torch.randn(HK, D, generator=gen)
-    k_all[40:48] += 3 * a
-    k_all[120:200] += 3 * b
-    q = torch.randn(turn, H, D, generator=gen) * 0.1
-    group = H // HK
-    q[: turn // 2] += 3 * a.repeat_interleave(group, 0)
-    q[turn // 2:] += 3 * b.repeat_interleave(group, 0)
-    s.pool.k[:prefix] = k_all[:prefix]
-    s.pool.v[:prefix] = torch.randn(prefix, HK, D, generator=gen)
-    v_new = torch.randn(turn, HK * D, generator=gen)
+    k_all, q, v_new = _plant_turn(s, gen, prefix, turn, slice(40, 48), slice(120, 200), slice(None, turn // 2))
     done = prefix
     for n in chunks:  # a chunked prefill: the same request, one forward per chunk
         sl = slice(done - prefix, done - prefix + n)
