@@ -136,7 +136,8 @@ def _generate(url, custom_params=None, **kw):
                                        ({"decode_budget": 0}, "decode_budget"), ({"nope": 1}, "nope"),
                                        ({"decode_max_interval": 2}, "decode_max_interval"),
                                        ({"method": "h2o"}, "method"),
-                                       ({"decode_seed": "random"}, "decode_seed")])
+                                       ({"decode_seed": "random"}, "decode_seed"),
+                                       ({"decode_pooling": "mean"}, "decode_pooling")])
 def test_invalid_request_settings_get_400(loopserve_server, bad, field):
     r = _generate(loopserve_server.url, {"loopserve": bad})
     assert r.status_code == 400, r.text
