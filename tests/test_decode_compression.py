@@ -183,6 +183,26 @@ def test_compiled_attention_over_selection_equals_tensor_path(dtype):
     assert (out.double() - ref).abs().max() < tol
 
 
+@pytest.mark.parametrize("dtype, compiled", [(torch.float32, True), (torch.bfloat16, False)])
+def test_attention_over_selection_auto_path_follows_the_dtype(dtype, compiled, monkeypatch):
+    """``auto`` on a CPU: float32 K/V through the compiled loop, bf16 through the tensor ops
+    (measured faster where a CPU serves bf16); either way the reference's numbers."""
+    from sglang_loopserve.cache_policy import cpu_loops
+
+    g = torch.Generator().manual_seed(4)
+    pool_k, pool_v = (torch.randn(300, 2, D, generator=g).to(dtype) for _ in range(2))
+    slots = torch.arange(300)[None]
+    indptr, pos = torch.tensor([0, 40, 80]), torch.arange(40).repeat(2)
+    q = torch.randn(1, 6, D, generator=g).to(dtype)
+    calls = []
+    real = cpu_loops.sparse_decode
+    monkeypatch.setattr(cpu_loops, "sparse_decode", lambda *a: calls.append(1) or real(*a))
+    out = batched_decode_attention(q, pool_k, pool_v, slots, indptr, pos)
+    ref = batched_decode_attention(q.double(), pool_k.double(), pool_v.double(), slots, indptr, pos, method="tensor")
+    assert bool(calls) == compiled
+    assert (out.double() - ref).abs().max() < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
 def test_attention_over_selection_rejects_bad_method():
     q, kv = torch.zeros(1, 3, D), torch.zeros(10, 3, D)
     args = (q, kv, kv, torch.zeros(1, 10, dtype=torch.long), torch.tensor([0, 1, 2, 3]), torch.zeros(3, dtype=torch.long))
@@ -474,6 +494,24 @@ def test_compiled_reselection_has_one_signature_per_pool_dtype():
         reselect_pruned(q, k, torch.arange(3001, dtype=dtype), KeySummaries(), budget=100,
                         previous=torch.arange(100, dtype=dtype).expand(2, -1), method="loops")
     assert len(cpu_loops._reselect.signatures) == compiled
+
+
+@pytest.mark.parametrize("window, compiled", [(1, True), (8, False)])
+def test_reselection_auto_path_follows_the_scoring_queries(window, compiled, monkeypatch):
+    """``auto`` on a CPU: one scoring query (the window's mean) through the compiled call, a
+    window of them through the tensor ops' matrix products; the same selection either way."""
+    from sglang_loopserve.cache_policy import cpu_loops
+    from sglang_loopserve.cache_policy.decode import reselect_pruned
+
+    k, _, u = clustered(length=3001)
+    q = queries(u, window, 6)
+    calls = []
+    real = cpu_loops.reselect
+    monkeypatch.setattr(cpu_loops, "reselect", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    kept, _, _ = reselect_pruned(q, k, torch.arange(3001), KeySummaries(), budget=128)
+    assert bool(calls) == compiled
+    other = "tensor" if compiled else "loops"
+    assert torch.equal(kept, reselect_pruned(q, k, torch.arange(3001), KeySummaries(), budget=128, method=other)[0])
 
 
 def test_reselection_method_is_validated():
