@@ -43,7 +43,7 @@ DECODE_SEEDS = ("auto", "estimate", "last_queries", "full")
 #: How a decode re-selection's window of queries scores the cache (``decode_pooling``):
 #: ``bounds`` (default): their mean per head ranks the key blocks, each query scores the
 #: candidates; ``all``: their mean does both (cheapest, a third more KL to full attention);
-#: ``none``: each query does both (the paper's scoring).  ``cache_policy.decode.WINDOW_POOLING``.
+#: ``none``: each query does both (the paper's scoring).  ``DecodeCompressor.pool_window`` takes these.
 DECODE_POOLINGS = ("bounds", "all", "none")
 
 

@@ -339,12 +339,13 @@ def reselect(queries: torch.Tensor, qpos: torch.Tensor, k_buffer: torch.Tensor, 
     kept_mass = torch.empty(n_kv, budget, dtype=torch.float32)
     held = torch.zeros(n_kv, 2, dtype=torch.float64)
     prev = previous.to(torch.int64).contiguous() if previous is not None else torch.zeros(n_kv, 1, dtype=torch.int64)
+    bound_queries = queries if bound_queries is None else bound_queries
     with lock:
-        bound_queries = queries if bound_queries is None else bound_queries
-        _reselect(bound_queries.contiguous().numpy(), queries.contiguous().numpy(), qpos.numpy(), k_buffer.view(_AS[k_buffer.dtype]).numpy(),
-                  slots.to(torch.int64).contiguous().numpy(), summaries.storage.numpy(), summaries.length // bs,
-                  length, bs, take, budget, sink, recent, prev.numpy(), 0 if previous is None else prev.shape[1],
-                  kept.numpy(), kept_mass.numpy(), held.numpy())
+        _reselect(bound_queries.contiguous().numpy(), queries.contiguous().numpy(), qpos.numpy(),
+                  k_buffer.view(_AS[k_buffer.dtype]).numpy(), slots.to(torch.int64).contiguous().numpy(),
+                  summaries.storage.numpy(), summaries.length // bs, length, bs, take, budget, sink, recent,
+                  prev.numpy(), 0 if previous is None else prev.shape[1], kept.numpy(), kept_mass.numpy(),
+                  held.numpy())
     summaries.n_blocks, summaries.length = n_blocks, length
     if previous is None:
         return kept, kept_mass, None

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config import DECODE_POOLINGS
 from . import cpu_loops
 from .summaries import KeySummaries, candidate_blocks, candidate_positions, queries_by_kv_head
 
@@ -38,7 +39,7 @@ AGREEMENT = 0.7
 #: answers): scoring with the mean instead of each query raises the KL by a third; ranking the
 #: blocks with it costs the candidates' choice little (the exact stage re-ranks them) and keeps
 #: the block stage as cheap as one query.
-WINDOW_POOLING = ("bounds", "all", "none")  # = config.DECODE_POOLINGS (tests/test_plugin.py)
+WINDOW_POOLING = DECODE_POOLINGS  # the server's flag takes the same choices
 
 
 def _check_gqa(n_heads: int, n_kv: int) -> int:

@@ -194,7 +194,8 @@ class LoopServeAttnBackend:
         kernel = default_kernel(torch.device(self.device))
         sparse_prefill_attention(q, k, v, alpha=0.5, q_window=self.config.q_window,
                                  block_size=self.config.block_size, kernel=kernel)
-        # A decode re-selection (compiled on the CPU), from a pool of the KV cache's dtype.
+        # A decode re-selection (compiled on the CPU: with one scoring query, ``decode_pooling all``;
+        # a window of them runs tensor ops), from a pool of the KV cache's dtype.
         kv_dtype = getattr(model_runner, "kv_cache_dtype", dtype)
         kv_dtype = kv_dtype if isinstance(kv_dtype, torch.dtype) else dtype
         pool = torch.randn(n_ctx, kv_heads, dim, generator=gen).to(self.device, kv_dtype)
@@ -202,7 +203,7 @@ class LoopServeAttnBackend:
         summaries, budget = KeySummaries(), self.config.sink + self.config.recent + 16
         previous = torch.arange(budget, device=self.device).expand(kv_heads, -1)
         for length in (n_ctx - 5, n_ctx):  # the summaries built, then grown
-            reselect_pruned(q[-2:].float(), pool, slots[:length], summaries, budget=budget, sink=self.config.sink,
+            reselect_pruned(q[-1:].float(), pool, slots[:length], summaries, budget=budget, sink=self.config.sink,
                             recent=self.config.recent, factor=1.0, previous=previous)
         # Attention over a selection (compiled on the CPU), as ``_decode_selected`` calls it.
         positions = torch.arange(budget, device=self.device).repeat(kv_heads)
