@@ -40,7 +40,8 @@ sys.path.insert(0, str(HERE.parent))
 from capture import load_model  # noqa: E402
 from kl_fidelity import POSITIONS, conversation  # noqa: E402
 
-from sglang_loopserve.cache_policy.decode import DecodeCompressor, attention_mass, keep_top  # noqa: E402
+from sglang_loopserve.cache_policy.decode import (DecodeCompressor, attention_mass, decode_attention,  # noqa: E402
+                                                   keep_top)
 
 SETTINGS = {
     "pooling bounds (default)": {"compressor": {}},
@@ -160,22 +161,19 @@ class Replay:
         if rule is not None:
             rule.seed(self.prompt_len)
         out = torch.empty(1, n, n_heads, d)
-        heads = torch.arange(n_kv)[:, None]
         read = 0.0
         for t in range(n):
             length = self.prompt_len + t + 1
             idx = rule.indices(length) if rule is not None else None
-            idx = torch.arange(length).expand(n_kv, -1) if idx is None else idx
-            qg = q[t].view(n_kv, group, d)
-            if isinstance(idx, list):  # ragged: per head
+            if isinstance(idx, list):  # ragged: each KV head with its query heads
                 for h, ih in enumerate(idx):
-                    p = torch.softmax(qg[h] @ k[ih, h].T * d**-0.5, -1)
-                    out[0, t, h * group:(h + 1) * group] = p @ v[ih, h]
+                    heads = slice(h * group, (h + 1) * group)
+                    out[0, t, heads] = decode_attention(q[t, heads], k[:length, h:h + 1], v[:length, h:h + 1],
+                                                        ih[None])
                 read += sum(len(x) for x in idx) / n_kv / length
             else:
-                p = torch.softmax(torch.bmm(qg, k[idx, heads].transpose(1, 2)) * d**-0.5, -1)
-                out[0, t] = torch.bmm(p, v[idx, heads]).reshape(n_heads, d)
-                read += idx.shape[1] / length
+                out[0, t] = decode_attention(q[t], k[:length], v[:length], idx)
+                read += 1.0 if idx is None else idx.shape[1] / length
             if rule is not None:
                 rule.observe(q[t], k[:length], v[:length])
         self.reads.append(read / n)
