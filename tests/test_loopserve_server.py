@@ -203,10 +203,13 @@ def test_full_method_is_exact_by_sglangs_kl_measure(loopserve_server, document, 
     """``method: full`` sampled and replayed on stock attention is as close as stock to itself."""
     ids = tokenizer.encode(document[:4000])
     stock = {"enabled": False}
-    floor = _sampled_kl(loopserve_server.url, ids, stock, stock)
-    full = _sampled_kl(loopserve_server.url, ids, {"method": "full"}, stock)
+    # One 32-token sample's estimate varies 2-3x from seed to seed in bf16 (0.0008-0.0026 for the
+    # floor on two CPUs), so both sides are means over the same four seeds (within 10% of each
+    # other on this CPU); in fp32 both are at rounding level, which 1e-6 bounds.
+    seeds = range(4)
+    floor = sum(_sampled_kl(loopserve_server.url, ids, stock, stock, seed=s) for s in seeds) / len(seeds)
+    full = sum(_sampled_kl(loopserve_server.url, ids, {"method": "full"}, stock, seed=s) for s in seeds) / len(seeds)
     print(f"KL full vs stock {full:.3g}, stock vs stock {floor:.3g}")
-    # fp32 on this CPU: both are at rounding level; 1e-6 bounds what rounding alone gives.
     assert full <= max(2 * floor, 1e-6), (full, floor)
 
 
