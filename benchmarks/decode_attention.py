@@ -3,8 +3,9 @@
 For each context length ``L``, budget ``B`` and batch size: the time of one
 decode step's attention over the full cache (torch SDPA on contiguous K/V, the
 strongest dense baseline here) and over the ``B`` selected positions
-(``batched_decode_attention``: on a CPU its compiled loop, with the padded
-tensor path beside it as ``tensor``; the Triton kernel on a GPU), the speedup
+(``batched_decode_attention``, ``auto``: on a CPU torch's fused kernel for bf16
+and the compiled loop for float32, with the padded tensor path beside it as
+``tensor``; the Triton kernel on a GPU), the speedup
 against the goal ``0.5 x L/B`` (CPU) or ``0.6 x L/B`` (GPU), and the cost of
 re-selecting, per request as the server does it (``DecodeCompressor.reselect_from``
 reading keys from a KV pool through their slots):
@@ -122,7 +123,7 @@ def main(argv=None):
                     continue
                 indptr, pos = select_decode_kv_batched(rq, pool_k, slots, lens, budget=budget)
                 t_sel = timeit(lambda: attend(q, pool_k, pool_v, slots, indptr, pos), dev, 5)
-                # The padded-tensor path side by side (on the CPU ``attend`` is the compiled loop).
+                # The padded-tensor path side by side (on the CPU ``attend`` is the fused kernel or the compiled loop).
                 t_tensor_step = (timeit(lambda: batched_decode_attention(q, pool_k, pool_v, slots, indptr, pos,
                                                                           method="tensor"), dev, 5)
                                  if dev.type == "cpu" else float("nan"))

@@ -155,39 +155,44 @@ def test_batched_equals_per_request():
     lens = torch.tensor(lengths)
     indptr, pos = select_decode_kv_batched(recent_q, pool_k, slots, lens, budget=100, sink=4, recent=16)
     out = batched_decode_attention(q, pool_k, pool_v, slots, indptr, pos)
+    padded = batched_decode_attention(q, pool_k, pool_v, slots, indptr, pos, method="tensor")
     for b, n in enumerate(lengths):
         k, v = pool_k[slots[b, :n]], pool_v[slots[b, :n]]
         idx = select_decode_kv(recent_q[b], k, budget=100, sink=4, recent=16)
         rows = [pos[indptr[b * 2 + h]: indptr[b * 2 + h + 1]] for h in range(2)]
         assert all(torch.equal(rows[h], idx[h]) for h in range(2))
         assert (out[b] - decode_attention(q[b], k, v, idx)).abs().max() < 1e-5
+        assert (padded[b] - decode_attention(q[b], k, v, idx)).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("counts", [[1500, 1, 700, 1040, 1040, 1040], [1040] * 6])
+@pytest.mark.parametrize("method", ["loops", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_attention_over_selection_equals_tensor_path(dtype):
-    """The numba kernel (chunked, merged by softmax maxima) against the padded-tensor reference:
-    ragged rows (1 position, a chunked row of 1,500, an empty request aside), GQA groups of 3."""
+def test_cpu_attention_over_selection_equals_tensor_path(dtype, method, counts):
+    """The CPU kernels (numba: chunked, merged by softmax maxima; torch's fused kernel: padding
+    masked) against the padded-tensor reference computed in float64: ragged rows (1 position, a
+    chunked row of 1,500, an empty request aside) and rows of one width (no padding), two requests
+    with their own slots, GQA groups of 3."""
     g = torch.Generator().manual_seed(3)
     n_kv, group = 3, 3
     pool_k = torch.randn(6000, n_kv, D, generator=g).to(dtype)
     pool_v = torch.randn(6000, n_kv, D, generator=g).to(dtype)
     slots = torch.stack([torch.randperm(6000, generator=g)[:2000] for _ in range(2)]).int()
-    counts = [1500, 1, 700, 1040, 1040, 1040]
     indptr = torch.tensor([0] + list(itertools.accumulate(counts)))
     pos = torch.cat([torch.randperm(2000, generator=g)[:c].sort().values for c in counts])
     q = (torch.randn(2, n_kv * group, D, generator=g) * 3).to(dtype)
     ref = batched_decode_attention(q.double(), pool_k.double(), pool_v.double(), slots, indptr, pos, method="tensor")
-    out = batched_decode_attention(q, pool_k, pool_v, slots, indptr, pos, method="loops")
+    out = batched_decode_attention(q, pool_k, pool_v, slots, indptr, pos, method=method)
     assert out.dtype == dtype and out.shape == ref.shape
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's rounding
     assert (out.double() - ref).abs().max() < tol
 
 
-@pytest.mark.parametrize("dtype, compiled", [(torch.float32, True), (torch.bfloat16, False)])
-def test_attention_over_selection_auto_path_follows_the_dtype(dtype, compiled, monkeypatch):
-    """``auto`` on a CPU: float32 K/V through the compiled loop, bf16 through the tensor ops
+@pytest.mark.parametrize("dtype, path", [(torch.float32, "loops"), (torch.bfloat16, "fused")])
+def test_attention_over_selection_auto_path_follows_the_dtype(dtype, path, monkeypatch):
+    """``auto`` on a CPU: float32 K/V through the compiled loop, bf16 through torch's fused kernel
     (measured faster where a CPU serves bf16); either way the reference's numbers."""
-    from sglang_loopserve.cache_policy import cpu_loops
+    from sglang_loopserve.cache_policy import batched, cpu_loops
 
     g = torch.Generator().manual_seed(4)
     pool_k, pool_v = (torch.randn(300, 2, D, generator=g).to(dtype) for _ in range(2))
@@ -195,11 +200,12 @@ def test_attention_over_selection_auto_path_follows_the_dtype(dtype, compiled, m
     indptr, pos = torch.tensor([0, 40, 80]), torch.arange(40).repeat(2)
     q = torch.randn(1, 6, D, generator=g).to(dtype)
     calls = []
-    real = cpu_loops.sparse_decode
-    monkeypatch.setattr(cpu_loops, "sparse_decode", lambda *a: calls.append(1) or real(*a))
+    loops, fused = cpu_loops.sparse_decode, batched.attend
+    monkeypatch.setattr(cpu_loops, "sparse_decode", lambda *a: calls.append("loops") or loops(*a))
+    monkeypatch.setattr(batched, "attend", lambda *a, **kw: calls.append("fused") or fused(*a, **kw))
     out = batched_decode_attention(q, pool_k, pool_v, slots, indptr, pos)
     ref = batched_decode_attention(q.double(), pool_k.double(), pool_v.double(), slots, indptr, pos, method="tensor")
-    assert bool(calls) == compiled
+    assert calls == [path]
     assert (out.double() - ref).abs().max() < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
@@ -210,6 +216,8 @@ def test_attention_over_selection_rejects_bad_method():
         batched_decode_attention(*args, method="fast")
     with pytest.raises(ValueError, match="'loops'"):
         batched_decode_attention(q.double(), kv.double(), kv.double(), *args[3:], method="loops")
+    with pytest.raises(ValueError, match="'fused'"):
+        batched_decode_attention(q.bfloat16(), kv, kv, *args[3:], method="fused")  # mixed dtypes
 
 
 def test_adakv_shares_the_budget_across_heads():

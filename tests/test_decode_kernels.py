@@ -62,3 +62,8 @@ def test_cpu_batched_path_matches_float64():
     out = batched_decode_attention(q, k, v, slots, indptr, idx.reshape(-1))
     ref = decode_attention(q[0].double(), k.double(), v.double(), idx, compute_dtype=torch.float64)
     assert (out[0].double() - ref).abs().max() < 2e-4
+    # bf16 (the fused kernel on a CPU): the inputs' and the output's rounding
+    ref16 = decode_attention(q[0].bfloat16().double(), k.bfloat16().double(), v.bfloat16().double(), idx,
+                             compute_dtype=torch.float64)
+    out16 = batched_decode_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), slots, indptr, idx.reshape(-1))
+    assert out16.dtype == torch.bfloat16 and (out16[0].double() - ref16).abs().max() < 1e-2

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..attention.fused_cpu import attend
 from . import cpu_loops
 from .decode import _check_gqa, attention_mass_padded, keep_top_padded, validate_budget
 
@@ -42,39 +43,72 @@ def batched_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              ) -> torch.Tensor:
     """``[B, H, d]``: each request's decode query over its selected positions per KV head.
 
-    ``method``: ``"tensor"`` (any device: one padded gather and two batched matmuls for
-    the whole batch; the reference), ``"loops"`` (CPU, numba: ``cpu_loops.sparse_decode``,
-    rows read in place) or ``"auto"``: loops for float32 K/V, the tensor ops for bfloat16
-    (a CPU serves bf16 only where it computes it natively, and there torch's bf16 matrix
-    products win: 9 query / 3 KV heads, d 64, budget 1024 over 8K tokens, 0.29 vs 0.79 ms for
-    one request, 2.2 vs 5.7 ms for 8; every one of 7.4K tokens 1.2 vs 1.9 ms; in float32
-    the loops win from 8 requests or a full read on, 4.5 vs 6.6 ms and 2.4 vs 5.7 ms).
+    ``method``: ``"tensor"`` (any device: one padded gather and two batched float32 matmuls
+    for the whole batch; the reference), ``"fused"`` (CPU: the same gather, then torch's fused
+    CPU attention kernel in the pool's dtype, each ``(request, KV head)`` one batch entry with its
+    query heads as rows, padding masked), ``"loops"`` (CPU, numba: ``cpu_loops.sparse_decode``,
+    rows read in place) or ``"auto"``: on a CPU the fused kernel for bfloat16 (and float16) K/V,
+    the loops for float32; elsewhere, and for other dtypes, the tensor ops.  Measured (``benchmarks/decode_attention.py``; 9 query /
+    3 KV heads, d 64): on a Xeon with AMX, bf16, budget 1024 over 8K, fused 0.21 / tensor 0.30 /
+    loops 0.83 ms for one request, 1.05 / 2.58 / 3.09 ms for 8, a full read of 7.4K 1.01 / 1.36 /
+    2.61 ms; on an AMD EPYC with AVX-512 bf16, tensor 0.29 / loops 0.79 ms for one request, and in
+    float32 the loops won from 8 requests or a full read on (4.5 vs 6.6 ms, 2.4 vs 5.7 ms).
     """
-    if method not in ("auto", "loops", "tensor"):
-        raise ValueError(f"method must be 'auto', 'loops' or 'tensor', got {method!r}")
+    if method not in ("auto", "fused", "loops", "tensor"):
+        raise ValueError(f"method must be 'auto', 'fused', 'loops' or 'tensor', got {method!r}")
     n_req, n_heads, d = q.shape
     n_kv = k.shape[1]
     group = _check_gqa(n_heads, n_kv)
-    usable = cpu_loops.supports(k) and v.dtype == k.dtype and q.device.type == "cpu"
+    on_cpu = q.device.type == "cpu"
+    usable = cpu_loops.supports(k) and v.dtype == k.dtype and on_cpu
     if method == "loops" and not usable:
         raise ValueError(f"method 'loops' needs numba and CPU float32/bfloat16 K/V, got {k.dtype}/{v.dtype} "
                          f"on {k.device}")
-    if method == "loops" or (method == "auto" and usable and k.dtype == torch.float32):
+    if method == "fused" and not (on_cpu and k.dtype == v.dtype == q.dtype):
+        raise ValueError(f"method 'fused' needs CPU tensors of one dtype, got q {q.dtype}, K/V {k.dtype}/{v.dtype} "
+                         f"on {q.device}")
+    if method == "auto" and on_cpu:
+        if usable and k.dtype == torch.float32:
+            method = "loops"
+        elif k.dtype in (torch.bfloat16, torch.float16) and k.dtype == v.dtype == q.dtype:
+            method = "fused"
+    if method == "loops":
         return cpu_loops.sparse_decode(q, k, v, slots, indptr, positions).to(q.dtype)
-    counts = indptr[1:] - indptr[:-1]  # [B*Hk]
-    width = int(counts.max()) if counts.numel() else 0
-    col = torch.arange(width, device=q.device)
-    valid = col[None, :] < counts[:, None]
-    flat = (indptr[:-1, None] + col[None, :]).clamp(max=max(positions.numel() - 1, 0))
-    pos = torch.where(valid, positions[flat], torch.zeros_like(flat))  # [B*Hk, W]
-    req = torch.arange(n_req * n_kv, device=q.device) // n_kv
-    head = torch.arange(n_req * n_kv, device=q.device) % n_kv
-    # Rows of the pool seen as [T * Hk, d]: one index_select each for keys and values.
-    rows = (slots[req[:, None], pos].long() * n_kv + head[:, None]).view(-1)
-    ks = k.reshape(-1, d).index_select(0, rows).view(n_req * n_kv, width, d).float()  # [B*Hk, W, d]
-    vs = v.reshape(-1, d).index_select(0, rows).view(n_req * n_kv, width, d).float()
-    qg = q.float().reshape(n_req * n_kv, group, d)
-    logits = torch.bmm(qg, ks.transpose(1, 2)) * d**-0.5
-    logits.masked_fill_(~valid[:, None, :], float("-inf"))
-    out = torch.bmm(torch.softmax(logits, dim=-1), vs)
+    ks, vs, valid = _gather_selected(k, v, slots, indptr, positions)  # [B*Hk, W, d], [B*Hk, W]
+    qg = q.reshape(n_req * n_kv, group, d)
+    if method == "fused":
+        pad = None
+        if valid is not None:
+            pad = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill_(~valid, float("-inf"))
+            pad = pad[:, None, None, :]
+        out, _ = attend(qg[:, None], ks[:, None], vs[:, None], scale=d**-0.5, mask=pad)
+        return out.view(n_req, n_heads, d)
+    logits = torch.bmm(qg.float(), ks.float().transpose(1, 2)) * d**-0.5
+    if valid is not None:
+        logits.masked_fill_(~valid[:, None, :], float("-inf"))
+    out = torch.bmm(torch.softmax(logits, dim=-1), vs.float())
     return out.view(n_req, n_heads, d).to(q.dtype)
+
+
+def _gather_selected(k, v, slots, indptr, positions):
+    """Each ``(request, KV head)`` row's selected keys and values, padded to the widest row:
+    ``[B*Hk, W, d]`` twice (the pool's dtype), and which entries are real (``[B*Hk, W]``; ``None``
+    when every row has ``W``, the server's usual case: a few tensor ops less per layer and step)."""
+    n_req, n_kv, d = slots.shape[0], k.shape[1], k.shape[2]
+    n_rows = indptr.numel() - 1
+    counts = indptr[1:] - indptr[:-1]  # [B*Hk]
+    head = torch.arange(n_kv, device=k.device).repeat(n_req)[:, None]
+    if n_rows and bool((counts == counts[0]).all()):
+        width, valid = positions.numel() // n_rows, None
+        pos = positions.view(n_req, n_kv * width)
+    else:
+        width = int(counts.max()) if counts.numel() else 0
+        col = torch.arange(width, device=k.device)
+        valid = col[None, :] < counts[:, None]
+        flat = (indptr[:-1, None] + col[None, :]).clamp(max=max(positions.numel() - 1, 0))
+        pos = torch.where(valid, positions[flat], torch.zeros_like(flat)).view(n_req, n_kv * width)
+    # Rows of the pool seen as [T * Hk, d]: one index_select each for keys and values.
+    rows = (slots.gather(1, pos).view(n_rows, width).long() * n_kv + head).view(-1)
+    ks = k.reshape(-1, d).index_select(0, rows).view(n_rows, width, d)
+    vs = v.reshape(-1, d).index_select(0, rows).view(n_rows, width, d)
+    return ks, vs, valid
