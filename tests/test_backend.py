@@ -258,10 +258,23 @@ def test_extend_modes(setup):
     assert b.extend_mode(cfg, 5000, 2000) == "sparse"
     defaults = LoopServeConfig()
     assert defaults.min_prefill_len is None  # the device's measured break-even
-    from sglang_loopserve.attention.sparse_prefill import MIN_PREFILL_LEN
+    from sglang_loopserve.attention.sparse_prefill import min_prefill_len
 
-    assert b.extend_mode(defaults, MIN_PREFILL_LEN["cpu"] - 1, 2000) == "exact"
-    assert b.extend_mode(defaults, MIN_PREFILL_LEN["cpu"], 2000) == "sparse"
+    gate = min_prefill_len("cpu")  # this CPU's kind: with or without AMX
+    assert b.extend_mode(defaults, gate - 1, 2000) == "exact"
+    assert b.extend_mode(defaults, gate, 2000) == "sparse"
+
+
+def test_length_gate_follows_the_cpu_kind(monkeypatch):
+    """A CPU with AMX (dense kernels ~4x faster) gets its own measured gate; others the CPU's."""
+    from sglang_loopserve.attention import sparse_prefill as sp
+
+    monkeypatch.setattr(sp, "cpu_has_amx", lambda: True)
+    assert sp.device_kind("cpu") == "cpu_amx" and sp.min_prefill_len("cpu") == sp.MIN_PREFILL_LEN["cpu_amx"]
+    assert sp.device_kind(torch.device("cuda", 0)) == "cuda"
+    monkeypatch.setattr(sp, "cpu_has_amx", lambda: False)
+    assert sp.device_kind("cpu") == "cpu" and sp.min_prefill_len("cpu") == sp.MIN_PREFILL_LEN["cpu"]
+    assert sp.MIN_PREFILL_LEN["cpu_amx"] > sp.MIN_PREFILL_LEN["cpu"]
 
 
 def test_disabled_request_is_the_base_backend(setup):
