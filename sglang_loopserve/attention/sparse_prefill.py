@@ -13,7 +13,6 @@ estimate still seeds the decode selection.
 from __future__ import annotations
 
 import functools
-
 import time
 from dataclasses import dataclass, field
 
