@@ -19,6 +19,11 @@ reading keys from a KV pool through their slots):
 * ``mean``: the two stages with the window's mean query only (``decode_pooling all``:
   cheaper, less faithful; the default ranks blocks by it and scores candidates by each query).
 
+``+qblocks``: the step as the server runs it by default, each request's query adding its
+``--query-blocks`` key blocks (``DecodeCompressor.attended``: the compiled walk over the block
+bounds on a CPU) to its selection, then one batched attention; its speedup over the full step
+and the re-selection's share of it.
+
 The re-selection *share* is its cost amortised over the interval, as a share
 of the step's attention time: ``(t_re / interval) / (t_step + t_re / interval)``
 (``t_re`` summed over the batch's requests).  Shown at the base interval (16:
@@ -47,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prefill_attention import timeit  # noqa: E402
 
 from sglang_loopserve.cache_policy import DecodeCompressor, batched_decode_attention, select_decode_kv_batched  # noqa: E402
-from sglang_loopserve.cache_policy.decode import CANDIDATE_FACTOR, reselect_pruned  # noqa: E402
+from sglang_loopserve.cache_policy.decode import CANDIDATE_FACTOR, QUERY_BLOCKS, reselect_pruned  # noqa: E402
 
 
 def reselect_time(pool_k, slots, recent_q, budget, interval, factor, device, method="auto", pooling="bounds"):
@@ -72,6 +77,27 @@ def reselect_time(pool_k, slots, recent_q, budget, interval, factor, device, met
     return timeit(run, device, 3)
 
 
+def query_block_step_time(pool_k, pool_v, slots, recent_q, q, budget, blocks, device, attend):
+    """Seconds of one decode step of the batch as the server runs it with query blocks: per
+    request the read set (``DecodeCompressor.attended`` with the step's query: the selection, the
+    query's ``blocks`` key blocks, the fresh tokens), then one batched attention over them."""
+    length = slots.shape[1]
+    comps = []
+    for i in range(slots.shape[0]):
+        comp = DecodeCompressor(budget=budget, window=recent_q.shape[1], query_blocks=blocks)
+        comp._queries = list(recent_q[i])
+        comp.reselect_from(pool_k, slots[i, :length - 8])  # 8 tokens generated since
+        comps.append(comp)
+
+    def step():
+        rows = [comp.attended(length, q[i], pool_k, slots[i]) for i, comp in enumerate(comps)]
+        counts = [c for _, cs in rows for c in cs]
+        indptr = torch.tensor([0] + counts, device=device).cumsum(0)
+        return attend(q, pool_k, pool_v, slots, indptr, torch.cat([flat for flat, _ in rows]))
+
+    return timeit(step, device, 5)
+
+
 def share(t_re, interval, t_step):
     amortised = t_re / interval
     return amortised / (t_step + amortised)
@@ -87,6 +113,8 @@ def main(argv=None):
     p.add_argument("--steady-interval", type=int, default=32,
                    help="a second interval to amortise over (default 32: after two agreeing re-selections)")
     p.add_argument("--window", type=int, default=16)
+    p.add_argument("--query-blocks", type=int, default=QUERY_BLOCKS,
+                   help="key blocks each step's query adds (the server's default); 0: no such column")
     p.add_argument("--dtype", default=None, help="default: the server's (GPU bf16; CPU: platform default)")
     a = p.parse_args(argv)
     dev = torch.device(a.device)
@@ -105,7 +133,8 @@ def main(argv=None):
           f"threads {torch.get_num_threads()}")
     print(f"{'L':>6} {'B':>5} {'batch':>5} {'full ms':>8} {'sel. ms':>8} {'tensor':>7} {'speedup':>8} {'goal':>6} | "
           f"{'every key':>9} {'tensor':>7} {'two-stage':>9} (ms, reselect) | share: {'every@16':>8} "
-          f"{'tensor@16':>9} {'two@16':>7} {'two@' + str(a.steady_interval):>7} {'mean@16':>7}")
+          f"{'tensor@16':>9} {'two@16':>7} {'two@' + str(a.steady_interval):>7} {'mean@16':>7} | "
+          f"{'+qblocks ms':>11} {'speedup':>7} {'two@16':>7} {'two@' + str(a.steady_interval):>7}")
     for length in a.lengths:
         for batch in a.batches:
             g = torch.Generator().manual_seed(length + batch)
@@ -131,13 +160,16 @@ def main(argv=None):
                 t_tensor = reselect_time(pool_k, slots, rq, budget, a.interval, CANDIDATE_FACTOR, dev, "tensor")
                 t_two = reselect_time(pool_k, slots, rq, budget, a.interval, CANDIDATE_FACTOR, dev)
                 t_mean = reselect_time(pool_k, slots, rq, budget, a.interval, CANDIDATE_FACTOR, dev, pooling="all")
+                t_qb = (query_block_step_time(pool_k, pool_v, slots, rq, q, budget, a.query_blocks, dev, attend)
+                        if a.query_blocks else float("nan"))
                 print(f"{length:>6} {budget:>5} {batch:>5} {t_full * 1e3:>8.3f} {t_sel * 1e3:>8.3f} "
                       f"{t_tensor_step * 1e3:>7.3f} "
                       f"{t_full / t_sel:>7.2f}x {goal * length / budget:>5.1f}x | {t_every * 1e3:>9.2f} "
                       f"{t_tensor * 1e3:>7.2f} {t_two * 1e3:>9.2f}                | "
                       f"{share(t_every, a.interval, t_sel):>15.1%} {share(t_tensor, a.interval, t_sel):>9.1%} "
                       f"{share(t_two, a.interval, t_sel):>7.1%} {share(t_two, a.steady_interval, t_sel):>7.1%} "
-                      f"{share(t_mean, a.interval, t_sel):>7.1%}",
+                      f"{share(t_mean, a.interval, t_sel):>7.1%} | {t_qb * 1e3:>11.3f} {t_full / t_qb:>6.2f}x "
+                      f"{share(t_two, a.interval, t_qb):>7.1%} {share(t_two, a.steady_interval, t_qb):>7.1%}",
                       flush=True)
 
 

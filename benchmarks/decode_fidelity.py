@@ -10,7 +10,9 @@ all keys it may see) that falls on the selected positions:
 * LoopServe: re-selected from the last ``window`` output queries, plus every
   token generated since (``DecodeCompressor``): two-stage (candidates from
   key-block bounds, exact scores among them), every ``interval`` steps or
-  more while consecutive selections agree;
+  more while consecutive selections agree, and each step's own query blocks
+  (``query_blocks``: what the server reads; ``loopserve_selection``: the
+  selection and the tokens since only);
 * LoopServe before: each of the window's queries scoring every cached key
   every ``interval`` steps (how re-selection worked before it was made
   cheaper: no pooling, no candidates, no adaptive interval);
@@ -38,7 +40,7 @@ from capture import QUESTIONS, build_conversation, capture_qkv, load_model  # no
 
 from sglang_loopserve.cache_policy import DecodeCompressor, ScoreContext, SnapKV, StreamingLLM  # noqa: E402
 
-METHOD_NAMES = ("loopserve", "loopserve_before", "snapkv", "streaming_llm")
+METHOD_NAMES = ("loopserve", "loopserve_selection", "loopserve_before", "snapkv", "streaming_llm")
 
 
 def kept_mass(q, k, idx):
@@ -47,6 +49,8 @@ def kept_mass(q, k, idx):
     n_kv = k.shape[1]
     p = torch.softmax(torch.einsum("hd,lhd->hl", q.float(), k.float().repeat_interleave(n_heads // n_kv, 1))
                       * d**-0.5, dim=-1)
+    if idx is None:  # everything
+        return 1.0
     sel = torch.zeros(n_kv, k.shape[0], dtype=torch.bool)
     sel[torch.arange(n_kv)[:, None], idx] = True
     return float((p * sel.repeat_interleave(n_heads // n_kv, 0)).sum(-1).mean())
@@ -67,7 +71,9 @@ def run_layer(layer, prompt_len, steps, budget, interval, window):
         qt = q[prompt_len + t]
         if t >= interval:
             since = torch.arange(prompt_len, length).expand(k.shape[1], -1)
-            kept["loopserve"].append(kept_mass(qt, k[:length], comp.indices(length)))
+            read = comp.attended(length, qt, k, torch.arange(length))
+            kept["loopserve"].append(kept_mass(qt, k[:length], None if read is None else read[0].view(k.shape[1], -1)))
+            kept["loopserve_selection"].append(kept_mass(qt, k[:length], comp.indices(length)))
             kept["loopserve_before"].append(kept_mass(qt, k[:length], before.indices(length)))
             kept["snapkv"].append(kept_mass(qt, k[:length], torch.cat([snap, since], 1)))
             stream_now = StreamingLLM().select(ScoreContext(k=k[:length], prompt_len=prompt_len), budget=budget)

@@ -17,7 +17,8 @@ A setting is ``name=JSON``: ``{"compressor": {...}}`` passes its fields to
 ``first_interval``, ...); ``{"scorer": {...}}`` runs ``ExactRule``, a plain
 re-selection that scores every key with every window query, with
 exploratory options (``maxpool``, ``value_norm``, ``ema``, ``group_max``,
-``cover``, ``pool``); ``"layers": [lo, hi]`` compresses only those layers.
+``cover``, ``pool``, ``oracle``: each step's own exact top ``budget``, the ceiling of any
+selection of that size); ``"layers": [lo, hi]`` compresses only those layers.
 
     python benchmarks/decode_kl_offline.py [--settings name=JSON ...] [--docs 3] [--tokens 64]
 """
@@ -44,7 +45,11 @@ from sglang_loopserve.cache_policy.decode import (DecodeCompressor, attention_ma
                                                    keep_top)
 
 SETTINGS = {
-    "pooling bounds (default)": {"compressor": {}},
+    "defaults": {"compressor": {}},
+    "no query blocks, first re-selection at 16": {"compressor": {"query_blocks": 0, "first_interval": 16}},
+    "no query blocks": {"compressor": {"query_blocks": 0}},
+    "query blocks, first re-selection at 16": {"compressor": {"first_interval": 16}},
+    "each step's own top 1024 (oracle)": {"scorer": {"oracle": True}},
     "pooling all": {"compressor": {"pool_window": "all"}},
     "pooling none": {"compressor": {"pool_window": "none"}},
     "budget 2048": {"compressor": {"budget": 2048}},
@@ -56,22 +61,25 @@ class ExactRule:
     with options to try: ``pool`` (score with their mean), ``maxpool`` (max-pool the scores over
     this many neighbours), ``value_norm`` (scores times the value's norm), ``ema`` (blend with the
     previous scores), ``group_max`` (a group's query heads combined by max, not sum), ``cover``
-    (per KV head the fewest positions covering this share of the window mass: ragged)."""
+    (per KV head the fewest positions covering this share of the window mass: ragged), ``oracle``
+    (once a selection exists, each step reads the top ``budget`` of its own exact attention)."""
 
     def __init__(self, budget=1024, interval=16, window=16, sink=4, recent=32, pool=False, maxpool=0,
-                 value_norm=False, ema=0.0, group_max=False, cover=0.0):
+                 value_norm=False, ema=0.0, group_max=False, cover=0.0, oracle=False):
         self.budget, self.interval, self.window, self.sink, self.recent = budget, interval, window, sink, recent
         self.pool, self.maxpool, self.value_norm, self.ema = pool, maxpool, value_norm, ema
-        self.group_max, self.cover = group_max, cover
+        self.group_max, self.cover, self.oracle = group_max, cover, oracle
         self.selection, self.selected_at, self.queries, self.since, self.previous = None, 0, [], 0, None
 
     def seed(self, length):
         self.selection, self.selected_at = None, length
 
-    def indices(self, length):
+    def read(self, length, q, k):
         """``[Hk, n]`` positions, or a list of per-head ones (``cover``), or None (everything)."""
         if self.selection is None:
             return None
+        if self.oracle:
+            return keep_top(attention_mass(q[None], k[:length]), self.budget, self.sink, self.recent)
         fresh = torch.arange(self.selected_at, length)
         if isinstance(self.selection, list):
             return [torch.cat([x, fresh]) for x in self.selection]
@@ -129,8 +137,9 @@ class CompressorRule:
     def seed(self, length):
         self.comp.seed(None, length)
 
-    def indices(self, length):
-        return self.comp.indices(length)
+    def read(self, length, q, k):
+        rows = self.comp.attended(length, q, k, torch.arange(length))
+        return None if rows is None else rows[0].view(len(rows[1]), -1)
 
     def observe(self, q, k, v):
         self.comp.observe(q, k)
@@ -164,7 +173,7 @@ class Replay:
         read = 0.0
         for t in range(n):
             length = self.prompt_len + t + 1
-            idx = rule.indices(length) if rule is not None else None
+            idx = rule.read(length, q[t], k) if rule is not None else None
             if isinstance(idx, list):  # ragged: each KV head with its query heads
                 for h, ih in enumerate(idx):
                     heads = slice(h * group, (h + 1) * group)

@@ -84,9 +84,12 @@ class LoopServeConfig:
     #: Decode: what a turn's tokens read before its first re-selection (``DECODE_SEEDS``).
     decode_seed: str = "auto"
     #: Decode: tokens from a turn's start to its first re-selection (``None``: ``decode_interval``).
-    decode_first_interval: int | None = None
+    decode_first_interval: int | None = 4
     #: Decode: how the window's queries score the cache at a re-selection (``DECODE_POOLINGS``).
     decode_pooling: str = "bounds"
+    #: Decode: key blocks (of 8 tokens) each step's own query adds to the selection, ranked by their
+    #: key bounds (0: the selection only).
+    decode_query_blocks: int = 64
     #: First tokens always kept (prefill columns and decode selection).
     sink: int = 4
     #: Decode: last tokens always kept.
@@ -96,7 +99,7 @@ class LoopServeConfig:
     # per server: the kernels are compiled for it).
     REQUEST_FIELDS = ("enabled", "method", "alpha", "q_window", "min_prefill_len", "decode_budget",
                       "decode_interval", "decode_window", "decode_max_interval", "decode_seed",
-                      "decode_first_interval", "decode_pooling", "sink", "recent")
+                      "decode_first_interval", "decode_pooling", "decode_query_blocks", "sink", "recent")
 
     def validated(self, name=lambda field: field) -> "LoopServeConfig":
         """``self`` if every value is in range, else ``LoopServeConfigError``;
@@ -125,7 +128,7 @@ class LoopServeConfig:
                 continue
             if not is_int(getattr(self, f)) or getattr(self, f) < 1:
                 fail(f, "must be an integer >= 1")
-        for f in ("min_prefill_len", "sink", "recent"):
+        for f in ("min_prefill_len", "decode_query_blocks", "sink", "recent"):
             if f == "min_prefill_len" and self.min_prefill_len is None:
                 continue
             if not is_int(getattr(self, f)) or getattr(self, f) < 0:

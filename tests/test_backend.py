@@ -25,7 +25,17 @@ H, HK, D, SLOTS = 4, 2, 16, 4096
 #: ``decode_seed="estimate"``: the tests below check selections from the first step on (``auto``,
 #: the default, has its own test).
 CONFIG = LoopServeConfig(alpha=0.5, q_window=16, block_size=16, min_prefill_len=64, decode_budget=40,
-                         decode_interval=4, decode_window=4, sink=2, recent=4, decode_seed="estimate")
+                         decode_interval=4, decode_window=4, sink=2, recent=4, decode_seed="estimate",
+                         decode_query_blocks=2)
+#: Positions each decode step's query adds to the selection under ``CONFIG`` (2 blocks of 8).
+QUERY_EXTRA = 2 * 8
+
+
+def read_set(comp, length, q, k_pool, row):
+    """``[Hk, n]``: what the backend's decode step reads for ``comp`` at cache length ``length``
+    with query ``q`` (the selection, the query's blocks, the tokens since)."""
+    flat, counts = comp.attended(length, q.reshape(H, D), k_pool, row)
+    return flat.view(len(counts), -1)
 
 
 def expected_prefill(q, k, v, alpha=0.5):
@@ -103,10 +113,10 @@ def test_mixed_batch_extend_then_decode(setup):
         kd = torch.randn(2, HK * D, generator=gen)
         vd = torch.randn(2, HK * D, generator=gen)
         comp = store.get("sparse").compressor(0)
-        idx = comp.indices(257 + step)
-        # Selection + every token since it (re-selected after the 4th step, at length 260).
+        idx = read_set(comp, 257 + step, qd[0], s.pool.k, s.req_to_token[0])
+        # Selection + the query's blocks + every token since it (re-selected after the 4th step, at length 260).
         fresh = step + 1 if step < 4 else step - 3
-        assert idx.shape == (HK, cfg.decode_budget + fresh)
+        assert idx.shape == (HK, cfg.decode_budget + QUERY_EXTRA + fresh)
         o = s.backend.forward(qd, kd, vd, s.layer, fb).view(2, H, D)
         rows = s.req_to_token[0, :257 + step].long()
         ref = decode_attention(qd[0].view(H, D), s.pool.k[rows], s.pool.v[rows], idx)
@@ -332,8 +342,8 @@ def test_whole_batch_base_path(device):
     req_to_token[1, 50] = 1050
     fb = decode_batch(["gpu-sparse", "gpu-dense"], [0, 1], [301, 51], torch.tensor([300, 1050], device=device))
     qd, kd, vd = (torch.randn(2, h * D, generator=gen).to(device, dt) for h in (H, HK, HK))
-    idx = store.get("gpu-sparse").compressor(0).indices(301)
-    assert idx.shape[1] == 41  # budget + the new token, out of 301
+    idx = read_set(store.get("gpu-sparse").compressor(0), 301, qd[0], pool.k, req_to_token[0])
+    assert idx.shape[1] == 41 + QUERY_EXTRA  # budget + the query's blocks + the new token, out of 301
     o = backend.forward(qd, kd, vd, layer, fb).view(2, H, D)
     rows = req_to_token[0, :301].long()
     ref = decode_attention(_cpu(qd[0]).view(H, D), _cpu(pool.k[rows]), _cpu(pool.v[rows]), idx.cpu())
@@ -372,8 +382,8 @@ def test_whole_batch_base_skipped_when_loopserve_takes_every_request(device):
     assert w.base.calls == 0
     assert torch.equal(pool.k[[300, 1260]], kd.view(2, HK, D).to(pool.k.dtype))
     for i, (rid, n) in enumerate((("all-a", 301), ("all-b", 261))):
-        idx = store.get(rid).compressor(0).indices(n)
-        assert idx.shape[1] == CONFIG.decode_budget + 1
+        idx = read_set(store.get(rid).compressor(0), n, qd[i], pool.k, req_to_token[i])
+        assert idx.shape[1] == CONFIG.decode_budget + QUERY_EXTRA + 1
         rows = req_to_token[i, :n].long()
         ref = decode_attention(_cpu(qd[i]).view(H, D), _cpu(pool.k[rows]), _cpu(pool.v[rows]), idx.cpu())
         torch.testing.assert_close(_cpu(o[i]), ref, **w.tol)

@@ -109,7 +109,7 @@ def test_topic_shift_followed_by_reselection_not_by_snapkv():
 
 def test_tokens_since_last_selection_are_attended_and_dropped_tokens_can_return():
     k, v, hot, u = planted(1000)
-    comp = DecodeCompressor(budget=64, interval=8, window=8, sink=4, recent=8)
+    comp = DecodeCompressor(budget=64, interval=8, window=8, sink=4, recent=8, first_interval=8)
     comp.seed(None, 900)
     q = queries(u, 40, 6)
     for t in range(8):
@@ -272,7 +272,8 @@ def test_baselines_on_hand_made_case():
     (dict(budget=0), "budget"), (dict(budget=10, sink=4, recent=32), "sink \\+ recent"),
     (dict(interval=0), "interval"), (dict(window=0), "window"),
     (dict(interval=16, max_interval=8), "max_interval"), (dict(pool_window=True), "pool_window"),
-    (dict(pool_window="mean"), "pool_window"),
+    (dict(pool_window="mean"), "pool_window"), (dict(query_blocks=-1), "query_blocks"),
+    (dict(query_blocks=2.0), "query_blocks"), (dict(query_blocks=True), "query_blocks"),
 ])
 def test_compressor_bad_parameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -351,7 +352,7 @@ def test_summaries_grow_with_the_cache():
 
 def test_interval_doubles_while_selections_agree_and_resets_on_a_change():
     k, v, hot, u = planted(3000)
-    comp = DecodeCompressor(budget=300, interval=8, window=8, max_interval=32)
+    comp = DecodeCompressor(budget=300, interval=8, window=8, max_interval=32, first_interval=8)
     comp.seed(None, 2900)
     q = queries(u, 200, 6)
     due = []
@@ -531,3 +532,81 @@ def test_reselection_method_is_validated():
         reselect_pruned(q, k, torch.arange(500), KeySummaries(), budget=64, method="fast")
     with pytest.raises(ValueError, match="method 'loops' needs"):
         reselect_pruned(q, k.half(), torch.arange(500), KeySummaries(), budget=64, method="loops")
+
+
+def _reselected(length, query_blocks, budget=256, seed=0, pool_extra=37):
+    """A compressor re-selected once over a shuffled bf16 pool of ``length`` keys."""
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.randn(length + pool_extra, 3, D, generator=g).bfloat16()
+    slots = torch.randperm(length + pool_extra, generator=g)[:length]
+    comp = DecodeCompressor(budget=budget, interval=16, window=8, query_blocks=query_blocks)
+    comp._queries = list(torch.randn(8, 9, D, generator=g).bfloat16())
+    comp.reselect_from(pool, slots)
+    return comp, pool, slots, torch.randn(9, D, generator=g).bfloat16()
+
+
+@pytest.mark.parametrize("length, query_blocks", [(4096, 64), (3000, 96), (700, 64), (300, 200)])
+def test_query_blocks_compiled_walk_equals_reference(length, query_blocks):
+    """On a CPU ``attended`` walks the blocks in one compiled call; the tensor reference
+    (``query_block_positions``) gives the same positions, every head as many, none selected twice,
+    also where the selection leaves fewer free positions than asked (700 and 300 tokens)."""
+    comp, pool, slots, q = _reselected(length, query_blocks)
+    flat, counts = comp.attended(length + 3, q, pool, slots)
+    ref = comp.query_block_positions(q)
+    n_sel = comp.selection.shape[1]
+    rows = flat.view(3, -1)
+    assert counts == [rows.shape[1]] * 3
+    span = length // comp.summaries.block * comp.summaries.block  # the blocks before the selection's length
+    assert ref.shape[1] == min(query_blocks * comp.summaries.block,
+                               span - int((comp.selection < span).sum(1).max()))
+    assert torch.equal(rows[:, :n_sel], comp.selection)
+    assert torch.equal(rows[:, n_sel:n_sel + ref.shape[1]], ref)
+    assert rows[:, -3:].tolist() == [[length, length + 1, length + 2]] * 3
+    for h in range(3):
+        assert rows[h].unique().numel() == rows.shape[1]
+
+
+def test_query_blocks_read_what_the_step_query_needs():
+    """Planted: the selection (seeded, so the key summaries are built on the first step) leaves out
+    a block whose keys the step's query matches far above every other block: that block is read
+    with the step's query, and not without it."""
+    g = torch.Generator().manual_seed(1)
+    length, start = 4096, 2000
+    k = torch.randn(length, 3, D, generator=g) * 0.1
+    k[start:start + 8, 0] = 1.0
+    scores = torch.rand(3, length, generator=g)
+    scores[:, start - 64:start + 64] = 0.0
+    comp = DecodeCompressor(budget=256, query_blocks=4)
+    comp.seed(scores, length)
+    q = torch.zeros(9, D)
+    q[0:3] = 1.0  # KV head 0's query heads
+    planted = set(range(start, start + 8))
+    assert not planted & set(comp.selection[0].tolist())
+    flat, counts = comp.attended(length + 2, q, k, torch.arange(length))
+    assert counts == [256 + 32 + 2] * 3
+    assert planted <= set(flat.view(3, -1)[0].tolist())
+    flat, _ = comp.attended(length + 2)
+    assert not planted & set(flat.view(3, -1)[0].tolist())
+
+
+def test_attend_reads_the_query_blocks():
+    """``DecodeCompressor.attend`` (the engine-agnostic step) equals attention over the positions
+    ``attended`` lists, and with query blocks it differs from the selection alone."""
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(2000, 3, D, generator=g), torch.randn(2000, 3, D, generator=g)
+    outs = {}
+    for blocks in (0, 16):
+        comp = DecodeCompressor(budget=128, interval=4, window=4, first_interval=4, query_blocks=blocks)
+        comp.seed(None, 1990)
+        for t in range(6):  # the first re-selection after 4 steps, then two steps over it
+            q = torch.randn(9, D, generator=torch.Generator().manual_seed(t))
+            length = 1991 + t
+            if comp.selection is not None:
+                flat, counts = comp.attended(length, q, k, torch.arange(length))
+                ref = decode_attention(q, k[:length], v[:length], flat.view(3, -1))
+                assert len(set(counts)) == 1
+            out = comp.attend(q, k[:length], v[:length])
+            if comp.selection is not None and t >= 4:
+                torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        outs[blocks] = out
+    assert not torch.allclose(outs[0], outs[16])

@@ -17,6 +17,7 @@ BAD_FLAG_VALUES = [
     ("decode_window", "0"), ("sink", "-1"), ("recent", "-2"), ("decode_budget", "20"),
     ("decode_max_interval", "8"), ("decode_max_interval", "0"), ("decode_seed", "prefill"),
     ("decode_seed", ""), ("decode_first_interval", "0"), ("decode_pooling", "mean"), ("decode_pooling", ""),
+    ("decode_query_blocks", "-1"), ("decode_query_blocks", "two"),
 ]
 
 
@@ -27,6 +28,15 @@ def test_defaults_follow_method_doc():
     assert c.decode_max_interval == 8 * c.decode_interval
     assert c.min_prefill_len is None  # the device's measured break-even
     assert c.validated() is c
+
+
+def test_per_request_decode_query_blocks():
+    base = LoopServeConfig()
+    assert base.decode_query_blocks > 0
+    assert base.override({"decode_query_blocks": 0}).decode_query_blocks == 0
+    for bad in (-1, 1.5, True, "8"):
+        with pytest.raises(LoopServeConfigError, match="custom_params.loopserve.decode_query_blocks"):
+            base.override({"decode_query_blocks": bad}, request_field_name)
 
 
 def test_per_request_decode_max_interval():
@@ -49,8 +59,9 @@ def test_per_request_decode_seed():
 
 def test_per_request_decode_first_interval():
     base = LoopServeConfig()
-    assert base.decode_first_interval is None  # the base interval
-    assert base.override({"decode_first_interval": 4}).decode_first_interval == 4
+    assert base.decode_first_interval == 4  # early: each step's query blocks cover what the first choice misses
+    assert base.override({"decode_first_interval": 16}).decode_first_interval == 16
+    assert base.override({"decode_first_interval": None}).decode_first_interval is None  # the base interval
     for bad in (0, -3, 2.5, "4", True):
         with pytest.raises(LoopServeConfigError, match="custom_params.loopserve.decode_first_interval"):
             base.override({"decode_first_interval": bad}, request_field_name)

@@ -332,12 +332,14 @@ def test_backend_masks_pruned_positions_exactly_like_removing_their_keys(monkeyp
         length += 1
         r2t[0, length - 1] = length
         comp = store.get("pruned").compressor(0)
-        flat, counts = without_positions(comp.attended(length), dead, length, HK)
-        reads = flat.split(counts)
-        assert not any(torch.isin(r, dead).any() for r in reads)
         qd = torch.randn(1, H * D, generator=gen)
         kd = torch.randn(1, HK * D, generator=gen)
         vd = torch.randn(1, HK * D, generator=gen)
+        # What the backend reads: the selection, this query's key blocks, the tokens since.
+        read = comp.attended(length, qd.view(H, D), pool.k, r2t[0]) if comp.selection is not None else None
+        flat, counts = without_positions(read, dead, length, HK)
+        reads = flat.split(counts)
+        assert not any(torch.isin(r, dead).any() for r in reads)
         fbd = decode_batch(["pruned"], [0], [length], torch.tensor([length]), mode=ForwardMode.DECODE)
         backend.init_forward_metadata(fbd)
         od = backend.forward(qd, kd, vd, layer, fbd).view(H, D)

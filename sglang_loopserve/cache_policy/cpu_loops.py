@@ -302,6 +302,77 @@ if numba is not None:
                         out[r, h * group + g, x] /= total
 
 
+if numba is not None:
+
+    @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+    def _query_block_rows(q, storage, n_blocks, block, held, whole, selection, selected_at, length, extra,
+                          out):
+        """Per KV head: ``out[h] = selection[h], then the first ``extra`` positions the selection does
+        not hold, walking the blocks by descending bound (ties: the lower block first), then the
+        positions ``selected_at..length-1``."""
+        n_kv, group, d2 = q.shape
+        n_sel = selection.shape[1]
+        bound = np.empty(n_blocks, dtype=np.float32)
+        # Enough ranked blocks for ``extra`` positions unless the selection holds much of them;
+        # the rest are ranked only when the walk gets there.
+        first = min(n_blocks, 2 * (-(-extra // block)) + 2)
+        idx = np.empty(n_blocks, dtype=np.int64)
+        for h in range(n_kv):
+            for b in range(n_blocks):
+                if whole[h, b]:
+                    bound[b] = -np.inf
+                    continue
+                best = -np.inf
+                row = storage[h, b]
+                for g in range(group):
+                    qg = q[h, g]  # [2d]: the positive part against the max, the negative against the min
+                    acc = np.float32(0.0)
+                    for x in range(d2):
+                        acc += qg[x] * row[x]
+                    best = max(best, acc)
+                bound[b] = best
+            for i in range(n_sel):
+                out[h, i] = selection[h, i]
+            n = n_sel
+            goal = n_sel + extra
+            count = _top(bound, n_blocks, first, idx)
+            ranked = idx[:count][np.argsort(-bound[idx[:count]], kind="mergesort")]
+            for rank in range(2):
+                if rank == 1:  # every block, in order: the ones walked already add nothing new
+                    if n >= goal:
+                        break
+                    ranked = np.argsort(-bound[:n_blocks], kind="mergesort")
+                    n = n_sel
+                for b in ranked:
+                    if n >= goal:
+                        break
+                    for p in range(b * block, (b + 1) * block):
+                        if not held[h, p]:
+                            out[h, n] = p
+                            n += 1
+                            if n >= goal:
+                                break
+            for p in range(selected_at, length):
+                out[h, n] = p
+                n += 1
+
+
+def query_block_rows(q: torch.Tensor, summaries, n_blocks: int, held: torch.Tensor, whole: torch.Tensor,
+                     selection: torch.Tensor, selected_at: int, length: int, extra: int) -> torch.Tensor:
+    """``DecodeCompressor.attended``'s read set with query blocks, one compiled call: ``[Hk, n_sel +
+    extra + length - selected_at]`` positions (``DecodeCompressor.query_block_positions`` gives the
+    same extra positions as tensor ops)."""
+    n_kv = selection.shape[0]
+    qg = q.detach().float().reshape(n_kv, -1, q.shape[-1])
+    qs = torch.cat([qg.clamp(min=0), qg.clamp(max=0)], dim=-1)  # [Hk, g, 2d]
+    out = torch.empty(n_kv, selection.shape[1] + extra + length - selected_at, dtype=torch.int64)
+    with lock:
+        _query_block_rows(qs.numpy(), summaries.storage.numpy(), n_blocks, summaries.block, held.numpy(),
+                          whole.numpy(), selection.to(torch.int64).contiguous().numpy(), selected_at, length,
+                          extra, out.numpy())
+    return out
+
+
 def sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, slots: torch.Tensor,
                   indptr: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """``batched_decode_attention``'s compiled CPU path (same contract): ``q [B, H, d]`` over the

@@ -40,6 +40,18 @@ AGREEMENT = 0.7
 #: blocks with it costs the candidates' choice little (the exact stage re-ranks them) and keeps
 #: the block stage as cheap as one query.
 WINDOW_POOLING = DECODE_POOLINGS  # the server's flag takes the same choices
+#: Key blocks (of ``KeySummaries.block`` positions) each decode step reads besides the selection:
+#: the positions of those its own query ranks highest by their bounds (``DecodeCompressor.query_blocks``;
+#: ours).  Measured by teacher-forced KL to full attention (``benchmarks/decode_kl_offline.py``,
+#: SmolLM2, 3.7K-token prompts, budget 1024, 9 answers): a selection chosen by the window's queries is
+#: stale for the query of the moment (each step's own exact top 1024 leaves a KL of 0.0014, the
+#: window's choice 0.0172); with 64 blocks of 8 and the first re-selection after 4 tokens 0.0025,
+#: reading 0.45 of the cache (96 blocks: 0.0014, reading 0.51).
+QUERY_BLOCKS = 64
+#: Tokens from a turn's seed to its first re-selection: with query blocks each step reads what its
+#: own query needs, so the window's first choice can come early (a long turn reads every cached
+#: token only until then).
+FIRST_INTERVAL = 4
 
 
 def _check_gqa(n_heads: int, n_kv: int) -> int:
@@ -255,6 +267,11 @@ class DecodeCompressor:
     ``interval``.  A stable
     answer is re-scored rarely, a topic shift within ``interval`` tokens of
     being noticed again.
+
+    Each step also reads, besides the selection, the key blocks its own query
+    ranks highest by their bounds (``query_blocks``, ``QUERY_BLOCKS``; ours): the
+    window chose for the queries before it, a step's query may need other tokens.
+    So the first re-selection comes ``first_interval`` (4) tokens into a turn.
     """
 
     budget: int = 1024
@@ -265,11 +282,13 @@ class DecodeCompressor:
     max_interval: int = 128
     #: tokens from a turn's seed to its first re-selection (0: ``interval``); a short one with
     #: ``seed(None)`` reads everything only until the answer's own queries can choose
-    first_interval: int = 0
+    first_interval: int = FIRST_INTERVAL
     #: candidates per re-selection, a multiple of the budget (0: score every key)
     candidate_factor: float = CANDIDATE_FACTOR
     #: how the window's queries score the cache (``WINDOW_POOLING``)
     pool_window: str = "bounds"
+    #: key blocks each step's own query adds to the selection (``QUERY_BLOCKS``; 0: none)
+    query_blocks: int = QUERY_BLOCKS
     selection: torch.Tensor | None = field(default=None, repr=False)  # [Hk, n] positions
     #: the window's attention mass on ``selection`` at the last re-selection (``[Hk, n]``)
     selection_mass: torch.Tensor | None = field(default=None, repr=False)
@@ -285,6 +304,10 @@ class DecodeCompressor:
     summaries: KeySummaries = field(default_factory=KeySummaries, repr=False)
     _queries: list = field(default_factory=list, repr=False)
     _since: int = 0  # tokens generated since the last re-selection
+    #: for ``_held_for`` (the selection they were built from): positions it holds ``[Hk, n]`` and
+    #: blocks it holds whole ``[Hk, nb]``
+    _held: tuple | None = field(default=None, repr=False)
+    _held_for: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self):
         validate_budget(self.budget, self.sink, self.recent)
@@ -296,6 +319,8 @@ class DecodeCompressor:
             raise ValueError(f"first_interval must be an integer >= 0 (0: interval), got {self.first_interval!r}")
         if self.pool_window not in WINDOW_POOLING:
             raise ValueError(f"pool_window must be one of {', '.join(WINDOW_POOLING)}, got {self.pool_window!r}")
+        if isinstance(self.query_blocks, bool) or not isinstance(self.query_blocks, int) or self.query_blocks < 0:
+            raise ValueError(f"query_blocks must be an integer >= 0, got {self.query_blocks!r}")
         if not isinstance(self.max_interval, int) or self.max_interval < self.interval:
             raise ValueError(f"max_interval must be an integer >= interval={self.interval}, "
                              f"got {self.max_interval!r}")
@@ -321,13 +346,31 @@ class DecodeCompressor:
         self.counts = None if bool(valid.all()) else valid.sum(-1).tolist()
         self.selection, self.selected_at, self.seeded_from, self.fixed = selection, length, source, True
 
-    def attended(self, length: int) -> tuple[torch.Tensor, list[int]] | None:
+    def attended(self, length: int, q: torch.Tensor | None = None, k_buffer: torch.Tensor | None = None,
+                 slots: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]] | None:
         """What decode reads at cache length ``length``: the selection plus every token since it,
-        as flat ascending positions per KV head and each head's count; ``None``: everything."""
+        as flat positions per KV head and each head's count; ``None``: everything.
+
+        With this step's query ``q [H, d]`` also the positions of the key blocks it ranks highest
+        that the selection does not hold (``query_block_positions``; ours), after each head's
+        selection: every head reads as many.  ``k_buffer``/``slots`` (position ``i``'s key at ``k_buffer[slots[i]]``)
+        bring the key summaries up to the selection when it was seeded, not re-selected."""
         if self.selection is None:
             return None
         fresh = torch.arange(self.selected_at, length, device=self.selection.device)
         n_kv = self.selection.shape[0]
+        if (q is not None and self.query_blocks and self.counts is None and not self.fixed
+                and self.selected_at >= self.summaries.block):
+            n_blocks = self._summarised(k_buffer, slots)
+            held, whole, free = self._held_blocks(n_blocks)
+            extra = min(self.query_blocks * self.summaries.block, free)
+            if cpu_loops.available() and q.device.type == "cpu":
+                rows = cpu_loops.query_block_rows(q, self.summaries, n_blocks, held, whole, self.selection,
+                                                  self.selected_at, length, extra)
+            else:
+                rows = torch.cat([self.selection, self.query_block_positions(q, k_buffer, slots),
+                                  fresh.expand(n_kv, -1)], dim=1)
+            return rows.view(-1), [rows.shape[1]] * n_kv
         if self.counts is None:
             rows = torch.cat([self.selection, fresh.expand(n_kv, -1)], dim=1)
             return rows.reshape(-1), [rows.shape[1]] * n_kv
@@ -335,6 +378,51 @@ class DecodeCompressor:
         for h, n in enumerate(self.counts):
             parts += [self.selection[h, :n], fresh]
         return torch.cat(parts), [n + fresh.numel() for n in self.counts]
+
+    def query_block_positions(self, q: torch.Tensor, k_buffer: torch.Tensor | None = None,
+                              slots: torch.Tensor | None = None) -> torch.Tensor:
+        """``[Hk, E]``: the positions a step with query ``q [H, d]`` reads besides the selection
+        (ours): walking the key blocks before the selection's cache length by descending bound
+        (``q+ . max + q- . min``, the max over the group's query heads; ties: the lower block
+        first), the first ``E`` positions the selection does not hold, ``E = query_blocks x
+        block`` (fewer if a head has fewer such positions: every head reads as many).  The
+        reference; on a CPU ``attended`` runs the same walk compiled (``cpu_loops``)."""
+        bs = self.summaries.block
+        n_blocks = self._summarised(k_buffer, slots)
+        held, _, free = self._held_blocks(n_blocks)
+        n_kv, d = held.shape[0], q.shape[-1]
+        qg = q.float().view(n_kv, -1, d)
+        split = torch.cat([qg.clamp(min=0), qg.clamp(max=0)], dim=-1)  # [Hk, g, 2d]
+        bound = torch.bmm(split, self.summaries.bounds[:, :n_blocks].transpose(1, 2)).amax(1)  # [Hk, nb]
+        order = bound.argsort(dim=-1, descending=True, stable=True)
+        positions = (order[..., None] * bs + torch.arange(bs, device=order.device)).flatten(1)
+        new = ~held.gather(1, positions)
+        extra = min(self.query_blocks * bs, free)
+        return positions[new & (new.cumsum(1) <= extra)].view(n_kv, extra)
+
+    def _summarised(self, k_buffer, slots) -> int:
+        """Blocks of the key summaries wholly before the selection's cache length, brought up to it
+        (a seeded selection was not made from them) from ``k_buffer`` through ``slots``."""
+        n_blocks = self.selected_at // self.summaries.block
+        if self.summaries.length < n_blocks * self.summaries.block:
+            if k_buffer is None:
+                raise ValueError("the key summaries do not reach the selection: pass k_buffer and slots")
+            self.summaries.update(k_buffer, slots[: self.selected_at])
+        return n_blocks
+
+    def _held_blocks(self, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """For the current selection: ``[Hk, n_blocks * block]`` whether it holds each position,
+        ``[Hk, n_blocks]`` whether it holds each block whole, and the fewest positions a head's
+        selection leaves free there (built once per selection)."""
+        if self._held_for is not self.selection or self._held is None:
+            bs = self.summaries.block
+            n_kv = self.selection.shape[0]
+            held = torch.zeros(n_kv, n_blocks * bs + 1, dtype=torch.bool, device=self.selection.device)
+            held.scatter_(1, self.selection.clamp(max=n_blocks * bs), True)  # the spare column: past the blocks
+            held = held[:, :-1].contiguous()
+            free = int((n_blocks * bs - held.sum(1)).min())
+            self._held, self._held_for = (held, held.view(n_kv, n_blocks, bs).all(-1), free), self.selection
+        return self._held
 
     def indices(self, length: int) -> torch.Tensor | None:
         """Positions attended at cache length ``length``: selection + tokens since it, ``[Hk, n]``
@@ -384,8 +472,18 @@ class DecodeCompressor:
             self.reselect(k)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """One decode step: attention of ``q`` over the current selection, then bookkeeping."""
-        out = decode_attention(q, k, v, self.indices(k.shape[0]))
+        """One decode step: attention of ``q`` over what it reads (``attended``), then bookkeeping."""
+        length = k.shape[0]
+        slots = torch.arange(length, device=k.device)
+        rows = self.attended(length, q, k, slots)
+        if rows is None:
+            out = decode_attention(q, k, v, None)
+        else:
+            from .batched import batched_decode_attention
+
+            flat, counts = rows
+            indptr = torch.tensor([0] + counts, device=k.device).cumsum(0)
+            out = batched_decode_attention(q[None], k, v, slots[None], indptr, flat, method="tensor")[0]
         self.observe(q, k)
         return out
 

@@ -18,6 +18,9 @@ re-selection works in two stages:
    candidate keys, summed, and the top ``budget`` kept (with the sink and the
    most recent tokens, as always).
 
+The same summaries rank the blocks for each decode step's own query
+(``DecodeCompressor.query_blocks``): one bound per block, no key read.
+
 Summaries grow with the cache: each re-selection summarises only the keys
 added since the last one (the last, partial block is redone).  The keys are
 read from the KV pool through their slots, so a re-selection never gathers the
@@ -37,7 +40,10 @@ class KeySummaries:
     side by side (``bounds[..., :d]`` max, ``bounds[..., d:]`` min: one matrix product scores
     both).  Stored with spare capacity, so the cache's growth writes in place."""
 
-    block: int = 16
+    #: 8: the blocks also serve each step's query blocks (``DecodeCompressor.query_blocks``), where
+    #: blocks of 8 left a third less KL than as many positions in blocks of 16 (0.0055 vs 0.0085,
+    #: ``benchmarks/decode_kl_offline.py``)
+    block: int = 8
     storage: torch.Tensor | None = field(default=None, repr=False)  # [Hk, capacity, 2d] float32
     n_blocks: int = 0
     length: int = 0  # positions summarised

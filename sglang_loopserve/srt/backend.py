@@ -46,7 +46,7 @@ from ..attention.exact import exact_prefill_attention
 from ..attention.kernels import default_kernel
 from ..attention.sparse_prefill import min_prefill_len
 from ..cache_policy import METHODS, KeySummaries, ScoreContext, attention_mass, batched_decode_attention
-from ..cache_policy.decode import reselect_pruned
+from ..cache_policy.decode import DecodeCompressor, reselect_pruned
 from ..config import PREFILL_PATTERNS, LoopServeConfig
 from .request_state import RequestStats, live_requests, model_context, set_model_context, store
 from .radix import PADDING_SLOT, count_prefill
@@ -205,6 +205,10 @@ class LoopServeAttnBackend:
         for length in (n_ctx - 5, n_ctx):  # the summaries built, then grown
             reselect_pruned(q[-1:].float(), pool, slots[:length], summaries, budget=budget, sink=self.config.sink,
                             recent=self.config.recent, factor=1.0, previous=previous)
+        # A step's read set with query blocks (compiled on the CPU), from a seeded selection.
+        comp = DecodeCompressor(budget=budget, sink=self.config.sink, recent=self.config.recent, query_blocks=2)
+        comp.seed(torch.rand(kv_heads, n_ctx, generator=gen).to(self.device), n_ctx - 5)
+        comp.attended(n_ctx, q[-1], pool, slots)
         # Attention over a selection (compiled on the CPU), as ``_decode_selected`` calls it.
         positions = torch.arange(budget, device=self.device).repeat(kv_heads)
         indptr = torch.arange(kv_heads + 1, device=self.device) * budget
@@ -490,7 +494,11 @@ class LoopServeAttnBackend:
                 continue
             state = self.store.get(rid) or self.store.new_turn(rid, opts)
             comp = comps[i] = state.compressor(layer.layer_id)
-            rows = comp.attended(seq_lens[i])
+            if comp.query_blocks and comp.selection is not None:
+                rows = comp.attended(seq_lens[i], q_[i], self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+                                     self.req_to_token_pool.req_to_token[fb.req_pool_indices[i]])
+            else:
+                rows = comp.attended(seq_lens[i])
             # A compressing turn that still reads everything (a full seed) also runs on the kernel.
             read_all = (rows is None and self._full_reads_through_kernel and not comp.fixed
                         and opts.decode_budget < seq_lens[i])

@@ -132,14 +132,16 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         "decode_pooling": "Decode: how a re-selection's window of queries scores the cache: bounds (their "
                           "mean per head ranks the key blocks, each query scores the candidates), all "
                           "(their mean does both: cheapest, less faithful) or none (each query does both).",
+        "decode_query_blocks": "Decode: key blocks of 8 tokens each step's own query adds to the selection "
+                               "(those its query ranks highest by the blocks' key bounds, not already "
+                               "selected); 0 reads the selection only.",
         "sink": "First tokens always kept (prefill columns and decode selection).",
         "recent": "Decode: last tokens always kept.",
     }
     from ..attention.sparse_prefill import MIN_PREFILL_LEN
 
     shown = {"min_prefill_len": "the break-even measured per device (" + ", ".join(
-        f"{device} {tokens}" for device, tokens in MIN_PREFILL_LEN.items()) + " tokens)",
-             "decode_first_interval": "DECODE_INTERVAL"}
+        f"{device} {tokens}" for device, tokens in MIN_PREFILL_LEN.items()) + " tokens)"}
     for f in fields(LoopServeConfig):
         if f.name == "enabled":
             continue

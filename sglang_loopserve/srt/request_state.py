@@ -109,7 +109,8 @@ class DecodeState:
             comp = self.layers[layer_id] = DecodeCompressor(
                 budget=o.decode_budget, interval=o.decode_interval, window=o.decode_window,
                 sink=o.sink, recent=o.recent, max_interval=o.decode_max_interval,
-                first_interval=o.decode_first_interval or 0, pool_window=o.decode_pooling)
+                first_interval=o.decode_first_interval or 0, pool_window=o.decode_pooling,
+                query_blocks=o.decode_query_blocks)
         return comp
 
 
