@@ -304,8 +304,8 @@ class DecodeCompressor:
     summaries: KeySummaries = field(default_factory=KeySummaries, repr=False)
     _queries: list = field(default_factory=list, repr=False)
     _since: int = 0  # tokens generated since the last re-selection
-    #: for ``_held_for`` (the selection they were built from): positions it holds ``[Hk, n]`` and
-    #: blocks it holds whole ``[Hk, nb]``
+    #: ``_held_blocks`` of ``_held_for`` (the selection it was built from): the positions it holds,
+    #: the blocks it holds whole, the fewest free positions of a head
     _held: tuple | None = field(default=None, repr=False)
     _held_for: torch.Tensor | None = field(default=None, repr=False)
 
