@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..numba_setup import available, lock, numba, njit, prange
+from .summaries import queries_by_kv_head, signed_parts
 
 if numba is not None:
     from numba import types
@@ -363,8 +364,7 @@ def query_block_rows(q: torch.Tensor, summaries, n_blocks: int, held: torch.Tens
     extra + length - selected_at]`` positions (``DecodeCompressor.query_block_positions`` gives the
     same extra positions as tensor ops)."""
     n_kv = selection.shape[0]
-    qg = q.detach().float().reshape(n_kv, -1, q.shape[-1])
-    qs = torch.cat([qg.clamp(min=0), qg.clamp(max=0)], dim=-1)  # [Hk, g, 2d]
+    qs = signed_parts(queries_by_kv_head(q.detach()[None], n_kv)).contiguous()  # [Hk, g, 2d]
     out = torch.empty(n_kv, selection.shape[1] + extra + length - selected_at, dtype=torch.int64)
     with lock:
         _query_block_rows(qs.numpy(), summaries.storage.numpy(), n_blocks, summaries.block, held.numpy(),

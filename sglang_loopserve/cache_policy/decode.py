@@ -390,10 +390,8 @@ class DecodeCompressor:
         bs = self.summaries.block
         n_blocks = self._summarised(k_buffer, slots)
         held, _, free = self._held_blocks(n_blocks)
-        n_kv, d = held.shape[0], q.shape[-1]
-        qg = q.float().view(n_kv, -1, d)
-        split = torch.cat([qg.clamp(min=0), qg.clamp(max=0)], dim=-1)  # [Hk, g, 2d]
-        bound = torch.bmm(split, self.summaries.bounds[:, :n_blocks].transpose(1, 2)).amax(1)  # [Hk, nb]
+        n_kv = held.shape[0]
+        bound = self.summaries.upper_bounds(queries_by_kv_head(q[None], n_kv), n_blocks).amax(-1)  # [Hk, nb]
         order = bound.argsort(dim=-1, descending=True, stable=True)
         positions = (order[..., None] * bs + torch.arange(bs, device=order.device)).flatten(1)
         new = ~held.gather(1, positions)

@@ -88,14 +88,23 @@ class KeySummaries:
                 grown[:, : self.n_blocks] = self.bounds
             self.storage = grown
 
+    def upper_bounds(self, queries: torch.Tensor, n_blocks: int | None = None) -> torch.Tensor:
+        """``[Hk, nb, R]``: the largest logit each of ``queries [Hk, R, d]`` can reach in each of
+        the first ``n_blocks`` blocks (default all): ``q+ . max + q- . min``."""
+        # Blocks as rows: the stored bounds are read in place (their rows are contiguous).
+        return torch.bmm(self.bounds[:, :n_blocks], signed_parts(queries).transpose(1, 2))
+
     def block_mass(self, recent_q: torch.Tensor) -> torch.Tensor:
         """``[Hk, n_blocks]``: per block, the softmax over blocks of each window query's bound,
         summed over the window and the query heads of the group."""
-        qs = queries_by_kv_head(recent_q, self.storage.shape[0])
-        split = torch.cat([qs.clamp(min=0), qs.clamp(max=0)], dim=-1)  # [Hk, w*g, 2d]
-        # Blocks as rows: the stored bounds are read in place (their rows are contiguous).
-        bound = torch.bmm(self.bounds, split.transpose(1, 2))  # [Hk, nb, w*g]
+        bound = self.upper_bounds(queries_by_kv_head(recent_q, self.storage.shape[0]))  # [Hk, nb, w*g]
         return torch.softmax(bound, dim=1).sum(2)
+
+
+def signed_parts(queries: torch.Tensor) -> torch.Tensor:
+    """``[..., 2d]``: the positive and the negative part of ``queries [..., d]`` side by side, the
+    layout of the stored ``[max, min]``: one product with a block's summary is its bound."""
+    return torch.cat([queries.clamp(min=0), queries.clamp(max=0)], dim=-1)
 
 
 def queries_by_kv_head(recent_q: torch.Tensor, n_kv: int) -> torch.Tensor:

@@ -494,11 +494,8 @@ class LoopServeAttnBackend:
                 continue
             state = self.store.get(rid) or self.store.new_turn(rid, opts)
             comp = comps[i] = state.compressor(layer.layer_id)
-            if comp.query_blocks and comp.selection is not None:
-                rows = comp.attended(seq_lens[i], q_[i], self.token_to_kv_pool.get_key_buffer(layer.layer_id),
-                                     self.req_to_token_pool.req_to_token[fb.req_pool_indices[i]])
-            else:
-                rows = comp.attended(seq_lens[i])
+            rows = comp.attended(seq_lens[i], q_[i], self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+                                 self.req_to_token_pool.req_to_token[fb.req_pool_indices[i]])
             # A compressing turn that still reads everything (a full seed) also runs on the kernel.
             read_all = (rows is None and self._full_reads_through_kernel and not comp.fixed
                         and opts.decode_budget < seq_lens[i])
