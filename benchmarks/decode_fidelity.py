@@ -20,7 +20,10 @@ all keys it may see) that falls on the selected positions:
   the generated tokens;
 * StreamingLLM: 4 sink tokens + the most recent.
 
-    python benchmarks/decode_fidelity.py [--budgets 512 1024] [--steps 64]
+The compressors read the keys as the server's KV pool holds them (``--kv-dtype``, bf16); the
+model runs and the masses are scored in fp32.
+
+    python benchmarks/decode_fidelity.py [--budgets 512 1024] [--steps 64] [--kv-dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -56,8 +59,9 @@ def kept_mass(q, k, idx):
     return float((p * sel.repeat_interleave(n_heads // n_kv, 0)).sum(-1).mean())
 
 
-def run_layer(layer, prompt_len, steps, budget, interval, window):
+def run_layer(layer, prompt_len, steps, budget, interval, window, kv_dtype=torch.float32):
     q, k = layer["q"], layer["k"]
+    pool = k.to(kv_dtype)  # what the compressors read (the server's KV pool); masses are scored on ``k``
     comp = DecodeCompressor(budget=budget, interval=interval, window=window)
     comp.seed(None, prompt_len)
     before = DecodeCompressor(budget=budget, interval=interval, window=window, max_interval=interval,
@@ -71,15 +75,15 @@ def run_layer(layer, prompt_len, steps, budget, interval, window):
         qt = q[prompt_len + t]
         if t >= interval:
             since = torch.arange(prompt_len, length).expand(k.shape[1], -1)
-            read = comp.attended(length, qt, k, torch.arange(length))
+            read = comp.attended(length, qt, pool, torch.arange(length))
             kept["loopserve"].append(kept_mass(qt, k[:length], None if read is None else read[0].view(k.shape[1], -1)))
             kept["loopserve_selection"].append(kept_mass(qt, k[:length], comp.indices(length)))
             kept["loopserve_before"].append(kept_mass(qt, k[:length], before.indices(length)))
             kept["snapkv"].append(kept_mass(qt, k[:length], torch.cat([snap, since], 1)))
             stream_now = StreamingLLM().select(ScoreContext(k=k[:length], prompt_len=prompt_len), budget=budget)
             kept["streaming_llm"].append(kept_mass(qt, k[:length], stream_now))
-        comp.observe(qt, k[:length])
-        before.observe(qt, k[:length])
+        comp.observe(qt, pool[:length])
+        before.observe(qt, pool[:length])
     out = {m: sum(v) / len(v) for m, v in kept.items()}
     out["reselections"] = comp.reselections
     return out
@@ -93,6 +97,8 @@ def main(argv=None):
     p.add_argument("--window", type=int, default=16)
     p.add_argument("--history-tokens", type=int, default=5700)
     p.add_argument("--positions", nargs="+", default=list(QUESTIONS))
+    p.add_argument("--kv-dtype", default="bfloat16",
+                   help="the keys the compressors read (default bfloat16: the server's KV pool; the model runs fp32)")
     a = p.parse_args(argv)
     torch.set_grad_enabled(False)
     model, tok = load_model()
@@ -111,7 +117,7 @@ def main(argv=None):
         for li, layer in enumerate(layers):
             row = []
             for b in a.budgets:
-                res = run_layer(layer, prompt_len, a.steps, b, a.interval, a.window)
+                res = run_layer(layer, prompt_len, a.steps, b, a.interval, a.window, getattr(torch, a.kv_dtype))
                 for m in METHOD_NAMES:
                     summary.setdefault((position, b, m), []).append(res[m])
                     row.append(res[m])

@@ -407,6 +407,29 @@ def test_two_stage_keeps_only_real_positions():
             assert set(range(5001 - 40, 5001)) <= set(kept[h].tolist())
 
 
+def test_bf16_pool_scores_with_a_bf16_product():
+    """A bf16 pool: the re-selection's product runs in bf16 (each logit rounded once), so its mass
+    differs from fp32 scoring of the same keys by that rounding only, and it keeps the hot keys
+    and almost the same positions."""
+    from sglang_loopserve.cache_policy.decode import reselect_pruned
+
+    k, hot, u = clustered(length=6000)
+    pool = k.bfloat16()
+    q = queries(u, 16, 6)
+    slots = torch.arange(6000)
+    half = reselect_pruned(q, pool, slots, KeySummaries(), budget=512, method="tensor")
+    wide = reselect_pruned(q, pool.float(), slots, KeySummaries(), budget=512, method="tensor")
+    shared = [len(set(half[0][h].tolist()) & set(wide[0][h].tolist())) / 512 for h in range(2)]
+    assert min(shared) >= 0.99
+    for h in range(2):
+        assert set(hot.tolist()) <= set(half[0][h].tolist())
+    both = (half[0][:, :, None] == wide[0][:, None, :])  # the mass of positions both keep
+    m_half = half[1][both.any(2)]
+    m_wide = wide[1][both.any(1)]
+    torch.testing.assert_close(m_half, m_wide, rtol=0.05, atol=1e-4)
+    assert not torch.equal(m_half, m_wide)  # the bf16 product did run
+
+
 @pytest.mark.parametrize("dtype, window, length, budget, pooled_bounds", [
     (torch.float32, 1, 6000, 256, False), (torch.float32, 16, 3001, 100, False), (torch.bfloat16, 4, 5000, 300, False),
     (torch.float32, 16, 6000, 256, True), (torch.bfloat16, 8, 5000, 300, True),
@@ -415,7 +438,8 @@ def test_compiled_reselection_equals_tensor_path(dtype, window, length, budget, 
     """The CPU's one-call re-selection (numba) keeps the positions the tensor ops keep, with
     their mass, the previous selection's share and the summaries, from keys in a pool; also
     with the blocks ranked by the window's mean query and the candidates scored by each
-    (``decode_pooling`` ``bounds``)."""
+    (``decode_pooling`` ``bounds``).  The loops score a bf16 pool in fp32: the tensor ops do
+    so over the pool widened (over the pool itself their product is bf16: the test below)."""
     from sglang_loopserve.cache_policy import cpu_loops
     from sglang_loopserve.cache_policy.decode import reselect_pruned
 
@@ -429,9 +453,10 @@ def test_compiled_reselection_equals_tensor_path(dtype, window, length, budget, 
     out = {}
     for method in ("tensor", "loops"):
         summaries = KeySummaries()
-        reselect_pruned(q, pool, slots[:length - 45], summaries, budget=budget, sink=4, recent=32,
+        keys = pool.float() if method == "tensor" else pool
+        reselect_pruned(q, keys, slots[:length - 45], summaries, budget=budget, sink=4, recent=32,
                         method=method, bound_q=bound_q)  # then grown by 45 keys, as a decode does
-        out[method] = reselect_pruned(q, pool, slots, summaries, budget=budget, sink=4, recent=32,
+        out[method] = reselect_pruned(q, keys, slots, summaries, budget=budget, sink=4, recent=32,
                                       previous=previous, method=method, bound_q=bound_q) + (summaries.bounds,)
     (kept, mass, held, bounds), (kept2, mass2, held2, bounds2) = out["tensor"], out["loops"]
     assert torch.equal(kept, kept2) and torch.equal(bounds, bounds2)

@@ -188,6 +188,28 @@ def test_sampled_attention_is_the_causal_softmax_of_its_rows():
     assert torch.equal(sample.positions, pos)
 
 
+def test_half_precision_estimate_keeps_the_same_mass():
+    """bf16 keys: the estimate's product runs in bf16 (one rounding per logit), and the lines
+    chosen from it keep as much of the fp32 estimate's attention as the fp32 lines do."""
+    p = planted_qkv(512, 2048)
+    q, k = p.q.bfloat16(), p.k.bfloat16()
+    rows = sample_query_rows(512, 64)
+    exact = sample_attention(q.float(), k.float(), rows).probs.clone()
+    half = sample_attention(q, k, rows)
+    assert half.probs.dtype == torch.float32
+    torch.testing.assert_close(half.probs.sum(-1), torch.ones_like(exact[..., 0]))
+    assert (half.probs - exact).abs().max() < 0.02  # a logit's bf16 rounding, not a different row
+    assert (half.probs - exact).abs().max() > 0  # the half-precision product did run
+
+    def kept(sample):
+        lines = select_vertical_slash(sample, 512, alpha=0.95, block_size=64)
+        allowed = BlockMask.from_lines(lines).to_dense()[:, rows]  # [H, S, n_ctx]
+        return float((exact * allowed).sum(-1).mean())
+
+    half_kept = kept(half)
+    assert half_kept >= 0.95 and half_kept == pytest.approx(kept(sample_attention(q.float(), k.float(), rows)), abs=0.01)
+
+
 # ---------------------------------------------------------------- baselines' static patterns
 @pytest.mark.parametrize("method", ["loops", "tensor"])
 def test_static_patterns_cover_their_cells(method):

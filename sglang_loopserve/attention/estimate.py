@@ -1,4 +1,4 @@
-"""Estimation: exact attention of a sample of the new queries, in fp32.
+"""Estimation: attention of a sample of the new queries, softmax in fp32.
 
 LoopServe picks its lines per turn from the attention of a few query rows
 (method.md, phase 1, step 1).  We sample the last ``q_window`` queries of the
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .logits import scoring_logits
 from .workspace import scratch
 
 #: Sampled rows masked together on a CPU (the masked area follows the causal edge).
@@ -57,12 +58,16 @@ class AttentionSample:
 def sample_attention(
     q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scale: float | None = None
 ) -> AttentionSample:
-    """Exact fp32 attention probabilities of ``q[rows]`` over the causal keys.
+    """Attention probabilities of ``q[rows]`` over the causal keys, as fp32.
 
     ``q`` is ``[n_new, H, d]``, ``k`` is ``[n_ctx, Hk, d]`` (GQA: each key head
     serves ``H // Hk`` query heads); ``rows`` ascending.  Cost: ``S * n_ctx * H * d``
     multiply-adds and a softmax, in place in a reused buffer
     (``workspace.scratch``): ``probs`` is valid until the next call in this thread.
+
+    With bf16 or fp16 keys the product runs in their dtype (``logits.py``: one
+    rounding per logit, 4x faster on a CPU); the mask and the softmax run in
+    fp32.  The lines chosen from it keep the same mass (tests/test_sparse_prefill.py).
     """
     n_new, n_heads, d = q.shape
     n_ctx, n_kv, _ = k.shape
@@ -72,7 +77,7 @@ def sample_attention(
     positions = rows + (n_ctx - n_new)
     qs = (q[rows].float() * scale).permute(1, 0, 2).reshape(n_kv, group * n_rows, d)  # [Hk, g*S, d]
     logits = scratch("estimate.probs", (n_kv, group * n_rows, n_ctx), torch.float32, q.device)
-    torch.bmm(qs, k.float().permute(1, 2, 0), out=logits)
+    scoring_logits(qs, k.permute(1, 2, 0), out=logits)
     probs = logits.view(n_heads, n_rows, n_ctx)
     if probs.device.type == "cpu":
         # Keys after a sampled query's position, masked per chunk of rows from

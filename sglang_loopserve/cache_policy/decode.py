@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..attention.logits import scoring_logits
 from ..config import DECODE_POOLINGS
 from . import cpu_loops
 from .summaries import KeySummaries, candidate_blocks, candidate_positions, queries_by_kv_head
@@ -82,15 +83,16 @@ def attention_mass(recent_q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 def attention_mass_padded(recent_q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Batched ``attention_mass``: ``recent_q [B, w, H, d]``, ``k [B, Lmax, Hk, d]`` padded,
-    ``lengths [B]`` -> ``[B, Hk, Lmax]`` (zero past each length)."""
+    ``lengths [B]`` -> ``[B, Hk, Lmax]`` (zero past each length).  The product runs in the keys'
+    dtype (``scoring_logits``), the softmax in fp32."""
     n_req, w, n_heads, d = recent_q.shape
     _, l_max, n_kv, dk = k.shape
     if d != dk:
         raise ValueError(f"head dims of recent_q ({d}) and k ({dk}) differ")
     group = _check_gqa(n_heads, n_kv)
-    qs = recent_q.float().permute(0, 2, 1, 3).reshape(n_req * n_kv, group * w, d)
-    ks = k.float().permute(0, 2, 3, 1).reshape(n_req * n_kv, d, l_max)
-    logits = torch.bmm(qs, ks).view(n_req, n_kv, group * w, l_max) * d**-0.5
+    qs = (recent_q.float() * d**-0.5).permute(0, 2, 1, 3).reshape(n_req * n_kv, group * w, d)
+    ks = k.permute(0, 2, 3, 1).reshape(n_req * n_kv, d, l_max)
+    logits = scoring_logits(qs, ks).view(n_req, n_kv, group * w, l_max)
     qpos = lengths[:, None] - w + torch.arange(w, device=k.device).repeat(group)[None, :]  # [B, g*w]
     future = torch.arange(l_max, device=k.device)[None, None, :] > qpos[:, :, None]  # [B, g*w, Lmax]
     logits.masked_fill_(future[:, None], float("-inf"))
@@ -211,13 +213,14 @@ def _held(previous, kept, mass):
 
 def _candidate_mass(recent_q, k_buffer, slots, cand, length):
     """``[Hk, C]``: the window's softmax over the candidate keys, summed over the window and the
-    query heads of each group (``-inf`` for candidates past the cache)."""
+    query heads of each group (``-inf`` for candidates past the cache).  The product runs in the
+    pool's dtype (``scoring_logits``), the softmax in fp32."""
     n_kv, d = k_buffer.shape[1], k_buffer.shape[2]
     valid = cand < length
     heads = torch.arange(n_kv, device=cand.device)[:, None]
     rows = slots[cand.clamp(max=length - 1)].long() * n_kv + heads  # rows of the pool seen as [T * Hk, d]
-    keys = k_buffer.reshape(-1, d).index_select(0, rows.view(-1)).view(n_kv, -1, d).float()  # [Hk, C, d]
-    logits = torch.bmm(queries_by_kv_head(recent_q, n_kv), keys.transpose(1, 2))  # [Hk, w*g, C]
+    keys = k_buffer.reshape(-1, d).index_select(0, rows.view(-1)).view(n_kv, -1, d)  # [Hk, C, d]
+    logits = scoring_logits(queries_by_kv_head(recent_q, n_kv), keys.transpose(1, 2))  # [Hk, w*g, C]
     # A window query cannot see the keys after it: they are among the last w - 1 positions,
     # at the end of every head's ascending candidates (with the padding past the cache).
     tail = min(cand.shape[1], recent_q.shape[0] + int((~valid).sum(1).max()))
