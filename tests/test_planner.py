@@ -103,8 +103,9 @@ def test_equal_masses_take_the_lower_line_first(method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_near_equal_masses_in_order(method):
-    """Near-uniform rows put hundreds of lines in one mass bucket (the loops split such a
-    bucket by finer mass bits): still taken in decreasing mass, ties lower line first."""
+    """Near-uniform rows put hundreds of lines in one mass bucket: still the lines of largest
+    mass, ties lower line first (the tensor ops take them in that order; the loops take a bucket
+    the greedy cannot stop in as a whole, so there the set is compared)."""
     g = torch.Generator().manual_seed(1)
     probs = torch.softmax(torch.randn(1, 1, 1500, generator=g) * 0.05, dim=-1)
     sample = AttentionSample(rows=torch.tensor([0]), positions=torch.tensor([1499]), probs=probs)
@@ -114,7 +115,10 @@ def test_near_equal_masses_in_order(method):
     # One row: column j ties with diagonal 1499 - j (the same cell); the column comes first.
     by_mass = probs[0, 0].sort(descending=True, stable=True).indices
     expected = torch.stack([by_mass, 1500 + 1499 - by_mass], dim=1).flatten()[:count]
-    assert torch.equal(lines.lines[0, 0, :count].long(), expected)
+    taken = lines.lines[0, 0, :count].long()
+    if method == "tensor":
+        assert torch.equal(taken, expected)
+    assert torch.equal(taken.sort().values, expected.sort().values)
     flat = torch.full((1, 1, 400), 1 / 400)  # exact ties everywhere: the lowest columns, ascending
     sample = AttentionSample(rows=torch.tensor([0]), positions=torch.tensor([399]), probs=flat)
     lines = select_vertical_slash(sample, 1, alpha=0.5, block_size=16, sink=0, local=0, method=method)

@@ -9,14 +9,16 @@ sampled rows (``8 x n_ctx`` floats, cache-resident), parallel over problems:
 * ``segment_lines``: per problem, every line's standalone mass (column sums,
   and diagonal sums read backwards along each row) in one pass over its rows,
   then the greedy itself: lines counting-sorted by mass bucket (only the
-  buckets the greedy can reach are placed), each bucket sorted when reached,
-  each line adding the mass of its cells not already covered by a chosen line
-  of the other kind (8 lookups), until the union covers the target.  That is
-  the exact union coverage by definition, in ``O(k * rows)`` per problem after
-  two ``O(n_ctx)`` passes.
+  buckets the greedy can reach are placed), each line adding the mass of its
+  cells not already covered by a chosen line of the other kind (8 lookups),
+  until the union covers the target.  That is the exact union coverage by
+  definition, in ``O(k * rows)`` per problem after two ``O(n_ctx)`` passes.
+  A bucket is sorted by mass only where the greedy may stop in it: one whose
+  lines' standalone masses cannot reach the target is taken whole, in line
+  order (the same set; sorting such buckets was a fifth of the planner's time).
 
-It gives the same lines as ``select.segment_lines`` (tests compare them; the
-order of equal masses aside).  numba is a dependency of SGLang; the loops
+It gives the same lines as ``select.segment_lines`` (tests compare them as
+sets; the order within a bucket taken whole differs).  numba is a dependency of SGLang; the loops
 compile on first use (``numba_setup``); where numba cannot be imported the
 tensor path runs.
 """
@@ -57,8 +59,9 @@ if numba is not None:
                        mass, key_mass, lines, counts, ranked, col_on, diag_on, bucket_count, bucket_mass,
                        bucket_start):
         """Per problem ``(h, g)``, one loop nest: the masses of its lines (``mass [H, G, 2n]``:
-        columns, then diagonals), then the greedy: lines in the order taken into ``lines``
-        (padded with ``2n``), their number into ``counts``.  ``ranked``, ``col_on``, ``diag_on``:
+        columns, then diagonals), then the greedy: lines in the order taken (by mass, except within
+        a bucket taken whole: there by line) into ``lines``
+        (not padded), their number into ``counts``.  ``ranked``, ``col_on``, ``diag_on``:
         per-problem scratch; ``bucket_*``: per-thread scratch."""
         n_heads, n_rows, n_ctx = probs.shape
         n_seg = mass.shape[1]
@@ -141,7 +144,7 @@ if numba is not None:
                 else:
                     if covered >= goal:
                         break
-                    if at == end:  # sort the next non-empty bucket by mass, descending
+                    if at == end:  # the next non-empty bucket
                         while b < _N_BUCKETS and start[b] == start[b + 1]:
                             b += 1
                         if b == _N_BUCKETS:
@@ -150,7 +153,11 @@ if numba is not None:
                             _fill(bits, n_ctx, n_sink, n_local, filled + 1, _N_BUCKETS - 1, fill, order)
                             filled = _N_BUCKETS - 1
                         at, end = start[b], start[b + 1]
-                        if end - at > 32:
+                        if covered + bmass[b] + bmass[_N_BUCKETS + b] < goal * (1.0 - 1e-9):
+                            # Even the bucket's standalone masses leave the goal unreached: every
+                            # line of it is taken, whatever the order (in line order, unsorted).
+                            pass
+                        elif end - at > 32:  # the greedy may stop in it: by mass, descending
                             seg = order[at:end].copy()
                             keys = np.empty(end - at, dtype=np.float32)
                             for x in range(end - at):
@@ -187,16 +194,16 @@ if numba is not None:
                 out[k] = line
                 k += 1
                 covered += gain
-            counts[problem] = k
-            out[k:] = n_lines
-        # The sampled mass of each key: its column masses summed over the segments.
-        for task in prange(n_heads * n_ctx):
-            h = task // n_ctx
-            j = task % n_ctx
-            acc = 0.0
+            counts[problem] = k  # the wrapper pads the rows up to the longest: not n_lines here
+        # The sampled mass of each key: its column masses summed over the segments (rows of
+        # contiguous columns: the inner loop vectorises).
+        for h in prange(n_heads):
+            km = key_mass[h]
+            km[:] = 0.0
             for g in range(n_seg):
-                acc += mass[h, g, j]
-            key_mass[h, j] = acc
+                col_m = mass[h, g]
+                for j in range(n_ctx):
+                    km[j] += col_m[j]
 
     @njit(parallel=True, cache=True, nogil=True)
     def _span_blocks(lines, counts, span_lo, span_hi, span_first_block, span_n_blocks, n_new, n_ctx,
@@ -313,7 +320,8 @@ def segment_lines(probs: torch.Tensor, positions: torch.Tensor, rows_per_segment
                        counts.numpy(), ranked.numpy(), col_on.numpy(), diag_on.numpy(),
                        bucket_count.numpy(), bucket_mass.numpy(), bucket_start.numpy())
     width = max(int(counts.max()), 1)
-    return lines[:, :width].clone(), counts, key_mass
+    taken = torch.arange(width)[None, :] < counts[:, None]
+    return torch.where(taken, lines[:, :width], n_lines), counts, key_mass
 
 
 def block_mask_arrays(lines: torch.Tensor, counts: torch.Tensor, block_segments, n_new: int, n_ctx: int,

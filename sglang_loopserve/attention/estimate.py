@@ -13,16 +13,13 @@ so new query ``i`` sits at position ``n_ctx - n_new + i`` and sees keys
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
 
 from .logits import scoring_logits
 from .workspace import scratch
-
-#: Sampled rows masked together on a CPU (the masked area follows the causal edge).
-_MASK_CHUNK = 16
-
 
 def sample_query_rows(n_new: int, q_window: int, device=None) -> torch.Tensor:
     """Sorted, unique indices (into the new queries) of the rows to estimate from.
@@ -40,6 +37,23 @@ def sample_query_rows(n_new: int, q_window: int, device=None) -> torch.Tensor:
     m = min(q_window, rest)
     strided = (torch.arange(m, device=device) * rest + rest // 2) // m
     return torch.cat([strided, last])
+
+
+_bias_cache = threading.local()
+
+
+def _causal_bias(positions: torch.Tensor, n_ctx: int) -> torch.Tensor:
+    """``[S, n_ctx]`` float32: 0 up to each sampled row's position, -inf after it.  Every layer of a
+    forward samples the same rows: on a CPU the last bias is kept (per thread) and reused."""
+    if positions.device.type != "cpu":
+        future = torch.arange(n_ctx, device=positions.device)[None, :] > positions[:, None]
+        return torch.zeros(future.shape, device=positions.device).masked_fill_(future, float("-inf"))
+    key = (n_ctx, tuple(positions.tolist()))
+    if getattr(_bias_cache, "key", None) != key:
+        future = torch.arange(n_ctx)[None, :] > positions[:, None]
+        _bias_cache.bias = torch.zeros(future.shape).masked_fill_(future, float("-inf"))
+        _bias_cache.key = key
+    return _bias_cache.bias
 
 
 @dataclass
@@ -76,22 +90,17 @@ def sample_attention(
     scale = d**-0.5 if scale is None else scale
     positions = rows + (n_ctx - n_new)
     qs = (q[rows].float() * scale).permute(1, 0, 2).reshape(n_kv, group * n_rows, d)  # [Hk, g*S, d]
+    # The causal mask as a bias (0, or -inf on the keys after a row's position) added in the pass
+    # that writes the fp32 logits: no pass of its own.
+    bias = _causal_bias(positions, n_ctx)
+    keys = scratch("estimate.keys", (n_kv, n_ctx, d), k.dtype, q.device)
+    keys.copy_(k.transpose(0, 1))  # per head contiguous: the product reads it transposed in place
     logits = scratch("estimate.probs", (n_kv, group * n_rows, n_ctx), torch.float32, q.device)
-    scoring_logits(qs, k.permute(1, 2, 0), out=logits)
+    scoring_logits(qs, keys.transpose(1, 2), out=logits, bias=bias)
     probs = logits.view(n_heads, n_rows, n_ctx)
     if probs.device.type == "cpu":
-        # Keys after a sampled query's position, masked per chunk of rows from
-        # the chunk's earliest position on: the masked area follows the causal
-        # edge (a strided row early in the turn sees few of the new keys).
-        for at in range(0, n_rows, _MASK_CHUNK):
-            chunk = positions[at:at + _MASK_CHUNK]
-            first = int(chunk[0]) + 1
-            if first < n_ctx:
-                future = torch.arange(first, n_ctx)[None, :] > chunk[:, None]
-                probs[:, at:at + _MASK_CHUNK, first:].masked_fill_(future, float("-inf"))
         # In place: the CPU kernel works row by row, reading a row before writing it.
         torch.ops.aten._softmax.out(probs, -1, False, out=probs)
-    else:  # every column masked, without a host sync
-        future = torch.arange(n_ctx, device=q.device)[None, :] > positions[:, None]
-        probs = torch.softmax(probs.masked_fill_(future, float("-inf")), dim=-1)
+    else:
+        probs = torch.softmax(probs, dim=-1)
     return AttentionSample(rows=rows, positions=positions, probs=probs)

@@ -20,14 +20,22 @@ from .workspace import scratch
 HALF_TYPES = (torch.bfloat16, torch.float16)
 
 
-def scoring_logits(queries: torch.Tensor, keys_t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def scoring_logits(queries: torch.Tensor, keys_t: torch.Tensor, out: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, R, N]`` float32: ``queries [B, R, d]`` (float32, already scaled) times ``keys_t [B, d, N]``
-    (any strides; the cache's dtype).  ``out``: an fp32 buffer of that shape to write into."""
-    if keys_t.dtype in HALF_TYPES:
-        shape = (queries.shape[0], queries.shape[1], keys_t.shape[2])
-        half = scratch("scoring_logits.half", shape, keys_t.dtype, keys_t.device)
-        torch.bmm(queries.to(keys_t.dtype), keys_t, out=half)
-        return half.float() if out is None else out.copy_(half)
+    (the cache's dtype; fastest as the transpose of contiguous ``[B, N, d]`` keys).  ``out``: an
+    fp32 buffer of that shape to write into.  ``bias [S, N]`` (float32; ``R`` a multiple of ``S``):
+    added to each run of ``S`` consecutive rows (row ``r`` gets ``bias[r % S]``: a causal mask of 0
+    and -inf)."""
+    n_batch, n_rows, n_keys = queries.shape[0], queries.shape[1], keys_t.shape[2]
     if out is None:
-        return torch.bmm(queries.float(), keys_t.float())
-    return torch.bmm(queries.float(), keys_t.float(), out=out)
+        out = torch.empty(n_batch, n_rows, n_keys, device=queries.device)
+    if keys_t.dtype in HALF_TYPES:
+        half = scratch("scoring_logits.half", (n_batch, n_rows, n_keys), keys_t.dtype, keys_t.device)
+        torch.bmm(queries.to(keys_t.dtype), keys_t, out=half)
+        out.copy_(half)  # then the bias in place: a mixed-dtype add would widen into a temporary
+    else:
+        torch.bmm(queries.float(), keys_t.float(), out=out)
+    if bias is not None:
+        out.view(n_batch, -1, *bias.shape).add_(bias)
+    return out

@@ -56,7 +56,9 @@ _TOL = 1e-6
 
 @dataclass
 class VerticalSlashLines:
-    """Per head and segment of the turn, the lines the greedy chose, in the order it took them.
+    """Per head and segment of the turn, the lines the greedy chose, in the order it took them
+    (by decreasing mass; the CPU loops take a mass bucket the greedy cannot stop in as a whole,
+    in line order: ``cpu_loops``).  A set, as far as every consumer is concerned.
 
     ``lines[h, g, :counts[h, g]]`` are segment ``g``'s lines: a column ``j``
     is ``j``, a diagonal ``d`` is ``n_ctx + d``; the rest is padding
