@@ -26,10 +26,11 @@ and the re-selection's share of it.
 
 The re-selection *share* is its cost amortised over the interval, as a share
 of the step's attention time: ``(t_re / interval) / (t_step + t_re / interval)``
-(``t_re`` summed over the batch's requests).  Shown at the base interval (16:
-every re-selection disagreeing with the previous one) and at
-``--steady-interval`` (32: after two agreeing ones; the interval doubles up
-to ``--loopserve-decode-max-interval``, 128; ``benchmarks/decode_fidelity.py``
+(``t_re`` summed over the batch's requests).  Shown at the base interval (the
+server's default, 32: every re-selection disagreeing with the previous one; the
+paper's 16 with ``--interval 16``) and at ``--steady-interval`` (twice that:
+after an agreeing one; the interval doubles up to
+``--loopserve-decode-max-interval``, 128; ``benchmarks/decode_fidelity.py``
 prints how often real answers re-select).  Keys are random here, so the
 candidates are as hard to find as they get.  SmolLM2's head layout: 9 query
 / 3 KV heads of 64.
@@ -52,10 +53,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prefill_attention import timeit  # noqa: E402
 
 from sglang_loopserve.cache_policy import DecodeCompressor, batched_decode_attention, select_decode_kv_batched  # noqa: E402
-from sglang_loopserve.cache_policy.decode import CANDIDATE_FACTOR, QUERY_BLOCKS, reselect_pruned  # noqa: E402
+from sglang_loopserve.cache_policy.decode import CANDIDATE_FACTOR, INTERVAL, QUERY_BLOCKS, WINDOW, reselect_pruned  # noqa: E402
 
 
-def reselect_time(pool_k, slots, recent_q, budget, interval, factor, device, method="auto", pooling="bounds"):
+#: Timed calls per figure (their median): single calls here move by 2x on a shared 2-core machine.
+REPEATS = 11
+
+
+def reselect_time(pool_k, slots, recent_q, budget, interval, factor, device, method="auto", pooling="bounds",
+                  repeats=REPEATS):
     """Seconds to re-select every request of the batch once, as ``DecodeCompressor.reselect_from``
     does (``pooling``: its ``pool_window``; the previous selection's share measured; the summaries are built first,
     as the server's first re-selection of a turn does: later ones only add the new keys)."""
@@ -74,10 +80,10 @@ def reselect_time(pool_k, slots, recent_q, budget, interval, factor, device, met
                             recent=comp.recent, factor=factor, previous=comp.selection, method=method,
                             bound_q=window if pooling == "none" else pooled)
 
-    return timeit(run, device, 3)
+    return timeit(run, device, repeats)
 
 
-def query_block_step_time(pool_k, pool_v, slots, recent_q, q, budget, blocks, device, attend):
+def query_block_step_time(pool_k, pool_v, slots, recent_q, q, budget, blocks, device, attend, repeats=REPEATS):
     """Seconds of one decode step of the batch as the server runs it with query blocks: per
     request the read set (``DecodeCompressor.attended`` with the step's query: the selection, the
     query's ``blocks`` key blocks, the fresh tokens), then one batched attention over them."""
@@ -95,7 +101,7 @@ def query_block_step_time(pool_k, pool_v, slots, recent_q, q, budget, blocks, de
         indptr = torch.tensor([0] + counts, device=device).cumsum(0)
         return attend(q, pool_k, pool_v, slots, indptr, torch.cat([flat for flat, _ in rows]))
 
-    return timeit(step, device, 5)
+    return timeit(step, device, repeats)
 
 
 def share(t_re, interval, t_step):
@@ -109,14 +115,16 @@ def main(argv=None):
     p.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768])
     p.add_argument("--budgets", type=int, nargs="+", default=[512, 1024, 2048])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--interval", type=int, default=16)
-    p.add_argument("--steady-interval", type=int, default=32,
-                   help="a second interval to amortise over (default 32: after two agreeing re-selections)")
-    p.add_argument("--window", type=int, default=16)
+    p.add_argument("--interval", type=int, default=INTERVAL, help=f"default {INTERVAL}: the server's")
+    p.add_argument("--steady-interval", type=int, default=None,
+                   help="a second interval to amortise over (default twice --interval: after an agreeing re-selection)")
+    p.add_argument("--window", type=int, default=WINDOW, help=f"default {WINDOW}: the server's")
+    p.add_argument("--repeats", type=int, default=REPEATS, help="timed calls per figure (their median)")
     p.add_argument("--query-blocks", type=int, default=QUERY_BLOCKS,
                    help="key blocks each step's query adds (the server's default); 0: no such column")
     p.add_argument("--dtype", default=None, help="default: the server's (GPU bf16; CPU: platform default)")
     a = p.parse_args(argv)
+    a.steady_interval = a.steady_interval or 2 * a.interval
     dev = torch.device(a.device)
     if a.dtype is None:
         from sglang_loopserve.srt.platform import default_cpu_dtype
@@ -132,9 +140,10 @@ def main(argv=None):
     print(f"device {dev}, dtype {dtype}, interval {a.interval} (steady {a.steady_interval}), window {a.window}, "
           f"threads {torch.get_num_threads()}")
     print(f"{'L':>6} {'B':>5} {'batch':>5} {'full ms':>8} {'sel. ms':>8} {'tensor':>7} {'speedup':>8} {'goal':>6} | "
-          f"{'every key':>9} {'tensor':>7} {'two-stage':>9} (ms, reselect) | share: {'every@16':>8} "
-          f"{'tensor@16':>9} {'two@16':>7} {'two@' + str(a.steady_interval):>7} {'mean@16':>7} | "
-          f"{'+qblocks ms':>11} {'speedup':>7} {'two@16':>7} {'two@' + str(a.steady_interval):>7}")
+          f"{'every key':>9} {'tensor':>7} {'two-stage':>9} (ms, reselect) | share: {'every@' + str(a.interval):>8} "
+          f"{'tensor@' + str(a.interval):>9} {'two@' + str(a.interval):>7} {'two@' + str(a.steady_interval):>7} "
+          f"{'mean@' + str(a.interval):>7} | "
+          f"{'+qblocks ms':>11} {'speedup':>7} {'two@' + str(a.interval):>7} {'two@' + str(a.steady_interval):>7}")
     for length in a.lengths:
         for batch in a.batches:
             g = torch.Generator().manual_seed(length + batch)
@@ -146,21 +155,23 @@ def main(argv=None):
             rq = torch.randn(batch, a.window, H, d, generator=g).to(dev, dtype)
             kc = pool_k.view(batch, length, Hk, d).transpose(1, 2)
             vc = pool_v.view(batch, length, Hk, d).transpose(1, 2)
-            t_full = timeit(lambda: F.scaled_dot_product_attention(q[:, :, None], kc, vc, enable_gqa=True), dev, 5)
+            t_full = timeit(lambda: F.scaled_dot_product_attention(q[:, :, None], kc, vc, enable_gqa=True), dev, a.repeats)
             for budget in a.budgets:
                 if budget >= length:
                     continue
                 indptr, pos = select_decode_kv_batched(rq, pool_k, slots, lens, budget=budget)
-                t_sel = timeit(lambda: attend(q, pool_k, pool_v, slots, indptr, pos), dev, 5)
+                t_sel = timeit(lambda: attend(q, pool_k, pool_v, slots, indptr, pos), dev, a.repeats)
                 # The padded-tensor path side by side (on the CPU ``attend`` is the fused kernel or the compiled loop).
                 t_tensor_step = (timeit(lambda: batched_decode_attention(q, pool_k, pool_v, slots, indptr, pos,
-                                                                          method="tensor"), dev, 5)
+                                                                          method="tensor"), dev, a.repeats)
                                  if dev.type == "cpu" else float("nan"))
-                t_every = reselect_time(pool_k, slots, rq, budget, a.interval, 0, dev)
-                t_tensor = reselect_time(pool_k, slots, rq, budget, a.interval, CANDIDATE_FACTOR, dev, "tensor")
-                t_two = reselect_time(pool_k, slots, rq, budget, a.interval, CANDIDATE_FACTOR, dev)
-                t_mean = reselect_time(pool_k, slots, rq, budget, a.interval, CANDIDATE_FACTOR, dev, pooling="all")
-                t_qb = (query_block_step_time(pool_k, pool_v, slots, rq, q, budget, a.query_blocks, dev, attend)
+                t_every = reselect_time(pool_k, slots, rq, budget, a.interval, 0, dev, repeats=a.repeats)
+                t_tensor = reselect_time(pool_k, slots, rq, budget, a.interval, CANDIDATE_FACTOR, dev, "tensor", repeats=a.repeats)
+                t_two = reselect_time(pool_k, slots, rq, budget, a.interval, CANDIDATE_FACTOR, dev, repeats=a.repeats)
+                t_mean = reselect_time(pool_k, slots, rq, budget, a.interval, CANDIDATE_FACTOR, dev, pooling="all",
+                                        repeats=a.repeats)
+                t_qb = (query_block_step_time(pool_k, pool_v, slots, rq, q, budget, a.query_blocks, dev, attend,
+                                              a.repeats)
                         if a.query_blocks else float("nan"))
                 print(f"{length:>6} {budget:>5} {batch:>5} {t_full * 1e3:>8.3f} {t_sel * 1e3:>8.3f} "
                       f"{t_tensor_step * 1e3:>7.3f} "

@@ -3,7 +3,7 @@
 The embedded model answers the last turn of ``capture.build_conversation``
 (question at the start, middle or end of that turn) greedily for ``--steps``
 tokens; every layer's q/k of prompt + answer is captured.  At each decode step
-after the first ``interval`` ones, each method's selection at budget ``B`` is
+after the first ``--skip`` (16) ones, each method's selection at budget ``B`` is
 scored by the share of the step's full attention mass (per query head, over
 all keys it may see) that falls on the selected positions:
 
@@ -14,7 +14,7 @@ all keys it may see) that falls on the selected positions:
   (``query_blocks``: what the server reads; ``loopserve_selection``: the
   selection and the tokens since only);
 * LoopServe before: each of the window's queries scoring every cached key
-  every ``interval`` steps (how re-selection worked before it was made
+  every 16 steps (the paper's interval and window) (how re-selection worked before it was made
   cheaper: no pooling, no candidates, no adaptive interval);
 * SnapKV: selected once from the prompt's last 32 queries (pooling 5), plus
   the generated tokens;
@@ -42,6 +42,7 @@ sys.path.insert(0, str(HERE.parent))
 from capture import QUESTIONS, build_conversation, capture_qkv, load_model  # noqa: E402
 
 from sglang_loopserve.cache_policy import DecodeCompressor, ScoreContext, SnapKV, StreamingLLM  # noqa: E402
+from sglang_loopserve.cache_policy.decode import INTERVAL, WINDOW  # noqa: E402
 
 METHOD_NAMES = ("loopserve", "loopserve_selection", "loopserve_before", "snapkv", "streaming_llm")
 
@@ -59,13 +60,17 @@ def kept_mass(q, k, idx):
     return float((p * sel.repeat_interleave(n_heads // n_kv, 0)).sum(-1).mean())
 
 
-def run_layer(layer, prompt_len, steps, budget, interval, window, kv_dtype=torch.float32):
+#: The paper's re-selection interval and window: the ``loopserve_before`` column.
+PAPER_INTERVAL = 16
+
+
+def run_layer(layer, prompt_len, steps, budget, interval, window, kv_dtype=torch.float32, skip=PAPER_INTERVAL):
     q, k = layer["q"], layer["k"]
     pool = k.to(kv_dtype)  # what the compressors read (the server's KV pool); masses are scored on ``k``
     comp = DecodeCompressor(budget=budget, interval=interval, window=window)
     comp.seed(None, prompt_len)
-    before = DecodeCompressor(budget=budget, interval=interval, window=window, max_interval=interval,
-                                 candidate_factor=0, pool_window="none")
+    before = DecodeCompressor(budget=budget, interval=PAPER_INTERVAL, window=PAPER_INTERVAL,
+                              max_interval=PAPER_INTERVAL, candidate_factor=0, pool_window="none")
     before.seed(None, prompt_len)
     ctx = ScoreContext(k=k[:prompt_len], prompt_len=prompt_len, prompt_q=q[prompt_len - 32:prompt_len])
     snap = SnapKV(window=32).select(ctx, budget=budget)
@@ -73,7 +78,7 @@ def run_layer(layer, prompt_len, steps, budget, interval, window, kv_dtype=torch
     for t in range(steps):
         length = prompt_len + t + 1
         qt = q[prompt_len + t]
-        if t >= interval:
+        if t >= skip:
             since = torch.arange(prompt_len, length).expand(k.shape[1], -1)
             read = comp.attended(length, qt, pool, torch.arange(length))
             kept["loopserve"].append(kept_mass(qt, k[:length], None if read is None else read[0].view(k.shape[1], -1)))
@@ -93,8 +98,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budgets", type=int, nargs="+", default=[512, 1024])
     p.add_argument("--steps", type=int, default=64)
-    p.add_argument("--interval", type=int, default=16)
-    p.add_argument("--window", type=int, default=16)
+    p.add_argument("--interval", type=int, default=INTERVAL, help=f"default {INTERVAL}: the server's")
+    p.add_argument("--window", type=int, default=WINDOW, help=f"default {WINDOW}: the server's")
+    p.add_argument("--skip", type=int, default=PAPER_INTERVAL,
+                   help="steps before the scoring starts (default 16: the paper's first re-selection)")
     p.add_argument("--history-tokens", type=int, default=5700)
     p.add_argument("--positions", nargs="+", default=list(QUESTIONS))
     p.add_argument("--kv-dtype", default="bfloat16",
@@ -117,7 +124,8 @@ def main(argv=None):
         for li, layer in enumerate(layers):
             row = []
             for b in a.budgets:
-                res = run_layer(layer, prompt_len, a.steps, b, a.interval, a.window, getattr(torch, a.kv_dtype))
+                res = run_layer(layer, prompt_len, a.steps, b, a.interval, a.window, getattr(torch, a.kv_dtype),
+                                a.skip)
                 for m in METHOD_NAMES:
                     summary.setdefault((position, b, m), []).append(res[m])
                     row.append(res[m])
@@ -128,7 +136,7 @@ def main(argv=None):
     for position in a.positions:
         vals = [sum(summary[position, b, m]) / len(summary[position, b, m]) for b in a.budgets for m in METHOD_NAMES]
         print(f"{position:>8} " + " ".join(f"{x:>16.3f}" for x in vals))
-    print(f"\nLoopServe re-selections per layer in {a.steps} steps (before: one per {a.interval} steps):")
+    print(f"\nLoopServe re-selections per layer in {a.steps} steps (before: one per {PAPER_INTERVAL} steps):")
     for position in a.positions:
         print(f"{position:>8} " + " ".join(
             f"B={b}: {sum(summary[position, b, 'reselections']) / len(summary[position, b, 'reselections']):.1f}"

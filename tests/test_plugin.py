@@ -22,10 +22,17 @@ BAD_FLAG_VALUES = [
 
 
 def test_defaults_follow_method_doc():
+    """method.md's defaults, except the decode interval and window (the paper's 16 and 16): with
+    query blocks 32 and 8 measured the same KL (README, "Decode KV compression"); the server's and
+    the compressor's defaults are one."""
+    from sglang_loopserve.cache_policy import DecodeCompressor
+
     c = LoopServeConfig()
-    assert (c.alpha, c.q_window, c.block_size, c.decode_budget, c.decode_interval) == (0.95, 64, 64, 1024, 16)
-    assert c.decode_window == c.decode_interval
-    assert c.decode_max_interval == 8 * c.decode_interval
+    assert (c.alpha, c.q_window, c.block_size, c.decode_budget) == (0.95, 64, 64, 1024)
+    comp = DecodeCompressor()
+    assert ((c.decode_interval, c.decode_window, c.decode_first_interval, c.decode_query_blocks)
+            == (comp.interval, comp.window, comp.first_interval, comp.query_blocks) == (32, 8, 4, 64))
+    assert c.decode_max_interval == comp.max_interval == 128
     assert c.min_prefill_len is None  # the device's measured break-even
     assert c.validated() is c
 
@@ -41,7 +48,8 @@ def test_per_request_decode_query_blocks():
 
 def test_per_request_decode_max_interval():
     base = LoopServeConfig()
-    assert base.override({"decode_max_interval": 16}).decode_max_interval == 16
+    assert base.override({"decode_max_interval": 64}).decode_max_interval == 64
+    assert base.override({"decode_interval": 16, "decode_max_interval": 16}).decode_max_interval == 16
     with pytest.raises(LoopServeConfigError, match="custom_params.loopserve.decode_max_interval"):
         base.override({"decode_max_interval": 4}, request_field_name)
     with pytest.raises(LoopServeConfigError, match="custom_params.loopserve.min_prefill_len"):
