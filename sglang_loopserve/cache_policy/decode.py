@@ -116,7 +116,7 @@ def keep_top_padded(scores: torch.Tensor, lengths: torch.Tensor, budget: int, si
     length = lengths[:, None]
     forced = (pos < sink) | (pos >= length - recent)
     ranked = scores.float().masked_fill(forced, float("inf")).masked_fill(pos >= length, float("-inf"))
-    kept = ranked.topk(min(budget, l_max), dim=-1).indices.sort(dim=-1).values
+    kept = ranked.topk(min(budget, l_max), dim=-1, sorted=False).indices.sort(dim=-1).values
     valid = torch.arange(kept.shape[1], device=scores.device)[None, :] < length.clamp(max=budget)
     # Padding positions (>= length) sort last, so the real ones are a prefix.
     return kept, valid
@@ -202,7 +202,7 @@ def reselect_pruned(recent_q, k_buffer, slots, summaries, *, budget, sink=4, rec
         scores = _candidate_mass(recent_q, k_buffer, slots, cand, length)
     forced = ((cand < sink) | (cand >= length - recent)) & (cand < length)  # cand == length: padding
     ranked = scores.masked_fill(forced, float("inf"))
-    at = ranked.topk(budget, dim=-1).indices.sort(dim=-1).values  # candidates ascend: positions do too
+    at = ranked.topk(budget, dim=-1, sorted=False).indices.sort(dim=-1).values  # candidates ascend: positions do too
     kept, mass = cand.gather(1, at), scores.gather(1, at)
     return kept, mass, _held(previous, kept, mass)
 

@@ -97,7 +97,7 @@ def prune_plan(importance: torch.Tensor, live: torch.Tensor, *, start: int, bran
     if quota <= 0:
         return torch.zeros(0, dtype=torch.long)
     ranked = importance.float().masked_fill(~allowed, math.inf)
-    return ranked.topk(quota, largest=False).indices.sort().values
+    return ranked.topk(quota, largest=False, sorted=False).indices.sort().values
 
 
 def leaf_priority(*, shared: int, importance: float, last_access: float, recompute_tokens: int) -> tuple:

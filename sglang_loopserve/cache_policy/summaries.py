@@ -128,7 +128,7 @@ def candidate_positions(summaries: KeySummaries, recent_q: torch.Tensor, length:
     forced = (blocks < -(-sink // bs)) | (blocks >= (length - recent) // bs)
     mass = mass.masked_fill(forced, float("inf"))
     take = candidate_blocks(length, bs, budget, factor, sink, recent)
-    chosen = mass.topk(take, dim=-1).indices.sort(dim=-1).values  # [Hk, take]
+    chosen = mass.topk(take, dim=-1, sorted=False).indices.sort(dim=-1).values  # [Hk, take]
     positions = (chosen[..., None] * bs + torch.arange(bs, device=mass.device)).flatten(1)
     return positions.clamp(max=length)  # the last block may be partial
 
