@@ -38,8 +38,10 @@ SPARSE_BELOW = {"cpu": 0.6, "cuda": 0.5}
 #: sparse path (plan + kernel, with the density gate above and the server's
 #: skipping of layers planned too dense) beats the exact rectangle, measured
 #: over SmolLM2's layers with ``benchmarks/prefill_attention.py --break-even``
-#: (CPU: 2-core x86, fp32, a turn of half the sequence: sparse / exact 1.16x
-#: at 4096 tokens, 1.06x at 5120, 0.97x at 6144, 0.93x at 8000).  Below it the
+#: (CPU: 2-core AMD EPYC, bf16, a turn of half the sequence, summed over the 30
+#: layers: sparse / exact 1.05x at 2048 tokens, 1.00x at 3072, 0.87x at 4096,
+#: 0.84x at 5120, 0.80x at 6144; before the planner's bf16 products and
+#: unsorted buckets: 1.16x at 4096, 0.97x at 6144, hence 6144 then).  Below it the
 #: server runs the exact rectangle.  CUDA: not measured yet (no GPU in the
 #: session that set it); MInference and SGLang's own sparse prefill break even
 #: between 10K and 50K tokens on an A100.  ``cpu_amx``: an x86 CPU with AMX tiles
@@ -47,7 +49,7 @@ SPARSE_BELOW = {"cpu": 0.6, "cuda": 0.5}
 #: faster than on the CPU above while the planner gains little: 2-core Xeon, bf16, sparse / exact
 #: 1.86x at 4096 tokens, 1.69x at 6144, 1.55x at 8000, no break-even within the 8K capture; the
 #: gate is extrapolated from that trend (about -0.15 per 2K tokens), not measured.
-MIN_PREFILL_LEN = {"cpu": 6144, "cpu_amx": 16384, "cuda": 16384}
+MIN_PREFILL_LEN = {"cpu": 4096, "cpu_amx": 16384, "cuda": 16384}
 
 
 @functools.lru_cache(maxsize=None)
