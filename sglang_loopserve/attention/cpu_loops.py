@@ -153,11 +153,10 @@ if numba is not None:
                             _fill(bits, n_ctx, n_sink, n_local, filled + 1, _N_BUCKETS - 1, fill, order)
                             filled = _N_BUCKETS - 1
                         at, end = start[b], start[b + 1]
-                        if covered + bmass[b] + bmass[_N_BUCKETS + b] < goal * (1.0 - 1e-9):
-                            # Even the bucket's standalone masses leave the goal unreached: every
-                            # line of it is taken, whatever the order (in line order, unsorted).
-                            pass
-                        elif end - at > 32:  # the greedy may stop in it: by mass, descending
+                        # Sorted by mass only if the greedy may stop in it: a bucket whose standalone
+                        # masses leave the goal unreached is taken whole, whatever the order.
+                        may_stop = covered + bmass[b] + bmass[_N_BUCKETS + b] >= goal * (1.0 - 1e-9)
+                        if may_stop and end - at > 32:  # by mass, descending
                             seg = order[at:end].copy()
                             keys = np.empty(end - at, dtype=np.float32)
                             for x in range(end - at):
@@ -165,7 +164,7 @@ if numba is not None:
                             perm = np.argsort(keys, kind="mergesort")
                             for x in range(end - at):
                                 order[at + x] = seg[perm[x]]
-                        else:  # insertion sort, stable: equal masses keep the lower line first
+                        elif may_stop:  # insertion sort, stable: equal masses keep the lower line first
                             for x in range(at + 1, end):
                                 item = order[x]
                                 value = m[item]
