@@ -210,6 +210,40 @@ def test_half_precision_estimate_keeps_the_same_mass():
     assert half_kept >= 0.95 and half_kept == pytest.approx(kept(sample_attention(q.float(), k.float(), rows)), abs=0.01)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loops_take_the_softmax_of_the_logits_as_they_read_them(dtype):
+    """The CPU loops read the estimate's logits and take each row's softmax themselves (the
+    probabilities are never written out): the same lines as from the probabilities, the same
+    masses, on bf16 (the served cache) and fp32 logits."""
+    from sglang_loopserve.attention import cpu_loops
+    if not cpu_loops.available():
+        pytest.skip("numba not installed")
+    p = planted_qkv(1024, 3000, 9, 3, 64, question_rows=64)
+    rows = sample_query_rows(1024, 64)
+    sample = sample_attention(p.q.to(dtype), p.k.to(dtype), rows)
+    assert sample.logits.dtype == dtype  # the product in the keys' precision, not widened
+    from_logits = cpu_loops.segment_lines(sample.logits, sample.positions, 8, 4, 64, 0.95, softmax=True)
+    from_probs = cpu_loops.segment_lines(sample.probs, sample.positions, 8, 4, 64, 0.95)
+    for a, b, n_a, n_b in zip(from_logits[0], from_probs[0], from_logits[1], from_probs[1]):
+        assert set(a[:n_a].tolist()) == set(b[:n_b].tolist())
+    torch.testing.assert_close(from_logits[2], from_probs[2], rtol=1e-5, atol=1e-6)  # key masses
+    torch.testing.assert_close(from_logits[2].sum(-1), torch.full((9,), float(len(rows))))
+    with pytest.raises(TypeError, match="rows"):
+        cpu_loops.segment_lines(sample.logits.half(), sample.positions, 8, 4, 64, 0.95, softmax=True)
+
+
+def test_attention_sample_takes_probs_or_logits():
+    from sglang_loopserve.attention.estimate import AttentionSample
+    rows = torch.arange(2)
+    with pytest.raises(ValueError, match="probs or logits"):
+        AttentionSample(rows=rows, positions=rows)
+    with pytest.raises(ValueError, match="probs or logits"):
+        AttentionSample(rows=rows, positions=rows, probs=torch.ones(1, 2, 2), logits=torch.ones(1, 2, 2))
+    logits = torch.tensor([[[0.0, 5.0], [1.0, 3.0]]])  # row 0 sees key 0 only
+    sample = AttentionSample(rows=rows, positions=rows, logits=logits)
+    torch.testing.assert_close(sample.probs, torch.tensor([[[1.0, 0.0], [0.1192029, 0.8807971]]]))
+
 # ---------------------------------------------------------------- baselines' static patterns
 @pytest.mark.parametrize("method", ["loops", "tensor"])
 def test_static_patterns_cover_their_cells(method):

@@ -20,22 +20,36 @@ from .workspace import scratch
 HALF_TYPES = (torch.bfloat16, torch.float16)
 
 
+def product_dtype(key_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a product with keys of ``key_dtype`` comes out in."""
+    return key_dtype if key_dtype in HALF_TYPES else torch.float32
+
+
+def scoring_product(queries: torch.Tensor, keys_t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, R, N]``: ``queries [B, R, d]`` (float32, already scaled) times ``keys_t [B, d, N]`` (the
+    cache's dtype; fastest as the transpose of contiguous ``[B, N, d]`` keys), in the keys' dtype
+    (``product_dtype``): half-precision keys multiply in their precision with fp32 accumulation.
+    ``out``: a buffer of that shape and dtype to write into."""
+    dtype = product_dtype(keys_t.dtype)
+    if out is None:
+        out = torch.empty(queries.shape[0], queries.shape[1], keys_t.shape[2], dtype=dtype, device=queries.device)
+    return torch.bmm(queries.to(dtype), keys_t.to(dtype), out=out)
+
+
 def scoring_logits(queries: torch.Tensor, keys_t: torch.Tensor, out: torch.Tensor | None = None,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``[B, R, N]`` float32: ``queries [B, R, d]`` (float32, already scaled) times ``keys_t [B, d, N]``
-    (the cache's dtype; fastest as the transpose of contiguous ``[B, N, d]`` keys).  ``out``: an
-    fp32 buffer of that shape to write into.  ``bias [S, N]`` (float32; ``R`` a multiple of ``S``):
-    added to each run of ``S`` consecutive rows (row ``r`` gets ``bias[r % S]``: a causal mask of 0
-    and -inf)."""
+    """``[B, R, N]`` float32: ``scoring_product`` widened to fp32.  ``out``: an fp32 buffer of that
+    shape to write into.  ``bias [S, N]`` (float32; ``R`` a multiple of ``S``): added to each run of
+    ``S`` consecutive rows (row ``r`` gets ``bias[r % S]``: a causal mask of 0 and -inf)."""
     n_batch, n_rows, n_keys = queries.shape[0], queries.shape[1], keys_t.shape[2]
     if out is None:
         out = torch.empty(n_batch, n_rows, n_keys, device=queries.device)
     if keys_t.dtype in HALF_TYPES:
         half = scratch("scoring_logits.half", (n_batch, n_rows, n_keys), keys_t.dtype, keys_t.device)
-        torch.bmm(queries.to(keys_t.dtype), keys_t, out=half)
-        out.copy_(half)  # then the bias in place: a mixed-dtype add would widen into a temporary
+        out.copy_(scoring_product(queries, keys_t, out=half))  # then the bias in place: a mixed-dtype
+        # add would widen into a temporary
     else:
-        torch.bmm(queries.float(), keys_t.float(), out=out)
+        scoring_product(queries, keys_t, out=out)
     if bias is not None:
         out.view(n_batch, -1, *bias.shape).add_(bias)
     return out

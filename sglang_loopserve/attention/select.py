@@ -169,13 +169,13 @@ def select_vertical_slash(
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")
     if method == "auto":
-        method = "loops" if sample.probs.device.type == "cpu" and cpu_loops.available() else "tensor"
+        method = "loops" if sample.device.type == "cpu" and cpu_loops.available() else "tensor"
     if method not in ("loops", "tensor"):
         raise ValueError(f"method must be 'auto', 'loops' or 'tensor', got {method!r}")
     lines, counts, key_mass = segment_lines(sample, alpha=alpha, sink=sink, local=local,
                                             rows_per_segment=rows_per_segment, method=method)
     starts = segment_bounds(sample.rows, rows_per_segment, n_new)
-    return VerticalSlashLines(lines, counts, starts, block_size, n_new, sample.probs.shape[-1], key_mass)
+    return VerticalSlashLines(lines, counts, starts, block_size, n_new, sample.shape[-1], key_mass)
 
 
 def segment_lines(sample: AttentionSample, *, alpha: float, sink: int, local: int,
@@ -187,13 +187,20 @@ def segment_lines(sample: AttentionSample, *, alpha: float, sink: int, local: in
     and the sampled mass of each key ``[H, n_ctx]``; each segment's lines
     cover at least ``alpha`` of its sampled mass (union).
     """
-    probs, pos = sample.probs, sample.positions
-    n_heads, n_rows, n_ctx = probs.shape
+    pos = sample.positions
+    n_heads, n_rows, n_ctx = sample.shape
     rps = rows_per_segment
     n_seg = -(-n_rows // rps)
     if method == "loops":
-        lines, counts, key_mass = cpu_loops.segment_lines(probs, pos, rps, sink, local, alpha * (1 - _TOL))
+        # From the logits where the sample has them: each row's softmax where the loops read it.
+        softmax = sample.logits is not None
+        rows = sample.logits if softmax else sample.probs
+        if rows.dtype not in cpu_loops.ROW_TYPES:
+            rows = rows.float()
+        lines, counts, key_mass = cpu_loops.segment_lines(rows, pos, rps, sink, local, alpha * (1 - _TOL),
+                                                          softmax=softmax)
         return lines.view(n_heads, n_seg, -1), counts.view(n_heads, n_seg), key_mass
+    probs = sample.probs
     pad = n_seg * rps - n_rows
     if pad:  # zero rows complete the last segment; they carry no mass
         probs = torch.cat([probs, probs.new_zeros(n_heads, pad, n_ctx)], dim=1)

@@ -33,8 +33,7 @@ from ..numba_setup import available, lock, numba, njit, prange
 from .summaries import queries_by_kv_head, signed_parts
 
 if numba is not None:
-    from numba import types
-    from numba.extending import overload
+    from ..numba_rows import exp_shifted, float_row, row_max
 
 #: KV pool dtypes read in place, and the dtype numba sees them as (it has no bfloat16).
 _AS = {torch.float32: torch.float32, torch.bfloat16: torch.int16}
@@ -49,51 +48,11 @@ def supports(k_buffer: torch.Tensor) -> bool:
 
 if numba is not None:
 
-    def _float_row(row, buf):
-        """A pool row as float32: itself, or (bfloat16 bits) widened into ``buf`` (uint32)."""
-
-    @overload(_float_row, inline="always")
-    def _float_row_typed(row, buf):
-        if isinstance(row.dtype, types.Float):
-            return lambda row, buf: row
-
-        def widen(row, buf):
-            for x in range(buf.shape[0]):
-                buf[x] = (np.uint32(row[x]) & np.uint32(0xFFFF)) << 16
-            return buf.view(np.float32)
-        return widen
-
-    @njit(inline="always", fastmath={"reassoc", "contract"})
-    def _exp_shifted(row, top, scratch):
-        """``row[c] = exp(row[c] - top)`` in place, returning their sum (``-inf`` counts as
-        ``e^-87``, negligible).  ``exp``
-        as a polynomial (Cephes' ``expf``, relative error ~1e-7) that vectorizes: numba's
-        ``np.exp`` is a libm call per element."""
-        m = row.shape[0]
-        for c in range(m):
-            x = max(row[c] - top, np.float32(-87.0))  # e^-87 is still a normal float
-            t = np.floor(x * np.float32(1.44269504) + np.float32(0.5))
-            r = x - t * np.float32(0.693359375) + t * np.float32(2.12194440e-4)
-            p = np.float32(1.9875691500e-4)
-            p = p * r + np.float32(1.3981999507e-3)
-            p = p * r + np.float32(8.3334519073e-3)
-            p = p * r + np.float32(4.1665795894e-2)
-            p = p * r + np.float32(1.6666665459e-1)
-            p = p * r + np.float32(5.0000001201e-1)
-            row[c] = p * r * r + r + np.float32(1.0)
-            scratch[c] = np.int32(t) << 23
-        bits = row.view(np.int32)
-        total = np.float32(0.0)
-        for c in range(m):
-            bits[c] += scratch[c]  # times 2^t
-            total += row[c]
-        return total
-
     @njit(inline="always", fastmath={"reassoc", "contract"})
     def _softmax_sum_into(logits, acc, scratch):
         """``acc += softmax(logits)`` for a row of float32 logits (``-inf``: masked), ``logits``
         overwritten."""
-        inv = np.float32(1.0) / _exp_shifted(logits, logits.max(), scratch)
+        inv = np.float32(1.0) / exp_shifted(logits, row_max(logits), scratch)
         for c in range(logits.shape[0]):
             acc[c] += logits[c] * inv
 
@@ -143,7 +102,7 @@ if numba is not None:
                 hi = storage[h, b, :d]
                 lo = storage[h, b, d:]
                 for pos in range(b * block, min((b + 1) * block, length)):
-                    key = _float_row(k_pool[slots[pos], h], buf)
+                    key = float_row(k_pool[slots[pos], h], buf)
                     if pos == b * block:
                         hi[:] = key
                         lo[:] = key
@@ -195,7 +154,7 @@ if numba is not None:
             for c in range((task % _CHUNKS) * c_chunk, min((task % _CHUNKS + 1) * c_chunk, n_cand)):
                 pos = cand[h, c]
                 if pos < length:
-                    key = _float_row(k_pool[slots[pos], h], buf)
+                    key = float_row(k_pool[slots[pos], h], buf)
                 for i in range(n_q):
                     if pos >= length or pos > qpos[i]:
                         logits[h, i, c] = -np.inf
@@ -264,7 +223,7 @@ if numba is not None:
             # address waits on two index loads; reading and scoring each in turn stalls on every one).
             rows = np.empty((n, d), dtype=np.float32)
             for j in range(n):
-                rows[j] = _float_row(k_pool[slots[r, positions[lo + j]], h], buf)
+                rows[j] = float_row(k_pool[slots[r, positions[lo + j]], h], buf)
             for j in range(n):
                 for g in range(group):
                     acc = np.float32(0.0)
@@ -272,11 +231,11 @@ if numba is not None:
                         acc += qh[g, x] * rows[j, x]
                     logits[g, j] = acc
             for g in range(group):
-                top = logits[g].max()
+                top = row_max(logits[g])
                 part_max[task, g] = top
-                part_sum[task, g] = _exp_shifted(logits[g], top, scratch)
+                part_sum[task, g] = exp_shifted(logits[g], top, scratch)
             for j in range(n):
-                rows[j] = _float_row(v_pool[slots[r, positions[lo + j]], h], buf)
+                rows[j] = float_row(v_pool[slots[r, positions[lo + j]], h], buf)
             acc_v = part_acc[task]
             for j in range(n):
                 for g in range(group):
