@@ -54,17 +54,22 @@ if numba is not None:
     _FILL_MARGIN = 2
 
     @njit(inline="always")
-    def _fill(bits, n_ctx, reach, n_sink, n_local, lo, hi, fill, order):
+    def _fill(bits, n_ctx, reach, n_sink, n_local, lo, hi, fill, order, candidates):
         """Place the lines of buckets ``lo..hi`` (forced ones excluded, and those of index
-        ``reach`` on: no mass) at their slots.  A line of another bucket is written to the spare
-        slot ``order[2 n_ctx]``: no branch to mispredict."""
-        spare = 2 * n_ctx
+        ``reach`` on: no mass) at their slots, in line order within a bucket.  First the lines
+        to place, listed without a branch (``candidates``: scratch), then only those scattered:
+        a scatter over every line waits on its bucket's cursor whenever neighbours share one."""
+        n = 0
         for first, last in ((n_sink, reach), (n_ctx + n_local, n_ctx + reach)):
             for line in range(first, last):
                 b = _N_BUCKETS - 1 - (bits[line] >> _BUCKET_SHIFT)
-                inside = (b >= lo) & (b <= hi)
-                order[fill[b] if inside else spare] = line
-                fill[b] += inside
+                candidates[n] = line
+                n += (b >= lo) & (b <= hi)
+        for x in range(n):
+            line = candidates[x]
+            b = _N_BUCKETS - 1 - (bits[line] >> _BUCKET_SHIFT)
+            order[fill[b]] = line
+            fill[b] += 1
 
     @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})  # not inlined: its own flags
     def _add_row(row, n, softmax, out, col_m, diag_m, scratch):
@@ -92,14 +97,15 @@ if numba is not None:
     @njit(parallel=True, cache=True, nogil=True)
     def _segment_lines(rows_in, softmax, positions, rows_per_segment, sink, local, fraction,
                        mass, key_mass, lines, counts, ranked, col_on, diag_on, row_scratch, exp_scratch,
-                       bucket_count, bucket_mass, bucket_start):
+                       line_scratch, bucket_count, bucket_mass, bucket_start):
         """Per problem ``(h, g)``, one loop nest: the softmax of its sampled rows (``rows_in [H, S,
         n_ctx]``: logits, or probabilities where ``softmax`` is False; each row read up to its
         position) into this thread's ``row_scratch``, the masses of its lines (``mass [H, G, 2n]``:
         columns, then diagonals), then the greedy: lines in the order taken (by mass, except within a
         bucket taken whole: there by line) into ``lines`` (not padded), their number into
         ``counts``.  ``ranked``, ``col_on``, ``diag_on``: per-problem scratch (the flags as floats,
-        one spare slot each); ``row_scratch``, ``exp_scratch``, ``bucket_*``: per-thread scratch."""
+        one spare slot each); ``row_scratch``, ``exp_scratch``, ``line_scratch``, ``bucket_*``:
+        per-thread scratch."""
         n_heads, n_rows, n_ctx = rows_in.shape
         n_seg = mass.shape[1]
         for problem in prange(n_heads * n_seg):
@@ -119,6 +125,7 @@ if numba is not None:
             bits = m.view(np.int32)
             out = lines[problem]
             order = ranked[problem]
+            candidates = line_scratch[thread]
             col = col_on[problem]
             diag = diag_on[problem]
             col[:] = 0.0
@@ -170,7 +177,7 @@ if numba is not None:
                         cut = b
             start[_N_BUCKETS] = placed
             filled = min(cut + _FILL_MARGIN, _N_BUCKETS - 1)
-            _fill(bits, n_ctx, reach, n_sink, n_local, 0, filled, fill, order)
+            _fill(bits, n_ctx, reach, n_sink, n_local, 0, filled, fill, order, candidates)
             covered = 0.0
             k = 0
             b = 0
@@ -190,7 +197,8 @@ if numba is not None:
                         if b == _N_BUCKETS:
                             break
                         if b > filled:  # rare: the union needs lines below the margin
-                            _fill(bits, n_ctx, reach, n_sink, n_local, filled + 1, _N_BUCKETS - 1, fill, order)
+                            _fill(bits, n_ctx, reach, n_sink, n_local, filled + 1, _N_BUCKETS - 1, fill, order,
+                                  candidates)
                             filled = _N_BUCKETS - 1
                         at, end = start[b], start[b + 1]
                         # Sorted by mass only if the greedy may stop in it: a bucket whose standalone
@@ -357,12 +365,13 @@ def segment_lines(rows: torch.Tensor, positions: torch.Tensor, rows_per_segment:
     n_problems, n_lines = n_heads * n_seg, 2 * n_ctx
     mass = scratch("cpu_loops.mass", (n_heads, n_seg, n_lines), torch.float32, "cpu")
     lines = scratch("cpu_loops.lines", (n_problems, n_lines), torch.int32, "cpu")
-    ranked = scratch("cpu_loops.ranked", (n_problems, n_lines + 1), torch.int32, "cpu")
+    ranked = scratch("cpu_loops.ranked", (n_problems, n_lines), torch.int32, "cpu")
     col_on = scratch("cpu_loops.col_on", (n_problems, n_ctx + 1), torch.float32, "cpu")
     diag_on = scratch("cpu_loops.diag_on", (n_problems, n_ctx + 1), torch.float32, "cpu")
     threads = numba.get_num_threads()
     row_scratch = scratch("cpu_loops.rows", (threads, rows_per_segment, n_ctx), torch.float32, "cpu")
     exp_scratch = scratch("cpu_loops.exp", (threads, n_ctx), torch.int32, "cpu")
+    line_scratch = scratch("cpu_loops.candidates", (threads, n_lines), torch.int32, "cpu")
     bucket_count = scratch("cpu_loops.bucket_count", (threads, 2 * _N_BUCKETS + 1), torch.int64, "cpu")
     bucket_start = scratch("cpu_loops.bucket_start", (threads, _N_BUCKETS + 1), torch.int64, "cpu")
     bucket_mass = scratch("cpu_loops.bucket_mass", (threads, 2 * _N_BUCKETS), torch.float64, "cpu")
@@ -373,6 +382,7 @@ def segment_lines(rows: torch.Tensor, positions: torch.Tensor, rows_per_segment:
                        positions.contiguous().numpy(), rows_per_segment, sink, local, float(fraction),
                        mass.numpy(), key_mass.numpy(), lines.numpy(), counts.numpy(), ranked.numpy(),
                        col_on.numpy(), diag_on.numpy(), row_scratch.numpy(), exp_scratch.numpy(),
+                       line_scratch.numpy(),
                        bucket_count.numpy(), bucket_mass.numpy(), bucket_start.numpy())
     width = max(int(counts.max()), 1)
     taken = torch.arange(width)[None, :] < counts[:, None]
