@@ -16,8 +16,18 @@ float ``max`` reduction in strict order does not vectorise either (2 us for
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from .numba_setup import njit, numba
+
+#: Tensor dtypes the loops read in place, and the dtype numba sees them as (it has no bfloat16:
+#: the bits as int16, widened by ``float_row`` / ``load_row``).
+READS = {torch.float32: torch.float32, torch.bfloat16: torch.int16}
+
+
+def numba_view(t: torch.Tensor) -> np.ndarray:
+    """``t`` (float32 or bfloat16, on the CPU) as the numpy array the loops read, without a copy."""
+    return t.view(READS[t.dtype]).numpy()
 
 if numba is not None:
     from numba import types

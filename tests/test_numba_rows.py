@@ -6,9 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from sglang_loopserve.numba_setup import available
-
-pytestmark = pytest.mark.skipif(not available(), reason="numba not installed")
 
 
 def _kernels():

@@ -217,8 +217,6 @@ def test_loops_take_the_softmax_of_the_logits_as_they_read_them(dtype):
     probabilities are never written out): the same lines as from the probabilities, the same
     masses, on bf16 (the served cache) and fp32 logits."""
     from sglang_loopserve.attention import cpu_loops
-    if not cpu_loops.available():
-        pytest.skip("numba not installed")
     p = planted_qkv(1024, 3000, 9, 3, 64, question_rows=64)
     rows = sample_query_rows(1024, 64)
     sample = sample_attention(p.q.to(dtype), p.k.to(dtype), rows)

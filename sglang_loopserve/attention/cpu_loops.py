@@ -35,6 +35,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..numba_rows import READS, numba_view
 from ..numba_setup import available, lock as _lock, numba, njit, prange  # noqa: F401
 from .workspace import scratch
 
@@ -347,10 +348,6 @@ if numba is not None:
                         at += 1
 
 
-#: Row dtypes the loops read in place, as numba sees them (it has no bfloat16: the bits as int16).
-ROW_TYPES = {torch.float32: torch.float32, torch.bfloat16: torch.int16}
-
-
 def segment_lines(rows: torch.Tensor, positions: torch.Tensor, rows_per_segment: int, sink: int,
                   local: int, fraction: float, softmax: bool = False):
     """Per problem ``(h, g)`` of ``rows [H, S, n_ctx]`` (``g``: a segment of ``rows_per_segment``
@@ -358,7 +355,7 @@ def segment_lines(rows: torch.Tensor, positions: torch.Tensor, rows_per_segment:
     segment's mass: ``(lines [H*G, L] int32, padded with 2 n_ctx; counts [H*G] int64;
     key_mass [H, n_ctx])``.  ``rows``: probabilities, or (``softmax``) the logits they are the
     causal softmax of (float32 or bfloat16; row ``s`` is read up to ``positions[s]``)."""
-    if rows.dtype not in ROW_TYPES:
+    if rows.dtype not in READS:
         raise TypeError(f"rows must be float32 or bfloat16, got {rows.dtype}")
     n_heads, n_rows, n_ctx = rows.shape
     n_seg = -(-n_rows // rows_per_segment)
@@ -378,7 +375,7 @@ def segment_lines(rows: torch.Tensor, positions: torch.Tensor, rows_per_segment:
     counts = torch.empty(n_problems, dtype=torch.int64)
     key_mass = torch.empty(n_heads, n_ctx, dtype=torch.float32)
     with _lock:
-        _segment_lines(rows.contiguous().view(ROW_TYPES[rows.dtype]).numpy(), bool(softmax),
+        _segment_lines(numba_view(rows.contiguous()), bool(softmax),
                        positions.contiguous().numpy(), rows_per_segment, sink, local, float(fraction),
                        mass.numpy(), key_mass.numpy(), lines.numpy(), counts.numpy(), ranked.numpy(),
                        col_on.numpy(), diag_on.numpy(), row_scratch.numpy(), exp_scratch.numpy(),

@@ -36,20 +36,13 @@ def scoring_product(queries: torch.Tensor, keys_t: torch.Tensor, out: torch.Tens
     return torch.bmm(queries.to(dtype), keys_t.to(dtype), out=out)
 
 
-def scoring_logits(queries: torch.Tensor, keys_t: torch.Tensor, out: torch.Tensor | None = None,
-                   bias: torch.Tensor | None = None) -> torch.Tensor:
+def scoring_logits(queries: torch.Tensor, keys_t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, R, N]`` float32: ``scoring_product`` widened to fp32.  ``out``: an fp32 buffer of that
-    shape to write into.  ``bias [S, N]`` (float32; ``R`` a multiple of ``S``): added to each run of
-    ``S`` consecutive rows (row ``r`` gets ``bias[r % S]``: a causal mask of 0 and -inf)."""
+    shape to write into."""
     n_batch, n_rows, n_keys = queries.shape[0], queries.shape[1], keys_t.shape[2]
     if out is None:
         out = torch.empty(n_batch, n_rows, n_keys, device=queries.device)
     if keys_t.dtype in HALF_TYPES:
         half = scratch("scoring_logits.half", (n_batch, n_rows, n_keys), keys_t.dtype, keys_t.device)
-        out.copy_(scoring_product(queries, keys_t, out=half))  # then the bias in place: a mixed-dtype
-        # add would widen into a temporary
-    else:
-        scoring_product(queries, keys_t, out=out)
-    if bias is not None:
-        out.view(n_batch, -1, *bias.shape).add_(bias)
-    return out
+        return out.copy_(scoring_product(queries, keys_t, out=half))
+    return scoring_product(queries, keys_t, out=out)

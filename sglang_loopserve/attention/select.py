@@ -195,7 +195,7 @@ def segment_lines(sample: AttentionSample, *, alpha: float, sink: int, local: in
         # From the logits where the sample has them: each row's softmax where the loops read it.
         softmax = sample.logits is not None
         rows = sample.logits if softmax else sample.probs
-        if rows.dtype not in cpu_loops.ROW_TYPES:
+        if rows.dtype not in cpu_loops.READS:
             rows = rows.float()
         lines, counts, key_mass = cpu_loops.segment_lines(rows, pos, rps, sink, local, alpha * (1 - _TOL),
                                                           softmax=softmax)

@@ -29,21 +29,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..numba_rows import READS, numba_view
 from ..numba_setup import available, lock, numba, njit, prange
 from .summaries import queries_by_kv_head, signed_parts
 
 if numba is not None:
     from ..numba_rows import exp_shifted, float_row, row_max
 
-#: KV pool dtypes read in place, and the dtype numba sees them as (it has no bfloat16).
-_AS = {torch.float32: torch.float32, torch.bfloat16: torch.int16}
-
 #: Tasks per head of the heavy stages (at most, for attention over a selection).
 _CHUNKS = 4
 
 
 def supports(k_buffer: torch.Tensor) -> bool:
-    return available() and k_buffer.device.type == "cpu" and k_buffer.dtype in _AS
+    return available() and k_buffer.device.type == "cpu" and k_buffer.dtype in READS
 
 
 if numba is not None:
@@ -341,11 +339,10 @@ def sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tenso
     n_kv = k_buffer.shape[1]
     # Chunks of >= 256 positions (on average): enough tasks for two cores at batch 1, few merges.
     n_chunks = max(1, min(_CHUNKS, positions.numel() // max(indptr.numel() - 1, 1) // 256))
-    as_dtype = _AS[k_buffer.dtype]
     qs = (q.float() * d**-0.5).reshape(n_req, n_kv, n_heads // n_kv, d).contiguous()
     out = torch.empty(n_req, n_heads, d, dtype=torch.float32)
     with lock:
-        _sparse_decode(qs.numpy(), k_buffer.view(as_dtype).numpy(), v_buffer.view(as_dtype).numpy(),
+        _sparse_decode(qs.numpy(), numba_view(k_buffer), numba_view(v_buffer),
                        slots.to(torch.int64).contiguous().numpy(), indptr.to(torch.int64).contiguous().numpy(),
                        positions.to(torch.int64).contiguous().numpy(), n_chunks, out.numpy())
     return out
@@ -372,7 +369,7 @@ def reselect(queries: torch.Tensor, qpos: torch.Tensor, k_buffer: torch.Tensor, 
     bound_queries = queries if bound_queries is None else bound_queries
     with lock:
         _reselect(bound_queries.contiguous().numpy(), queries.contiguous().numpy(), qpos.numpy(),
-                  k_buffer.view(_AS[k_buffer.dtype]).numpy(), slots.to(torch.int64).contiguous().numpy(),
+                  numba_view(k_buffer), slots.to(torch.int64).contiguous().numpy(),
                   summaries.storage.numpy(), summaries.length // bs, length, bs, take, budget, sink, recent,
                   prev.numpy(), 0 if previous is None else prev.shape[1], kept.numpy(), kept_mass.numpy(),
                   held.numpy())
