@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ..numba_rows import READS, numba_view
-from ..numba_setup import available, lock as _lock, numba, njit
+from ..numba_setup import available, lock as _lock, numba, njit  # noqa: F401 (available: re-exported)
 from ..torch_threads import n_threads, parallel_for
 from .workspace import scratch
 
