@@ -31,6 +31,7 @@ import torch
 
 from ..numba_rows import READS, numba_view
 from ..numba_setup import available, lock, numba, njit, prange
+from ..torch_threads import parallel_for
 from .summaries import queries_by_kv_head, signed_parts
 
 if numba is not None:
@@ -196,68 +197,69 @@ if numba is not None:
             held[h, 1] = den
 
 
-    @njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc", "contract"})
-    def _sparse_decode(q, k_pool, v_pool, slots, indptr, positions, n_chunks, out):
-        n_req, n_kv, group, d = q.shape
-        n_seg = n_req * n_kv
-        part_max = np.empty((n_seg * n_chunks, group), dtype=np.float32)
-        part_sum = np.zeros((n_seg * n_chunks, group), dtype=np.float32)
-        part_acc = np.zeros((n_seg * n_chunks, group, d), dtype=np.float32)
-        for task in prange(n_seg * n_chunks):
-            seg = task // n_chunks
-            r, h = seg // n_kv, seg % n_kv
-            start, end = indptr[seg], indptr[seg + 1]
-            span = -(-(end - start) // n_chunks)
-            lo = start + (task % n_chunks) * span
-            n = min(end, lo + span) - lo
-            if n <= 0:
-                part_max[task, :] = -np.inf
-                continue
-            buf = np.empty(d, dtype=np.uint32)
-            qh = q[r, h]
-            logits = np.empty((group, n), dtype=np.float32)
-            scratch = np.empty(n, dtype=np.int32)
-            # Rows are copied first, in a loop of independent loads the CPU overlaps (a row's
-            # address waits on two index loads; reading and scoring each in turn stalls on every one).
-            rows = np.empty((n, d), dtype=np.float32)
-            for j in range(n):
-                rows[j] = float_row(k_pool[slots[r, positions[lo + j]], h], buf)
-            for j in range(n):
-                for g in range(group):
-                    acc = np.float32(0.0)
-                    for x in range(d):
-                        acc += qh[g, x] * rows[j, x]
-                    logits[g, j] = acc
+    @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+    def _decode_chunk(task, thread, q, k_pool, v_pool, slots, indptr, positions, n_chunks, part_max, part_sum,
+                      part_acc):
+        """Task ``(request, KV head, chunk)``: the chunk's softmax maximum, sum and weighted values."""
+        n_kv, group, d = q.shape[1], q.shape[2], q.shape[3]
+        seg = task // n_chunks
+        r, h = seg // n_kv, seg % n_kv
+        start, end = indptr[seg], indptr[seg + 1]
+        span = -(-(end - start) // n_chunks)
+        lo = start + (task % n_chunks) * span
+        n = min(end, lo + span) - lo
+        if n <= 0:
+            part_max[task, :] = -np.inf
+            return
+        buf = np.empty(d, dtype=np.uint32)
+        qh = q[r, h]
+        logits = np.empty((group, n), dtype=np.float32)
+        scratch = np.empty(n, dtype=np.int32)
+        # Rows are copied first, in a loop of independent loads the CPU overlaps (a row's
+        # address waits on two index loads; reading and scoring each in turn stalls on every one).
+        rows = np.empty((n, d), dtype=np.float32)
+        for j in range(n):
+            rows[j] = float_row(k_pool[slots[r, positions[lo + j]], h], buf)
+        for j in range(n):
             for g in range(group):
-                top = row_max(logits[g])
-                part_max[task, g] = top
-                part_sum[task, g] = exp_shifted(logits[g], top, scratch)
-            for j in range(n):
-                rows[j] = float_row(v_pool[slots[r, positions[lo + j]], h], buf)
-            acc_v = part_acc[task]
-            for j in range(n):
-                for g in range(group):
-                    p = logits[g, j]
-                    for x in range(d):
-                        acc_v[g, x] += p * rows[j, x]
-        for seg in prange(n_seg):
-            r, h = seg // n_kv, seg % n_kv
+                acc = np.float32(0.0)
+                for x in range(d):
+                    acc += qh[g, x] * rows[j, x]
+                logits[g, j] = acc
+        for g in range(group):
+            top = row_max(logits[g])
+            part_max[task, g] = top
+            part_sum[task, g] = exp_shifted(logits[g], top, scratch)
+        for j in range(n):
+            rows[j] = float_row(v_pool[slots[r, positions[lo + j]], h], buf)
+        acc_v = part_acc[task]
+        for j in range(n):
             for g in range(group):
-                top = -np.inf
-                for c in range(n_chunks):
-                    top = max(top, part_max[seg * n_chunks + c, g])
-                total = np.float32(0.0)
-                out[r, h * group + g, :] = 0.0
-                for c in range(n_chunks):
-                    t = seg * n_chunks + c
-                    if part_sum[t, g] > 0:
-                        w = np.float32(np.exp(part_max[t, g] - top))
-                        total += w * part_sum[t, g]
-                        for x in range(d):
-                            out[r, h * group + g, x] += w * part_acc[t, g, x]
-                if total > 0:
+                p = logits[g, j]
+                for x in range(d):
+                    acc_v[g, x] += p * rows[j, x]
+
+    @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+    def _decode_merge(seg, thread, part_max, part_sum, part_acc, n_chunks, n_kv, out):
+        """Task ``(request, KV head)``: its chunks merged by their softmax maxima and sums."""
+        group, d = part_acc.shape[1], part_acc.shape[2]
+        r, h = seg // n_kv, seg % n_kv
+        for g in range(group):
+            top = -np.inf
+            for c in range(n_chunks):
+                top = max(top, part_max[seg * n_chunks + c, g])
+            total = np.float32(0.0)
+            out[r, h * group + g, :] = 0.0
+            for c in range(n_chunks):
+                t = seg * n_chunks + c
+                if part_sum[t, g] > 0:
+                    w = np.float32(np.exp(part_max[t, g] - top))
+                    total += w * part_sum[t, g]
                     for x in range(d):
-                        out[r, h * group + g, x] /= total
+                        out[r, h * group + g, x] += w * part_acc[t, g, x]
+            if total > 0:
+                for x in range(d):
+                    out[r, h * group + g, x] /= total
 
 
 if numba is not None:
@@ -341,10 +343,17 @@ def sparse_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tenso
     n_chunks = max(1, min(_CHUNKS, positions.numel() // max(indptr.numel() - 1, 1) // 256))
     qs = (q.float() * d**-0.5).reshape(n_req, n_kv, n_heads // n_kv, d).contiguous()
     out = torch.empty(n_req, n_heads, d, dtype=torch.float32)
+    n_seg = n_req * n_kv
+    part_max = torch.empty(n_seg * n_chunks, n_heads // n_kv)
+    part_sum = torch.zeros(n_seg * n_chunks, n_heads // n_kv)
+    part_acc = torch.zeros(n_seg * n_chunks, n_heads // n_kv, d)
     with lock:
-        _sparse_decode(qs.numpy(), numba_view(k_buffer), numba_view(v_buffer),
-                       slots.to(torch.int64).contiguous().numpy(), indptr.to(torch.int64).contiguous().numpy(),
-                       positions.to(torch.int64).contiguous().numpy(), n_chunks, out.numpy())
+        parallel_for(_decode_chunk, n_seg * n_chunks, qs.numpy(), numba_view(k_buffer), numba_view(v_buffer),
+                     slots.to(torch.int64).contiguous().numpy(), indptr.to(torch.int64).contiguous().numpy(),
+                     positions.to(torch.int64).contiguous().numpy(), n_chunks, part_max.numpy(),
+                     part_sum.numpy(), part_acc.numpy())
+        parallel_for(_decode_merge, n_seg, part_max.numpy(), part_sum.numpy(), part_acc.numpy(), n_chunks, n_kv,
+                     out.numpy())
     return out
 
 
