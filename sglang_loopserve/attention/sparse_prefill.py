@@ -41,7 +41,8 @@ SPARSE_BELOW = {"cpu": 0.6, "cuda": 0.5}
 #: (CPU: 2-core AMD EPYC, bf16, a turn of half the sequence, summed over the 30
 #: layers: sparse / exact 1.05x at 2048 tokens, 1.00x at 3072, 0.87x at 4096,
 #: 0.84x at 5120, 0.80x at 6144; re-measured with the softmax taken in the
-#: selection loops: 1.06x, 1.07x, 0.94x, 0.83x, 0.83x; before the planner's bf16
+#: selection loops: 1.06x, 1.07x, 0.94x, 0.83x, 0.83x; with the loops on torch's
+#: OpenMP team (``torch_threads``): 1.08x, 1.01x, 0.88x, 0.82x, 0.77x; before the planner's bf16
 #: products and unsorted buckets: 1.16x at 4096, 0.97x at 6144, hence 6144 then).  Below it the
 #: server runs the exact rectangle.  CUDA: not measured yet (no GPU in the
 #: session that set it); MInference and SGLang's own sparse prefill break even
