@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..numba_rows import READS, numba_view
-from ..numba_setup import available, lock, numba, njit, prange
+from ..numba_setup import available, lock, numba, njit
 from ..torch_threads import parallel_for
 from .summaries import queries_by_kv_head, signed_parts
 
@@ -80,122 +80,123 @@ if numba is not None:
         return n
 
     # Reassociation lets the dot products vectorize (a float32 sum in strict order waits on
-    # each add); infinities stay meaningful (masked logits), so no "ninf"/"nnan".
-    @njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc", "contract"})
-    def _reselect(bound_queries, queries, qpos, k_pool, slots, storage, first_block, length, block, take,
-                  budget, sink, recent, previous, n_previous, kept, kept_mass, held):
-        n_kv, n_q, d = queries.shape
-        n_bq = bound_queries.shape[1]
-        n_blocks = -(-length // block)
-        n_cand = take * block
+    # each add); infinities stay meaningful (masked logits), so no "ninf"/"nnan".  The
+    # re-selection's five stages, each a task body for ``parallel_for``; the heavy ones (2 and 4)
+    # run over (head, chunk) tasks: a few heads on two cores would leave one idle half the time.
+    @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+    def _update_summaries(h, thread, k_pool, slots, storage, first_block, length, block):
+        """1. Head ``h``'s summaries of the blocks with new keys (the last, partial one is redone):
+        per dimension the keys' maxima, then their minima."""
+        d = storage.shape[2] // 2
+        buf = np.empty(d, dtype=np.uint32)
+        for b in range(first_block, -(-length // block)):
+            hi = storage[h, b, :d]
+            lo = storage[h, b, d:]
+            for pos in range(b * block, min((b + 1) * block, length)):
+                key = float_row(k_pool[slots[pos], h], buf)
+                if pos == b * block:
+                    hi[:] = key
+                    lo[:] = key
+                else:
+                    for x in range(d):
+                        hi[x] = max(hi[x], key[x])
+                        lo[x] = min(lo[x], key[x])
+
+    @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+    def _block_bounds(task, thread, split, storage, bound):
+        """2. Each block's bound per query: the query's positive parts (``split[..., :d]``) times
+        the block's maxima plus its negative parts times the minima."""
+        n_bq, n_blocks = bound.shape[1], bound.shape[2]
+        h = task // _CHUNKS
+        chunk = -(-n_blocks // _CHUNKS)
+        for b in range((task % _CHUNKS) * chunk, min((task % _CHUNKS + 1) * chunk, n_blocks)):
+            row = storage[h, b]
+            for i in range(n_bq):
+                acc = np.float32(0.0)
+                for x in range(split.shape[2]):
+                    acc += split[h, i, x] * row[x]
+                bound[h, i, b] = acc
+
+    @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+    def _candidate_blocks(h, thread, bound, sink, recent, length, block, cand):
+        """3. Head ``h``: the blocks' bound mass (softmax over blocks per query, summed), the best
+        ``take`` blocks (sink and recent ones first) and their positions (past the cache: ``length``)."""
+        n_blocks = bound.shape[2]
+        n_cand = cand.shape[1]
+        take = n_cand // block
         sink_blocks = -(-sink // block)
         recent_block = (length - recent) // block
-        # The heavy stages run over (head, chunk) tasks: a few heads on two cores
-        # would leave one idle half the time.
-        b_chunk = -(-n_blocks // _CHUNKS)
-        c_chunk = -(-n_cand // _CHUNKS)
-        # 1. Summaries of the blocks with new keys (the last, partial one is redone).
-        for h in prange(n_kv):
-            buf = np.empty(d, dtype=np.uint32)
-            for b in range(first_block, n_blocks):
-                hi = storage[h, b, :d]
-                lo = storage[h, b, d:]
-                for pos in range(b * block, min((b + 1) * block, length)):
-                    key = float_row(k_pool[slots[pos], h], buf)
-                    if pos == b * block:
-                        hi[:] = key
-                        lo[:] = key
-                    else:
-                        for x in range(d):
-                            hi[x] = max(hi[x], key[x])
-                            lo[x] = min(lo[x], key[x])
-        # 2. Each block's bound per query: the query's positive parts times the block's
-        # maxima plus its negative parts times the minima.
-        split = np.empty((n_kv, n_bq, 2 * d), dtype=np.float32)
-        for h in range(n_kv):
-            for i in range(n_bq):
-                for x in range(d):
-                    qx = bound_queries[h, i, x]
-                    split[h, i, x] = max(qx, np.float32(0.0))
-                    split[h, i, d + x] = min(qx, np.float32(0.0))
-        bound = np.empty((n_kv, n_bq, n_blocks), dtype=np.float32)
-        for task in prange(n_kv * _CHUNKS):
-            h = task // _CHUNKS
-            for b in range((task % _CHUNKS) * b_chunk, min((task % _CHUNKS + 1) * b_chunk, n_blocks)):
-                row = storage[h, b]
-                for i in range(n_bq):
-                    acc = np.float32(0.0)
-                    for x in range(2 * d):
-                        acc += split[h, i, x] * row[x]
-                    bound[h, i, b] = acc
-        # 3. Per head, the blocks' bound mass (softmax over blocks per query, summed), the best
-        # ``take`` blocks and their positions (past the cache: ``length``).
-        cand = np.empty((n_kv, n_cand), dtype=np.int64)
-        for h in prange(n_kv):
-            mass = np.zeros(n_blocks, dtype=np.float32)
-            exponents = np.empty(n_blocks, dtype=np.int32)
-            for i in range(n_bq):
-                _softmax_sum_into(bound[h, i], mass, exponents)
-            for b in range(n_blocks):
-                if b < sink_blocks or b >= recent_block:
-                    mass[b] = np.inf
-            chosen = np.empty(take, dtype=np.int64)
-            _top(mass, n_blocks, take, chosen)
-            for c in range(n_cand):
-                cand[h, c] = min(chosen[c // block] * block + c % block, length)
-        # 4. The candidates' logits, their keys read through their slots (-inf: past the
-        # cache, or after the query).
-        logits = np.empty((n_kv, n_q, n_cand), dtype=np.float32)
-        for task in prange(n_kv * _CHUNKS):
-            h = task // _CHUNKS
-            buf = np.empty(d, dtype=np.uint32)
-            key = buf.view(np.float32)
-            for c in range((task % _CHUNKS) * c_chunk, min((task % _CHUNKS + 1) * c_chunk, n_cand)):
-                pos = cand[h, c]
-                if pos < length:
-                    key = float_row(k_pool[slots[pos], h], buf)
-                for i in range(n_q):
-                    if pos >= length or pos > qpos[i]:
-                        logits[h, i, c] = -np.inf
-                        continue
-                    acc = np.float32(0.0)
-                    for x in range(d):
-                        acc += queries[h, i, x] * key[x]
-                    logits[h, i, c] = acc
-        # 5. Per head, the candidates' mass, the top ``budget`` ascending (candidates ascend)
-        # and the share of their mass the previous selection held.
-        for h in prange(n_kv):
-            score = np.zeros(n_cand, dtype=np.float32)
-            exponents = np.empty(n_cand, dtype=np.int32)
-            for i in range(n_q):
-                _softmax_sum_into(logits[h, i], score, exponents)
-            ranked = np.empty(n_cand, dtype=np.float32)
-            for c in range(n_cand):
-                pos = cand[h, c]
-                if pos >= length:
-                    score[c] = -np.inf
-                    ranked[c] = -np.inf
-                elif pos < sink or pos >= length - recent:
-                    ranked[c] = np.inf
-                else:
-                    ranked[c] = score[c]
-            at = np.empty(budget, dtype=np.int64)
-            _top(ranked, n_cand, budget, at)
-            num = 0.0
-            den = 0.0
-            for j in range(budget):
-                pos = cand[h, at[j]]
-                m = score[at[j]]
-                kept[h, j] = pos
-                kept_mass[h, j] = m
-                if n_previous > 0 and np.isfinite(m):
-                    den += m
-                    k = np.searchsorted(previous[h, :n_previous], pos)
-                    if k < n_previous and previous[h, k] == pos:
-                        num += m
-            held[h, 0] = num
-            held[h, 1] = den
+        mass = np.zeros(n_blocks, dtype=np.float32)
+        exponents = np.empty(n_blocks, dtype=np.int32)
+        for i in range(bound.shape[1]):
+            _softmax_sum_into(bound[h, i], mass, exponents)
+        for b in range(n_blocks):
+            if b < sink_blocks or b >= recent_block:
+                mass[b] = np.inf
+        chosen = np.empty(take, dtype=np.int64)
+        _top(mass, n_blocks, take, chosen)
+        for c in range(n_cand):
+            cand[h, c] = min(chosen[c // block] * block + c % block, length)
 
+    @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+    def _candidate_logits(task, thread, queries, qpos, k_pool, slots, cand, length, logits):
+        """4. The candidates' logits, their keys read through their slots (-inf: past the cache,
+        or after the query)."""
+        n_q, d = queries.shape[1], queries.shape[2]
+        n_cand = cand.shape[1]
+        h = task // _CHUNKS
+        chunk = -(-n_cand // _CHUNKS)
+        buf = np.empty(d, dtype=np.uint32)
+        key = buf.view(np.float32)
+        for c in range((task % _CHUNKS) * chunk, min((task % _CHUNKS + 1) * chunk, n_cand)):
+            pos = cand[h, c]
+            if pos < length:
+                key = float_row(k_pool[slots[pos], h], buf)
+            for i in range(n_q):
+                if pos >= length or pos > qpos[i]:
+                    logits[h, i, c] = -np.inf
+                    continue
+                acc = np.float32(0.0)
+                for x in range(d):
+                    acc += queries[h, i, x] * key[x]
+                logits[h, i, c] = acc
+
+    @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+    def _keep_top(h, thread, logits, cand, length, sink, recent, previous, n_previous, kept, kept_mass, held):
+        """5. Head ``h``: the candidates' mass, the top ``budget`` ascending (candidates ascend) and
+        the share of their mass the previous selection held."""
+        n_cand = cand.shape[1]
+        budget = kept.shape[1]
+        score = np.zeros(n_cand, dtype=np.float32)
+        exponents = np.empty(n_cand, dtype=np.int32)
+        for i in range(logits.shape[1]):
+            _softmax_sum_into(logits[h, i], score, exponents)
+        ranked = np.empty(n_cand, dtype=np.float32)
+        for c in range(n_cand):
+            pos = cand[h, c]
+            if pos >= length:
+                score[c] = -np.inf
+                ranked[c] = -np.inf
+            elif pos < sink or pos >= length - recent:
+                ranked[c] = np.inf
+            else:
+                ranked[c] = score[c]
+        at = np.empty(budget, dtype=np.int64)
+        _top(ranked, n_cand, budget, at)
+        num = 0.0
+        den = 0.0
+        for j in range(budget):
+            pos = cand[h, at[j]]
+            m = score[at[j]]
+            kept[h, j] = pos
+            kept_mass[h, j] = m
+            if n_previous > 0 and np.isfinite(m):
+                den += m
+                k = np.searchsorted(previous[h, :n_previous], pos)
+                if k < n_previous and previous[h, k] == pos:
+                    num += m
+        held[h, 0] = num
+        held[h, 1] = den
 
     @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
     def _decode_chunk(task, thread, q, k_pool, v_pool, slots, indptr, positions, n_chunks, part_max, part_sum,
@@ -376,12 +377,20 @@ def reselect(queries: torch.Tensor, qpos: torch.Tensor, k_buffer: torch.Tensor, 
     held = torch.zeros(n_kv, 2, dtype=torch.float64)
     prev = previous.to(torch.int64).contiguous() if previous is not None else torch.zeros(n_kv, 1, dtype=torch.int64)
     bound_queries = queries if bound_queries is None else bound_queries
+    bound_queries = bound_queries.contiguous()
+    split = torch.cat([bound_queries.clamp(min=0), bound_queries.clamp(max=0)], dim=-1)  # [Hk, Qb, 2d]
+    bound = torch.empty(n_kv, bound_queries.shape[1], n_blocks)
+    cand = torch.empty(n_kv, take * bs, dtype=torch.int64)
+    logits = torch.empty(n_kv, queries.shape[1], take * bs)
+    pool, slot_rows, storage = numba_view(k_buffer), slots.to(torch.int64).contiguous().numpy(), summaries.storage.numpy()
     with lock:
-        _reselect(bound_queries.contiguous().numpy(), queries.contiguous().numpy(), qpos.numpy(),
-                  numba_view(k_buffer), slots.to(torch.int64).contiguous().numpy(),
-                  summaries.storage.numpy(), summaries.length // bs, length, bs, take, budget, sink, recent,
-                  prev.numpy(), 0 if previous is None else prev.shape[1], kept.numpy(), kept_mass.numpy(),
-                  held.numpy())
+        parallel_for(_update_summaries, n_kv, pool, slot_rows, storage, summaries.length // bs, length, bs)
+        parallel_for(_block_bounds, n_kv * _CHUNKS, split.numpy(), storage, bound.numpy())
+        parallel_for(_candidate_blocks, n_kv, bound.numpy(), sink, recent, length, bs, cand.numpy())
+        parallel_for(_candidate_logits, n_kv * _CHUNKS, queries.contiguous().numpy(), qpos.contiguous().numpy(),
+                     pool, slot_rows, cand.numpy(), length, logits.numpy())
+        parallel_for(_keep_top, n_kv, logits.numpy(), cand.numpy(), length, sink, recent, prev.numpy(),
+                     0 if previous is None else prev.shape[1], kept.numpy(), kept_mass.numpy(), held.numpy())
     summaries.n_blocks, summaries.length = n_blocks, length
     if previous is None:
         return kept, kept_mass, None

@@ -185,8 +185,10 @@ def reselect_pruned(recent_q, k_buffer, slots, summaries, *, budget, sink=4, rec
         take = candidate_blocks(length, summaries.block, budget, factor, sink, recent)
         if method == "auto":
             # The compiled call wins with one scoring query (the window's mean); with a window of
-            # them the tensor ops' matrix products do (bf16, budget 1024, 16 queries: 2.1 vs 3.8 ms
-            # at 8K, 2.8 vs 3.8 ms at 32K; benchmarks/decode_attention.py).
+            # them the tensor ops' matrix products did (bf16, budget 1024, 16 queries: 2.1 vs 3.8 ms
+            # at 8K, 2.8 vs 3.8 ms at 32K; benchmarks/decode_attention.py).  With the loops on
+            # torch's OpenMP team (torch_threads) it is about even: 8 queries, blocks ranked by
+            # their mean, 1.58 vs 1.54 ms at 8K, 1.90 vs 2.23 ms at 32K; the tensor ops stay.
             method = ("loops" if cpu_loops.supports(k_buffer) and take * summaries.block >= budget
                       and recent_q.shape[0] == 1 else "tensor")
         if method == "loops":
