@@ -18,8 +18,8 @@ spin takes a task instead: the same loop took 3.6 ms after the matmul.
 (``n_threads()`` of them).
 
 Where torch runs no OpenMP runtime this module can find (another parallel
-backend, or a build whose library is not named ``libgomp``), the same bodies
-run in a numba ``prange`` over the tasks.
+backend, or several runtimes loaded and none from torch's folder), the same
+bodies run in a numba ``prange`` over the tasks.
 
 A body is an ``@njit`` function; its arguments are C-contiguous numpy arrays,
 ints, floats or bools.  Bodies must not raise (a ``cfunc`` cannot pass an
@@ -41,25 +41,41 @@ _launchers: dict = {}
 _launchers_lock = threading.Lock()
 
 
+#: OpenMP runtimes with GNU's entry points (``GOMP_parallel``): libgomp, and LLVM's and Intel's,
+#: which implement them too.
+_RUNTIMES = ("libgomp", "libomp", "libiomp5")
+
+
+def choose_runtime(loaded, torch_dir: str):
+    """Of the shared objects ``loaded`` (paths), the OpenMP runtime torch runs on, or None: the one
+    in torch's own folder (its wheels ship one), else the only runtime loaded at all (torch linked
+    against the system's or an environment's)."""
+    runtimes = sorted(path for path in loaded if os.path.basename(path).startswith(_RUNTIMES))
+    own = [path for path in runtimes if any(path.startswith(root + os.sep) for root in (torch_dir, torch_dir + ".libs"))]
+    chosen = own or (runtimes if len(runtimes) == 1 else [])
+    return chosen[0] if chosen else None
+
+
 def _torch_openmp():
-    """The OpenMP library torch's parallel ops run on (ctypes), or None."""
+    """ctypes of the OpenMP library torch's parallel ops run on (``choose_runtime``), or None."""
     if "OpenMP" not in torch.__config__.parallel_info():
         return None
-    roots = [os.path.dirname(torch.__file__), os.path.dirname(torch.__file__) + ".libs"]
     try:
         with open("/proc/self/maps") as maps:
-            loaded = {line.split()[-1] for line in maps if line.rstrip().endswith((".so", ".so.1", ".so.1.0.0"))}
+            loaded = {line.split()[-1] for line in maps if line.rstrip().split()[-1].startswith("/")}
     except OSError:
         return None
-    for path in sorted(loaded):
-        if os.path.basename(path).startswith("libgomp") and any(path.startswith(r + os.sep) for r in roots):
-            lib = ctypes.CDLL(path)  # already loaded by torch: the same instance, not a second runtime
-            lib.GOMP_parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
-            lib.GOMP_parallel.restype = None
-            lib.omp_get_thread_num.argtypes = []
-            lib.omp_get_thread_num.restype = ctypes.c_int
-            return lib
-    return None
+    path = choose_runtime(loaded, os.path.dirname(torch.__file__))
+    if path is None:
+        return None
+    lib = ctypes.CDLL(path)  # already loaded by torch: the same instance, not a second runtime
+    if not hasattr(lib, "GOMP_parallel"):
+        return None
+    lib.GOMP_parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+    lib.GOMP_parallel.restype = None
+    lib.omp_get_thread_num.argtypes = []
+    lib.omp_get_thread_num.restype = ctypes.c_int
+    return lib
 
 
 _openmp = _torch_openmp() if numba is not None else None

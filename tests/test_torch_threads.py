@@ -60,3 +60,16 @@ def test_bad_arguments_are_refused():
     with pytest.raises(TypeError, match="Tensor"):
         torch_threads.parallel_for(_body, 1, torch.ones(1, 2), np.zeros(1), 1.0, 0, False,
                                    np.zeros(1, dtype=np.int64), np.zeros((1, 1, 1), dtype=np.int16))
+
+
+def test_the_runtime_is_torchs_own_or_the_only_one():
+    torch_dir = "/env/site-packages/torch"
+    own = "/env/site-packages/torch/lib/libgomp.so.1"
+    system = "/usr/lib/x86_64-linux-gnu/libgomp.so.1.0.0"
+    other = ["/usr/lib/libc.so.6", "/env/site-packages/numpy/core/libfoo.so"]
+    assert torch_threads.choose_runtime([system, own, *other], torch_dir) == own  # never numba's second one
+    wheel = "/env/site-packages/torch.libs/libgomp-a34b3233.so.1.0.0"
+    assert torch_threads.choose_runtime([wheel, system], torch_dir) == wheel
+    assert torch_threads.choose_runtime([system, *other], torch_dir) == system  # conda / distro torch
+    assert torch_threads.choose_runtime([system, "/opt/intel/libiomp5.so"], torch_dir) is None  # which one?
+    assert torch_threads.choose_runtime(other, torch_dir) is None
