@@ -400,12 +400,25 @@ def test_translated_kv_ids_are_refused():
 
 def test_dense_layers_skip_planning_until_the_next_probe():
     layers = DenseLayers(probe_every=3)
-    assert not layers.skip(5)  # never planned: plan
-    layers.observe(5, too_dense=True)
-    assert layers.skip(5) and layers.skip(5)
-    assert not layers.skip(5)  # every third forward plans again
-    layers.observe(5, too_dense=False)
-    assert not layers.skip(5) and not layers.skip(6)
+    assert not layers.skip(5, 4000, 0.95)  # never planned: plan
+    layers.observe(5, True, 4000, 0.95)
+    assert layers.skip(5, 4000, 0.95) and layers.skip(5, 3000, 0.95)
+    assert not layers.skip(5, 4000, 0.95)  # every third forward plans again
+    layers.observe(5, False, 4000, 0.95)
+    assert not layers.skip(5, 4000, 0.95) and not layers.skip(6, 4000, 0.95)
+
+
+def test_dense_layers_remember_per_length_octave_and_alpha():
+    """A short first turn planned too dense says nothing about the next turn over twice the keys,
+    nor about a lower alpha (sparser plans)."""
+    layers = DenseLayers(probe_every=8)
+    layers.observe(3, too_dense=True, n_ctx=1600, alpha=0.95)
+    assert layers.skip(3, 1900, 0.95) and layers.skip(3, 1100, 0.99)  # same octave, alpha >= 0.95
+    assert not layers.skip(3, 3600, 0.95)  # a longer octave: plan
+    assert not layers.skip(3, 1600, 0.9)  # a lower alpha: plan
+    assert not layers.skip(4, 1600, 0.95)  # another layer
+    layers.observe(3, too_dense=False, n_ctx=1700, alpha=0.95)
+    assert not layers.skip(3, 1600, 0.95)
 
 
 def test_a_layer_planned_too_dense_runs_exact_without_planning(setup):

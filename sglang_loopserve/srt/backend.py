@@ -111,31 +111,41 @@ def request_stats(rid: str) -> RequestStats | None:
 
 class DenseLayers:
     """Layers whose last plan was too dense to pay (``SPARSE_BELOW``): their next sparse-eligible
-    forwards skip planning and run the exact rectangle, and every ``probe_every``-th plans again.
+    forwards *of the same kind* skip planning and run the exact rectangle, and every
+    ``probe_every``-th of them plans again.
 
     A model's early layers attend diffusely turn after turn (SmolLM2's layer 0 keeps over 90% of
     its cells at alpha 0.95), and planning them costs as much as a sparse layer's plan for
-    nothing: at 8K tokens half of the layers, 5-10% of a dense prefill each.
+    nothing: at 8K tokens half of the layers, 5-10% of a dense prefill each.  How dense a plan
+    is depends on the forward's shape, though: a conversation's first turn (a square over a
+    short sequence) plans far denser than its next turn over a long cached history (SmolLM2,
+    3.6K tokens: 9 more layers too dense after a 1.6K-token first turn, 0.79 of the causal
+    pairs computed instead of 0.62).  So the memory is per layer and length octave (``n_ctx``'s
+    bit length) and holds only for an ``alpha`` at least the one that planned too dense.
     """
 
     def __init__(self, probe_every: int = 8):
         self.probe_every = probe_every
-        self._skipped: dict[int, int] = {}  # layer -> sparse-eligible forwards since its dense plan
+        #: (layer, length octave) -> [sparse-eligible forwards since its dense plan, that plan's alpha]
+        self._skipped: dict[tuple[int, int], list] = {}
 
-    def skip(self, layer_id: int) -> bool:
-        """True when this forward of ``layer_id`` should not plan (it then counts as skipped)."""
-        n = self._skipped.get(layer_id)
-        if n is None or n + 1 >= self.probe_every:
+    def skip(self, layer_id: int, n_ctx: int, alpha: float) -> bool:
+        """True when this forward of ``layer_id`` (``n_ctx`` keys at ``alpha``) should not plan
+        (it then counts as skipped)."""
+        entry = self._skipped.get((layer_id, int(n_ctx).bit_length()))
+        if entry is None or alpha < entry[1] or entry[0] + 1 >= self.probe_every:
             return False
-        self._skipped[layer_id] = n + 1
+        entry[0] += 1
         return True
 
-    def observe(self, layer_id: int, too_dense: bool) -> None:
-        """A plan of ``layer_id`` ran: remember whether it was too dense."""
+    def observe(self, layer_id: int, too_dense: bool, n_ctx: int, alpha: float) -> None:
+        """A plan of ``layer_id`` over ``n_ctx`` keys at ``alpha`` ran: remember whether it was too
+        dense."""
+        key = (layer_id, int(n_ctx).bit_length())
         if too_dense:
-            self._skipped[layer_id] = 0
+            self._skipped[key] = [0, alpha]
         else:
-            self._skipped.pop(layer_id, None)
+            self._skipped.pop(key, None)
 
 
 class LoopServeAttnBackend:
@@ -400,7 +410,8 @@ class LoopServeAttnBackend:
             lo, hi = starts[i], starts[i + 1]
             k_all, v_all = self._kv_of(layer, int(fb.req_pool_indices[i]), seq_lens[i], q.dtype)
             q_i = self._scaled(q_[lo:hi], layer)
-            if mode == "sparse" and opts.method == "loopserve" and self.dense_layers.skip(layer.layer_id):
+            if mode == "sparse" and opts.method == "loopserve" and self.dense_layers.skip(
+                    layer.layer_id, seq_lens[i], opts.alpha):
                 mode = "exact"
             if mode == "exact":
                 live = None
@@ -420,7 +431,7 @@ class LoopServeAttnBackend:
                 pattern=pattern, budget=opts.decode_budget)
             o_[lo:hi] = out.to(o_.dtype)
             if pattern == "loopserve":
-                self.dense_layers.observe(layer.layer_id, st.kernel == "exact")
+                self.dense_layers.observe(layer.layer_id, st.kernel == "exact", seq_lens[i], opts.alpha)
                 self._seed_after_exact(comp, opts, q_i, k_all, seq_lens[i], estimate=st.key_scores,
                                        turn=state.turn_tokens)
                 self.store.importance(rid).observe_columns(st.key_scores[:, :seq_lens[i]])

@@ -1,0 +1,168 @@
+"""Sparse prefill settings by their exact KL to full attention, teacher-forced, offline.
+
+``kl_fidelity.py`` measures a served answer against stock by SGLang's sampled
+estimate, above a bf16 floor of about 0.002, with decode compression on top.
+This tool isolates the prefill: the embedded model (transformers, fp32)
+samples ``--tokens`` tokens at temperature 1 with full attention on
+``kl_fidelity``'s conversations (question at the start, middle or end of the
+second turn); then, for each setting, the conversation is replayed as the
+server runs it (the first turn, then the second turn over the cached first,
+each through ``sparse_prefill_attention`` as the setting says) and the answer
+is decoded exactly over that cache.  Per answer token the exact
+``KL(setting || full)`` over the vocabulary; no sampling noise, no floor.
+``pairs`` is the share of the second turn's causal (query, key) pairs computed
+(``meta_info``'s ``prefill_density``: a layer run exact counts all of them).
+
+A setting is ``name=JSON`` with any of: ``alpha`` (0.95), ``gate`` (the plan
+density from which a layer runs exact instead, ``SPARSE_BELOW``; ``null``:
+never), ``exact_layers`` (layers always run exact), ``layer_alpha``
+(``{"layer": alpha}`` overrides), ``first_turn`` (``true``: the first turn's
+prefill is sparse too, as a server with ``min_prefill_len 0`` runs it), ``dense_layers``
+(``true``: the server's ``DenseLayers`` remembers, over both turns, which layers planned too dense).
+
+    python benchmarks/prefill_kl_offline.py [--settings name=JSON ...] [--docs 3] [--tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from capture import load_model  # noqa: E402
+from kl_fidelity import POSITIONS, conversation  # noqa: E402
+
+from sglang_loopserve.attention import sparse_prefill  # noqa: E402
+from sglang_loopserve.attention.exact import exact_prefill_attention  # noqa: E402
+from sglang_loopserve.srt.backend import DenseLayers  # noqa: E402
+
+SETTINGS = {
+    "defaults": {},
+    "no density gate": {"gate": None},
+    "alpha 0.9, no gate": {"alpha": 0.9, "gate": None},
+}
+DEFAULTS = {"alpha": 0.95, "gate": sparse_prefill.SPARSE_BELOW["cpu"], "exact_layers": [], "layer_alpha": {},
+            "first_turn": True, "dense_layers": True}
+
+
+class Replay:
+    """The attention function of the replay: ``setting`` for the turns' prefills, exact otherwise."""
+
+    def __init__(self):
+        self.setting, self.sparse, self.density = None, False, {}
+        self.dense_layers = DenseLayers()
+
+    def __call__(self, module, query, key, value, attention_mask, **kwargs):
+        # Every forward is causal aligned bottom-right (the new rows are the last keys'); a custom
+        # attention function gets no mask from transformers, and SDPA's own ``is_causal`` is aligned
+        # top-left, wrong over a cache.
+        s = self.setting
+        layer = module.layer_idx
+        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [n, H, d], [L, Hk, d]
+        q = q * (module.scaling * q.shape[-1] ** 0.5)  # our kernels use 1/sqrt(d)
+        if s is None or not self.sparse:
+            return exact_prefill_attention(q, k, v)[None], None
+        alpha = float(s["layer_alpha"].get(str(layer), s["alpha"]))
+        if (layer in s["exact_layers"] or alpha >= 1.0
+                or (s["dense_layers"] and s["gate"] is not None
+                    and self.dense_layers.skip(layer, k.shape[0], alpha))):
+            out, density = exact_prefill_attention(q, k, v), 1.0
+        else:
+            kernel = "auto" if s["gate"] is not None else sparse_prefill.default_kernel(q.device)
+            saved = sparse_prefill.SPARSE_BELOW["cpu"]
+            sparse_prefill.SPARSE_BELOW["cpu"] = s["gate"] if s["gate"] is not None else saved
+            try:
+                out, st = sparse_prefill.sparse_prefill_attention(q, k, v, alpha=alpha, kernel=kernel,
+                                                                  return_stats=True)
+            finally:
+                sparse_prefill.SPARSE_BELOW["cpu"] = saved
+            density = st.density
+            self.dense_layers.observe(layer, st.kernel == "exact", k.shape[0], alpha)
+        self.density[layer] = density
+        return out[None], None
+
+
+def parse_setting(text):
+    name, sep, body = text.partition("=")
+    if not sep:
+        if text not in SETTINGS:
+            raise SystemExit(f"--settings: unknown {text!r}; known: {', '.join(SETTINGS)} (or name=JSON)")
+        body = json.dumps(SETTINGS[text])
+    setting = json.loads(body)
+    unknown = set(setting) - set(DEFAULTS)
+    if not isinstance(setting, dict) or unknown:
+        raise SystemExit(f"--settings {name}: a JSON object of {', '.join(DEFAULTS)}; unknown {sorted(unknown)}")
+    return name, {**DEFAULTS, **setting}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), help="names above, or name=JSON")
+    p.add_argument("--docs", type=int, default=3)
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--prompt-tokens", type=int, default=3800)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-layer", action="store_true", help="print each setting's density per layer")
+    a = p.parse_args(argv)
+    settings = dict(parse_setting(s) for s in a.settings)
+    from transformers import AttentionInterface
+
+    torch.set_grad_enabled(False)
+    torch.manual_seed(a.seed)
+    model, tok = load_model()
+    replay = Replay()
+    AttentionInterface.register("loopserve_prefill_replay", replay)
+    model.set_attn_implementation("loopserve_prefill_replay")
+    rows = {name: [] for name in settings}
+    layers = {name: [] for name in settings}
+    for doc in range(a.docs):
+        for position in POSITIONS:
+            first_ids, prompt_ids = conversation(tok, doc, position, a.prompt_tokens)
+            prompt = torch.tensor(prompt_ids)[None]
+            replay.setting = None
+            answer = model.generate(prompt, max_new_tokens=a.tokens, min_new_tokens=a.tokens, do_sample=True,
+                                    temperature=1.0, top_k=0, top_p=1.0)[:, prompt.shape[1]:]
+            cut = len(first_ids)
+
+            def logprobs(setting):
+                replay.setting, replay.density, replay.dense_layers = setting, {}, DenseLayers()
+                replay.sparse = setting is not None and setting["first_turn"]
+                first = model(prompt[:, :cut], use_cache=True)
+                replay.sparse, replay.density = setting is not None, {}
+                second = model(prompt[:, cut:], past_key_values=first.past_key_values, use_cache=True)
+                replay.sparse = False
+                out = model(answer, past_key_values=second.past_key_values, use_cache=True)
+                lp = torch.cat([second.logits[0, -1:], out.logits[0, :-1]]).float().log_softmax(-1)
+                return lp, dict(replay.density)
+
+            full, _ = logprobs(None)
+            for name, setting in settings.items():
+                lp, density = logprobs(copy.deepcopy(setting))
+                kl = (lp.exp() * (lp - full)).sum(-1)
+                pairs = sum(density.values()) / len(density)
+                rows[name].append((position, kl.mean().item(), pairs))
+                layers[name].append(density)
+                print(f"doc {doc} {position:6} {name:32} KL {kl.mean():.5f}  pairs {pairs:.3f}", flush=True)
+    print("\n| setting | KL start | KL middle | KL end | mean | prefill pairs computed |")
+    print("|---|---|---|---|---|---|")
+    for name, got in rows.items():
+        by = [[r[1] for r in got if r[0] == pos] for pos in POSITIONS]
+        means = [sum(x) / len(x) for x in by]
+        print(f"| {name} | " + " | ".join(f"{m:.4f}" for m in means) + f" | {sum(means) / 3:.4f} | "
+              f"{sum(r[2] for r in got) / len(got):.3f} |")
+    if a.per_layer:
+        for name, got in layers.items():
+            mean = {layer: sum(d[layer] for d in got) / len(got) for layer in sorted(got[0])}
+            print(f"{name}: " + " ".join(f"{layer}:{v:.2f}" for layer, v in mean.items()))
+
+
+if __name__ == "__main__":
+    main()
