@@ -25,7 +25,6 @@ selection of that size); ``"layers": [lo, hi]`` compresses only those layers.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import sys
@@ -38,8 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from capture import load_model  # noqa: E402
-from kl_fidelity import POSITIONS, conversation  # noqa: E402
+from kl_replay import arguments, conversations, position_means, replayed_model, sample_answer  # noqa: E402
 
 from sglang_loopserve.cache_policy.decode import (DecodeCompressor, attention_mass, decode_attention,  # noqa: E402
                                                    keep_top)
@@ -202,52 +200,37 @@ def parse_setting(text):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--settings", nargs="+", default=list(SETTINGS), help="names above, or name=JSON")
-    p.add_argument("--docs", type=int, default=3)
-    p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--prompt-tokens", type=int, default=3800)
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
+    a = arguments(__doc__, SETTINGS).parse_args(argv)
     settings = dict(parse_setting(s) for s in a.settings)
-    from transformers import AttentionInterface
-
-    torch.set_grad_enabled(False)
-    torch.manual_seed(a.seed)
-    model, tok = load_model()
     replay = Replay()
-    AttentionInterface.register("loopserve_replay", replay)
-    model.set_attn_implementation("loopserve_replay")
+    model, tok = replayed_model(replay, "loopserve_replay", a.seed)
     first = 1 + DecodeCompressor().interval  # the prefill's token, then the steps before a re-selection
     rows = {name: [] for name in settings}
-    for doc in range(a.docs):
-        for position in POSITIONS:
-            prompt = torch.tensor(conversation(tok, doc, position, a.prompt_tokens)[1])[None]
-            replay.setting, replay.prompt_len = None, -1
-            answer = model.generate(prompt, max_new_tokens=a.tokens, min_new_tokens=a.tokens, do_sample=True,
-                                    temperature=1.0, top_k=0, top_p=1.0)[:, prompt.shape[1]:]
-            replay.prompt_len = prompt.shape[1]
-            cached = model(prompt, use_cache=True)
-            last = cached.logits[0, -1:].float()
+    for doc, position, _, prompt_ids in conversations(tok, a.docs, a.prompt_tokens):
+        prompt = torch.tensor(prompt_ids)[None]
+        replay.setting, replay.prompt_len = None, -1
+        answer = sample_answer(model, prompt, a.tokens)
+        replay.prompt_len = prompt.shape[1]
+        cached = model(prompt, use_cache=True)
+        last = cached.logits[0, -1:].float()
 
-            def logprobs(setting):
-                replay.setting, replay.reads = setting, []
-                out = model(answer, past_key_values=copy.deepcopy(cached.past_key_values), use_cache=True)
-                return torch.cat([last, out.logits[0, :-1].float()]).log_softmax(-1)
+        def logprobs(setting):
+            replay.setting, replay.reads = setting, []
+            out = model(answer, past_key_values=copy.deepcopy(cached.past_key_values), use_cache=True)
+            return torch.cat([last, out.logits[0, :-1].float()]).log_softmax(-1)
 
-            full = logprobs(None)
-            for name, setting in settings.items():
-                lp = logprobs(setting)
-                kl = (lp.exp() * (lp - full)).sum(-1)
-                read = sum(replay.reads) / len(replay.reads)
-                rows[name].append((position, kl.mean().item(), kl[first:].mean().item(), read))
-                print(f"doc {doc} {position:6} {name:32} KL {kl.mean():.5f} (after step {first - 1}: "
-                      f"{kl[first:].mean():.5f})  read {read:.3f}", flush=True)
+        full = logprobs(None)
+        for name, setting in settings.items():
+            lp = logprobs(setting)
+            kl = (lp.exp() * (lp - full)).sum(-1)
+            read = sum(replay.reads) / len(replay.reads)
+            rows[name].append((position, kl.mean().item(), kl[first:].mean().item(), read))
+            print(f"doc {doc} {position:6} {name:32} KL {kl.mean():.5f} (after step {first - 1}: "
+                  f"{kl[first:].mean():.5f})  read {read:.3f}", flush=True)
     print(f"\n| setting | KL start | KL middle | KL end | mean | after step {first - 1} | decode read / cached |")
     print("|---|---|---|---|---|---|---|")
     for name, got in rows.items():
-        by = [[r[1] for r in got if r[0] == pos] for pos in POSITIONS]
-        means = [sum(x) / len(x) for x in by]
+        means = position_means(got)
         print(f"| {name} | " + " | ".join(f"{m:.4f}" for m in means) + f" | {sum(means) / 3:.4f} | "
               f"{sum(r[2] for r in got) / len(got):.4f} | {sum(r[3] for r in got) / len(got):.2f} |")
 

@@ -13,7 +13,7 @@ is decoded exactly over that cache.  Per answer token the exact
 ``pairs`` is the share of the second turn's causal (query, key) pairs computed
 (``meta_info``'s ``prefill_density``: a layer run exact counts all of them).
 
-A setting is ``name=JSON`` with any of: ``alpha`` (0.95), ``gate`` (the plan
+A setting is ``name=JSON`` with any of: ``alpha`` (the server's default), ``gate`` (the plan
 density from which a layer runs exact instead, ``SPARSE_BELOW``; ``null``:
 never), ``exact_layers`` (layers always run exact), ``layer_alpha``
 (``{"layer": alpha}`` overrides), ``first_turn`` (``true``: the first turn's
@@ -25,7 +25,6 @@ prefill is sparse too, as a server with ``min_prefill_len 0`` runs it), ``dense_
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import sys
@@ -37,11 +36,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from capture import load_model  # noqa: E402
-from kl_fidelity import POSITIONS, conversation  # noqa: E402
+from kl_replay import arguments, conversations, position_means, replayed_model, sample_answer  # noqa: E402
 
 from sglang_loopserve.attention import sparse_prefill  # noqa: E402
 from sglang_loopserve.attention.exact import exact_prefill_attention  # noqa: E402
+from sglang_loopserve.config import LoopServeConfig  # noqa: E402
 from sglang_loopserve.srt.backend import DenseLayers  # noqa: E402
 
 SETTINGS = {
@@ -49,7 +48,7 @@ SETTINGS = {
     "no density gate": {"gate": None},
     "alpha 0.9, no gate": {"alpha": 0.9, "gate": None},
 }
-DEFAULTS = {"alpha": 0.95, "gate": sparse_prefill.SPARSE_BELOW["cpu"], "exact_layers": [], "layer_alpha": {},
+DEFAULTS = {"alpha": LoopServeConfig().alpha, "gate": sparse_prefill.SPARSE_BELOW["cpu"], "exact_layers": [], "layer_alpha": {},
             "first_turn": True, "dense_layers": True}
 
 
@@ -104,58 +103,43 @@ def parse_setting(text):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--settings", nargs="+", default=list(SETTINGS), help="names above, or name=JSON")
-    p.add_argument("--docs", type=int, default=3)
-    p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--prompt-tokens", type=int, default=3800)
-    p.add_argument("--seed", type=int, default=0)
+    p = arguments(__doc__, SETTINGS)
     p.add_argument("--per-layer", action="store_true", help="print each setting's density per layer")
     a = p.parse_args(argv)
     settings = dict(parse_setting(s) for s in a.settings)
-    from transformers import AttentionInterface
-
-    torch.set_grad_enabled(False)
-    torch.manual_seed(a.seed)
-    model, tok = load_model()
     replay = Replay()
-    AttentionInterface.register("loopserve_prefill_replay", replay)
-    model.set_attn_implementation("loopserve_prefill_replay")
+    model, tok = replayed_model(replay, "loopserve_prefill_replay", a.seed)
     rows = {name: [] for name in settings}
     layers = {name: [] for name in settings}
-    for doc in range(a.docs):
-        for position in POSITIONS:
-            first_ids, prompt_ids = conversation(tok, doc, position, a.prompt_tokens)
-            prompt = torch.tensor(prompt_ids)[None]
-            replay.setting = None
-            answer = model.generate(prompt, max_new_tokens=a.tokens, min_new_tokens=a.tokens, do_sample=True,
-                                    temperature=1.0, top_k=0, top_p=1.0)[:, prompt.shape[1]:]
-            cut = len(first_ids)
+    for doc, position, first_ids, prompt_ids in conversations(tok, a.docs, a.prompt_tokens):
+        prompt = torch.tensor(prompt_ids)[None]
+        replay.setting = None
+        answer = sample_answer(model, prompt, a.tokens)
+        cut = len(first_ids)
 
-            def logprobs(setting):
-                replay.setting, replay.density, replay.dense_layers = setting, {}, DenseLayers()
-                replay.sparse = setting is not None and setting["first_turn"]
-                first = model(prompt[:, :cut], use_cache=True)
-                replay.sparse, replay.density = setting is not None, {}
-                second = model(prompt[:, cut:], past_key_values=first.past_key_values, use_cache=True)
-                replay.sparse = False
-                out = model(answer, past_key_values=second.past_key_values, use_cache=True)
-                lp = torch.cat([second.logits[0, -1:], out.logits[0, :-1]]).float().log_softmax(-1)
-                return lp, dict(replay.density)
+        def logprobs(setting):
+            replay.setting, replay.density, replay.dense_layers = setting, {}, DenseLayers()
+            replay.sparse = setting is not None and setting["first_turn"]
+            first = model(prompt[:, :cut], use_cache=True)
+            replay.sparse, replay.density = setting is not None, {}
+            second = model(prompt[:, cut:], past_key_values=first.past_key_values, use_cache=True)
+            replay.sparse = False
+            out = model(answer, past_key_values=second.past_key_values, use_cache=True)
+            lp = torch.cat([second.logits[0, -1:], out.logits[0, :-1]]).float().log_softmax(-1)
+            return lp, dict(replay.density)
 
-            full, _ = logprobs(None)
-            for name, setting in settings.items():
-                lp, density = logprobs(copy.deepcopy(setting))
-                kl = (lp.exp() * (lp - full)).sum(-1)
-                pairs = sum(density.values()) / len(density)
-                rows[name].append((position, kl.mean().item(), pairs))
-                layers[name].append(density)
-                print(f"doc {doc} {position:6} {name:32} KL {kl.mean():.5f}  pairs {pairs:.3f}", flush=True)
+        full, _ = logprobs(None)
+        for name, setting in settings.items():
+            lp, density = logprobs(copy.deepcopy(setting))
+            kl = (lp.exp() * (lp - full)).sum(-1)
+            pairs = sum(density.values()) / len(density)
+            rows[name].append((position, kl.mean().item(), pairs))
+            layers[name].append(density)
+            print(f"doc {doc} {position:6} {name:32} KL {kl.mean():.5f}  pairs {pairs:.3f}", flush=True)
     print("\n| setting | KL start | KL middle | KL end | mean | prefill pairs computed |")
     print("|---|---|---|---|---|---|")
     for name, got in rows.items():
-        by = [[r[1] for r in got if r[0] == pos] for pos in POSITIONS]
-        means = [sum(x) / len(x) for x in by]
+        means = position_means(got)
         print(f"| {name} | " + " | ".join(f"{m:.4f}" for m in means) + f" | {sum(means) / 3:.4f} | "
               f"{sum(r[2] for r in got) / len(got):.3f} |")
     if a.per_layer:
