@@ -84,7 +84,7 @@ class Replay:
             finally:
                 sparse_prefill.SPARSE_BELOW["cpu"] = saved
             density = st.density
-            self.dense_layers.observe(layer, st.kernel == "exact", k.shape[0], alpha)
+            self.dense_layers.observe(layer, st.planned_density, k.shape[0], alpha)
         self.density[layer] = density
         return out[None], None
 

@@ -401,23 +401,28 @@ def test_translated_kv_ids_are_refused():
 def test_dense_layers_skip_planning_until_the_next_probe():
     layers = DenseLayers(probe_every=3)
     assert not layers.skip(5, 4000, 0.95)  # never planned: plan
-    layers.observe(5, True, 4000, 0.95)
+    layers.observe(5, 0.9, 4000, 0.95)
     assert layers.skip(5, 4000, 0.95) and layers.skip(5, 3000, 0.95)
     assert not layers.skip(5, 4000, 0.95)  # every third forward plans again
-    layers.observe(5, False, 4000, 0.95)
+    layers.observe(5, 0.3, 4000, 0.95)
     assert not layers.skip(5, 4000, 0.95) and not layers.skip(6, 4000, 0.95)
+    # Too dense for the gate but below remember_from: whether it pays depends on the conversation.
+    layers.observe(7, 0.7, 4000, 0.95)
+    assert not layers.skip(7, 4000, 0.95)
+    layers.observe(7, DenseLayers.REMEMBER_FROM, 4000, 0.95)
+    assert layers.skip(7, 4000, 0.95)
 
 
 def test_dense_layers_remember_per_length_octave_and_alpha():
     """A short first turn planned too dense says nothing about the next turn over twice the keys,
     nor about a lower alpha (sparser plans)."""
     layers = DenseLayers(probe_every=8)
-    layers.observe(3, too_dense=True, n_ctx=1600, alpha=0.95)
+    layers.observe(3, planned_density=0.85, n_ctx=1600, alpha=0.95)
     assert layers.skip(3, 1900, 0.95) and layers.skip(3, 1100, 0.99)  # same octave, alpha >= 0.95
     assert not layers.skip(3, 3600, 0.95)  # a longer octave: plan
     assert not layers.skip(3, 1600, 0.9)  # a lower alpha: plan
     assert not layers.skip(4, 1600, 0.95)  # another layer
-    layers.observe(3, too_dense=False, n_ctx=1700, alpha=0.95)
+    layers.observe(3, planned_density=0.4, n_ctx=1700, alpha=0.95)
     assert not layers.skip(3, 1600, 0.95)
 
 

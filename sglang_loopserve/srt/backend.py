@@ -110,9 +110,9 @@ def request_stats(rid: str) -> RequestStats | None:
 
 
 class DenseLayers:
-    """Layers whose last plan was too dense to pay (``SPARSE_BELOW``): their next sparse-eligible
-    forwards *of the same kind* skip planning and run the exact rectangle, and every
-    ``probe_every``-th of them plans again.
+    """Layers whose last plan was far too dense to pay (``REMEMBER_FROM``): their next
+    sparse-eligible forwards *of the same kind* skip planning and run the exact rectangle, and
+    every ``probe_every``-th of them plans again.
 
     A model's early layers attend diffusely turn after turn (SmolLM2's layer 0 keeps over 90% of
     its cells at alpha 0.95), and planning them costs as much as a sparse layer's plan for
@@ -121,11 +121,19 @@ class DenseLayers:
     short sequence) plans far denser than its next turn over a long cached history (SmolLM2,
     3.6K tokens: 9 more layers too dense after a 1.6K-token first turn, 0.79 of the causal
     pairs computed instead of 0.62).  So the memory is per layer and length octave (``n_ctx``'s
-    bit length) and holds only for an ``alpha`` at least the one that planned too dense.
+    bit length) and holds only for an ``alpha`` at least the one that planned too dense.  And it
+    depends on the conversation: a layer planned just above the gate in one (0.6-0.8) plans below
+    it in the next, and remembering it made the next conversations' prefills run it exact (served,
+    3 documents in turn: 0.65 of the pairs where each alone plans 0.53-0.62), so only a plan at
+    least ``remember_from`` dense is remembered; a layer nearer the gate plans every time.
     """
 
-    def __init__(self, probe_every: int = 8):
+    #: The planned density from which a too-dense layer is remembered.
+    REMEMBER_FROM = 0.8
+
+    def __init__(self, probe_every: int = 8, remember_from: float = REMEMBER_FROM):
         self.probe_every = probe_every
+        self.remember_from = remember_from
         #: (layer, length octave) -> [sparse-eligible forwards since its dense plan, that plan's alpha]
         self._skipped: dict[tuple[int, int], list] = {}
 
@@ -138,11 +146,11 @@ class DenseLayers:
         entry[0] += 1
         return True
 
-    def observe(self, layer_id: int, too_dense: bool, n_ctx: int, alpha: float) -> None:
-        """A plan of ``layer_id`` over ``n_ctx`` keys at ``alpha`` ran: remember whether it was too
-        dense."""
+    def observe(self, layer_id: int, planned_density: float, n_ctx: int, alpha: float) -> None:
+        """A plan of ``layer_id`` over ``n_ctx`` keys at ``alpha`` came out ``planned_density``
+        dense: remember the layer if that is at least ``remember_from``, else forget it."""
         key = (layer_id, int(n_ctx).bit_length())
-        if too_dense:
+        if planned_density >= self.remember_from:
             self._skipped[key] = [0, alpha]
         else:
             self._skipped.pop(key, None)
@@ -431,7 +439,7 @@ class LoopServeAttnBackend:
                 pattern=pattern, budget=opts.decode_budget)
             o_[lo:hi] = out.to(o_.dtype)
             if pattern == "loopserve":
-                self.dense_layers.observe(layer.layer_id, st.kernel == "exact", seq_lens[i], opts.alpha)
+                self.dense_layers.observe(layer.layer_id, st.planned_density, seq_lens[i], opts.alpha)
                 self._seed_after_exact(comp, opts, q_i, k_all, seq_lens[i], estimate=st.key_scores,
                                        turn=state.turn_tokens)
                 self.store.importance(rid).observe_columns(st.key_scores[:, :seq_lens[i]])
