@@ -24,7 +24,8 @@ extrapolated from the largest measured case, cells x rate).
 ``--break-even`` instead sweeps context lengths over the captured layers and
 prints, per length, exact vs sparse (plan + the default kernel, with the
 server's density gate, and in its steady state for layers whose plan is too
-dense: exact, planning once every ``DenseLayers.probe_every`` forwards)
+dense: exact, planning once every ``DenseLayers.probe_every`` forwards if the plan is far too
+dense, ``DenseLayers.REMEMBER_FROM``, else every time)
 summed over the layers: the first length where sparse wins is the CPU's
 measured ``--loopserve-min-prefill-len``.
 
@@ -47,6 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sglang_loopserve.attention import build_block_mask  # noqa: E402
+from sglang_loopserve.config import LoopServeConfig  # noqa: E402
 from sglang_loopserve.srt.backend import DenseLayers  # noqa: E402
 from sglang_loopserve.attention.exact import exact_prefill_attention  # noqa: E402
 from sglang_loopserve.attention.kernels import KERNELS, default_kernel  # noqa: E402
@@ -120,7 +122,7 @@ class Plan:
     def __call__(self):
         timings = {}
         mask, _ = build_block_mask(self.q, self.k, alpha=self.alpha, q_window=64, block_size=64,
-                                   timings=timings)
+                                   timings=timings, sharpen=True)  # as served: a sharp layer plans twice
         self.timings.append(timings)
         return mask
 
@@ -233,13 +235,15 @@ def break_even(a, device, dtype, captured):
             t_exact += t_layer_exact
 
             def plan():
-                return build_block_mask(q, k, alpha=a.alpha, q_window=64, block_size=64)[0]
+                return build_block_mask(q, k, alpha=a.alpha, q_window=64, block_size=64, sharpen=True)[0]
 
             mask = plan()
             if dense_is_cheaper(mask):
-                # The server's steady state (DenseLayers): this layer runs exact and plans
-                # again once every ``probe_every`` forwards.
-                t_sparse += t_layer_exact + timeit(plan, device, a.repeats) / DenseLayers().probe_every
+                # The server's steady state (DenseLayers): this layer runs exact, and plans again
+                # once every ``probe_every`` forwards if remembered (far too dense), else every time.
+                remembered = mask.density() >= DenseLayers.REMEMBER_FROM
+                t_sparse += t_layer_exact + timeit(plan, device, a.repeats) / (
+                    DenseLayers().probe_every if remembered else 1)
             else:
                 t_sparse += timeit(lambda: KERNELS[kname](q, k, v, plan()), device, a.repeats)
                 n_sparse += 1
@@ -260,7 +264,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8000])
     p.add_argument("--new-frac", type=float, default=0.5, help="new tokens / context (default 0.5)")
-    p.add_argument("--alpha", type=float, default=0.95)
+    p.add_argument("--alpha", type=float, default=LoopServeConfig().alpha)
     p.add_argument("--kernels", nargs="+", default=None, help="default: the device's default kernel")
     p.add_argument("--inputs", nargs="+", default=["captured", "synthetic"], choices=["synthetic", "captured"])
     p.add_argument("--captured", default="benchmarks/results/captured_qkv.pt")

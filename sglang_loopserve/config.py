@@ -62,8 +62,11 @@ class LoopServeConfig:
     enabled: bool = True
     #: What runs: ``"loopserve"`` or a baseline (``METHODS``).
     method: str = "loopserve"
-    #: Prefill: fraction of the estimated attention mass the kept lines cover, in (0, 1].
-    alpha: float = 0.95
+    #: Prefill: fraction of the estimated attention mass the kept lines cover, in (0, 1]; a layer
+    #: whose plan is sparser than ``SHARP_BELOW`` covers ``sharpened_alpha`` (0.98 at 0.90) instead.
+    #: 0.90 (ours; method.md: 0.95 everywhere): the prefill's error sat in the sparsest layers,
+    #: the diffuse ones may lose more (``attention.sparse_prefill.SHARP_BELOW``).
+    alpha: float = 0.9
     #: Prefill: last queries of the turn sampled for the estimate (plus as many strided).
     q_window: int = 64
     #: Prefill: query/key block size of the block-sparse kernel (power of two >= 16).
@@ -73,8 +76,10 @@ class LoopServeConfig:
     #: than ``block_size`` new tokens.  ``None``: the device's measured
     #: break-even (``attention.sparse_prefill.MIN_PREFILL_LEN``).
     min_prefill_len: int | None = None
-    #: Decode: cached tokens each KV head attends to between re-selections.
-    decode_budget: int = 1024
+    #: Decode: cached tokens the window's re-selection keeps per KV head (the paper's budget: 1024;
+    #: ours 512, as each step also reads ``decode_query_blocks`` x 8 positions of its own choosing:
+    #: ``cache_policy.decode.BUDGET``).
+    decode_budget: int = 512
     #: Decode: re-select every this many generated tokens (the paper: 16; with query blocks 32
     #: loses nothing measurable: ``cache_policy.decode.INTERVAL``).
     decode_interval: int = 32
@@ -90,7 +95,7 @@ class LoopServeConfig:
     decode_pooling: str = "bounds"
     #: Decode: key blocks (of 8 tokens) each step's own query adds to the selection, ranked by their
     #: key bounds (0: the selection only).
-    decode_query_blocks: int = 64
+    decode_query_blocks: int = 128
     #: First tokens always kept (prefill columns and decode selection).
     sink: int = 4
     #: Decode: last tokens always kept.

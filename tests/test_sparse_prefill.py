@@ -63,9 +63,28 @@ def test_planted_structure_is_sparse_and_accurate():
 
 def test_density_falls_as_alpha_falls():
     p = planted_qkv(512, 2048)
-    dens = [sparse_prefill_attention(p.q, p.k, p.v, alpha=a, return_stats=True)[1].density
+    dens = [sparse_prefill_attention(p.q, p.k, p.v, alpha=a, return_stats=True, sharpen=False)[1].density
             for a in (0.5, 0.9, 0.99, 1.0)]
     assert dens == sorted(dens) and dens[0] < dens[-1] == pytest.approx(1.0)
+
+
+def test_sharp_layer_is_planned_again_at_a_higher_alpha():
+    """A plan sparser than ``SHARP_BELOW`` is made again from the same sample at
+    ``sharpened_alpha``; a denser one keeps ``alpha``; ``sharpen=False`` never re-plans."""
+    from sglang_loopserve.attention.sparse_prefill import SHARP_BELOW, sharpened_alpha
+
+    p = planted_qkv(512, 2048)
+    plain = build_block_mask(p.q, p.k, alpha=0.7, q_window=64, block_size=64)[0].density()
+    assert plain < SHARP_BELOW  # planted: a few hot columns and diagonals
+    sharp = build_block_mask(p.q, p.k, alpha=sharpened_alpha(0.7), q_window=64, block_size=64)[0].density()
+    assert sharpened_alpha(0.7) == pytest.approx(0.94) and sharp > plain
+    _, st = sparse_prefill_attention(p.q, p.k, p.v, alpha=0.7, return_stats=True)
+    assert st.plan_alpha == pytest.approx(0.94) and st.planned_density == pytest.approx(sharp)
+    _, st = sparse_prefill_attention(p.q, p.k, p.v, alpha=0.7, return_stats=True, sharpen=False)
+    assert st.plan_alpha == pytest.approx(0.7) and st.planned_density == pytest.approx(plain)
+    q, k, v = random_qkv(256, 1024, 4, 2)  # diffuse: far denser than SHARP_BELOW
+    _, st = sparse_prefill_attention(q, k, v, alpha=0.9, return_stats=True)
+    assert st.planned_density >= SHARP_BELOW and st.plan_alpha == pytest.approx(0.9)
 
 
 def test_question_at_start_keeps_its_own_lines():

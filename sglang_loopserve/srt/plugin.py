@@ -94,6 +94,8 @@ def launch_settings() -> LaunchSettings | None:
 
 # ---------------------------------------------------------------- CLI flags
 def add_flags(parser: argparse.ArgumentParser) -> None:
+    from ..attention.sparse_prefill import SHARP_BELOW, SHARP_MISS
+
     group = parser.add_argument_group(
         "LoopServe", "Sparse prefill over cached history and progressive decode KV compression "
                      "for long multi-turn conversations (sglang-loopserve).")
@@ -107,14 +109,17 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                   "patterns of about DECODE_BUDGET keys per query, exact decoding). Per request: "
                   "custom_params.loopserve.method.",
         "alpha": "Prefill: fraction of the estimated attention mass the kept vertical/slash "
-                 "lines cover, in (0, 1]; 1 keeps everything.",
+                 "lines cover, in (0, 1]; 1 keeps everything. A layer whose plan computes less "
+                 f"than {SHARP_BELOW * 100:.0f}%% of the causal pairs covers 1 - (1 - ALPHA) x {SHARP_MISS:g} "
+                 "instead.",
         "q_window": "Prefill: last queries of a turn sampled to estimate attention (plus as many "
                     "spread over the turn).",
         "block_size": "Prefill: block size of the block-sparse kernel (power of two >= 16).",
         "min_prefill_len": "Prefill: sequences shorter than this (cached + new tokens), and forwards "
                            "with fewer new tokens than the block size, run exact attention over the new "
                            "rows only.",
-        "decode_budget": "Decode: cached tokens each KV head reads between re-selections.",
+        "decode_budget": "Decode: cached tokens per KV head a re-selection keeps for the steps until "
+                         "the next (each step also reads its query blocks: DECODE_QUERY_BLOCKS x 8).",
         "decode_interval": "Decode: re-select the attended tokens every this many generated tokens.",
         "decode_window": "Decode: latest generated queries that score the cached tokens.",
         "decode_max_interval": "Decode: while consecutive re-selections agree (70%% of the new one's "
