@@ -18,7 +18,8 @@ density from which a layer runs exact instead, ``SPARSE_BELOW``; ``null``:
 never), ``exact_layers`` (layers always run exact), ``layer_alpha``
 (``{"layer": alpha}`` overrides), ``first_turn`` (``true``: the first turn's
 prefill is sparse too, as a server with ``min_prefill_len 0`` runs it), ``dense_layers``
-(``true``: the server's ``DenseLayers`` remembers, over both turns, which layers planned too dense).
+(``true``: the server's ``DenseLayers`` remembers, over both turns, which layers planned too dense),
+``sharpen`` (``true``: a sharp layer is planned again, ``sparse_prefill.SHARP_BELOW``).
 
     python benchmarks/prefill_kl_offline.py [--settings name=JSON ...] [--docs 3] [--tokens 64]
 """
@@ -49,7 +50,7 @@ SETTINGS = {
     "alpha 0.9, no gate": {"alpha": 0.9, "gate": None},
 }
 DEFAULTS = {"alpha": LoopServeConfig().alpha, "gate": sparse_prefill.SPARSE_BELOW["cpu"], "exact_layers": [], "layer_alpha": {},
-            "first_turn": True, "dense_layers": True}
+            "first_turn": True, "dense_layers": True, "sharpen": True}
 
 
 class Replay:
@@ -80,7 +81,7 @@ class Replay:
             sparse_prefill.SPARSE_BELOW["cpu"] = s["gate"] if s["gate"] is not None else saved
             try:
                 out, st = sparse_prefill.sparse_prefill_attention(q, k, v, alpha=alpha, kernel=kernel,
-                                                                  return_stats=True)
+                                                                  return_stats=True, sharpen=s["sharpen"])
             finally:
                 sparse_prefill.SPARSE_BELOW["cpu"] = saved
             density = st.density
