@@ -14,7 +14,9 @@ of a long turn, so the table also gives the mean over the later steps.
 
 A setting is ``name=JSON``: ``{"compressor": {...}}`` passes its fields to
 ``DecodeCompressor`` (``budget``, ``pool_window``, ``max_interval``,
-``first_interval``, ...); ``{"scorer": {...}}`` runs ``ExactRule``, a plain
+``first_interval``, ...; ``pyramid``: ``layer_query_blocks``' slope, default the server's;
+``budget_pyramid``: ``true`` or ``"inverse"``, the budget on that slope too, or upside down);
+``{"scorer": {...}}`` runs ``ExactRule``, a plain
 re-selection that scores every key with every window query, with
 exploratory options (``maxpool``, ``value_norm``, ``ema``, ``group_max``,
 ``cover``, ``pool``, ``oracle``: each step's own exact top ``budget``, the ceiling of any
@@ -39,8 +41,8 @@ sys.path.insert(0, str(HERE.parent))
 
 from kl_replay import arguments, conversations, position_means, replayed_model, sample_answer  # noqa: E402
 
-from sglang_loopserve.cache_policy.decode import (DecodeCompressor, attention_mass, decode_attention,  # noqa: E402
-                                                   keep_top)
+from sglang_loopserve.cache_policy.decode import (BUDGET, PYRAMID, QUERY_BLOCKS, DecodeCompressor, attention_mass,  # noqa: E402
+                                                   decode_attention, keep_top, layer_query_blocks)
 
 SETTINGS = {
     "defaults": {"compressor": {}},
@@ -147,13 +149,23 @@ class Replay:
     """The attention function of the replay: exact for the prompt, selected for the answer."""
 
     def __init__(self):
-        self.setting, self.prompt_len, self.reads = None, -1, []
+        self.setting, self.prompt_len, self.reads, self.n_layers = None, -1, [], 1
 
     def rule(self, layer):
         s = self.setting
         if s is None or ("layers" in s and not s["layers"][0] <= layer <= s["layers"][1]):
             return None
-        return CompressorRule(**s["compressor"]) if "compressor" in s else ExactRule(**s["scorer"])
+        if "scorer" in s:
+            return ExactRule(**s["scorer"])
+        fields = dict(s["compressor"])  # the layer's query blocks as the server sets them
+        slope = fields.pop("pyramid", PYRAMID)
+        fields["query_blocks"] = layer_query_blocks(fields.get("query_blocks", QUERY_BLOCKS), layer,
+                                                    self.n_layers, slope)
+        budget_pyramid = fields.pop("budget_pyramid", False)  # the re-selection's budget on the slope
+        if budget_pyramid:  # "inverse": the upper layers keep more
+            depth = self.n_layers - 1 - layer if budget_pyramid == "inverse" else layer
+            fields["budget"] = layer_query_blocks(fields.get("budget", BUDGET), depth, self.n_layers, slope)
+        return CompressorRule(**fields)
 
     def __call__(self, module, query, key, value, attention_mask, **kwargs):
         n = query.shape[2]
@@ -204,6 +216,7 @@ def main(argv=None):
     settings = dict(parse_setting(s) for s in a.settings)
     replay = Replay()
     model, tok = replayed_model(replay, "loopserve_replay", a.seed)
+    replay.n_layers = model.config.num_hidden_layers
     first = 1 + DecodeCompressor().interval  # the prefill's token, then the steps before a re-selection
     rows = {name: [] for name in settings}
     for doc, position, _, prompt_ids in conversations(tok, a.docs, a.prompt_tokens):

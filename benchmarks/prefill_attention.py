@@ -115,13 +115,13 @@ class Plan:
     """The plan (``build_block_mask``) as a timed callable; ``stages()``: the median seconds
     of its estimate, select and index over the calls so far."""
 
-    def __init__(self, q, k, alpha):
-        self.q, self.k, self.alpha = q, k, alpha
+    def __init__(self, q, k, alpha, q_window):
+        self.q, self.k, self.alpha, self.q_window = q, k, alpha, q_window
         self.timings = []
 
     def __call__(self):
         timings = {}
-        mask, _ = build_block_mask(self.q, self.k, alpha=self.alpha, q_window=64, block_size=64,
+        mask, _ = build_block_mask(self.q, self.k, alpha=self.alpha, q_window=self.q_window, block_size=64,
                                    timings=timings, sharpen=True)  # as served: a sharp layer plans twice
         self.timings.append(timings)
         return mask
@@ -130,9 +130,9 @@ class Plan:
         return {key: statistics.median(t[key] for t in self.timings) for key in ("estimate", "select", "index")}
 
 
-def plan_stages(q, k, alpha, repeats, device):
+def plan_stages(q, k, alpha, q_window, repeats, device):
     """Median seconds of the whole plan and of its stages (estimate, select, index)."""
-    plan = Plan(q, k, alpha)
+    plan = Plan(q, k, alpha, q_window)
     total = timeit(plan, device, repeats)
     return total, plan.stages(), plan()
 
@@ -167,7 +167,7 @@ def compare(a, device, dtype, kernels, captured):
             continue
         q, k, v = qkv
         ref = dense_sdpa(q, k, v)
-        plan = Plan(q, k, a.alpha)
+        plan = Plan(q, k, a.alpha, a.q_window)
         mask = plan()
         fns = {f"dense {name}": (lambda f=f: f(q, k, v)) for name, f in dense_fns.items()}
         fns["exact"] = lambda: exact_prefill_attention(q, k, v)
@@ -201,7 +201,7 @@ def compare(a, device, dtype, kernels, captured):
 def large_case(a, device, dtype, kernels, rate):
     n_ctx = a.large
     q, k, v = inputs("synthetic", n_ctx, a.new_frac, device, dtype)
-    t_plan, stages, mask = plan_stages(q, k, a.alpha, 1, device)
+    t_plan, stages, mask = plan_stages(q, k, a.alpha, a.q_window, 1, device)
     cells = q.shape[0] * n_ctx * q.shape[1]
     est = f"{cells / rate:.1f} s (extrapolated: {cells / 1e9:.1f} G cells at the measured dense rate)" if rate else "-"
     print(f"\nlarge synthetic: {n_ctx} tokens, {q.shape[0]} new; density {mask.density():.3f}; plan "
@@ -235,7 +235,7 @@ def break_even(a, device, dtype, captured):
             t_exact += t_layer_exact
 
             def plan():
-                return build_block_mask(q, k, alpha=a.alpha, q_window=64, block_size=64, sharpen=True)[0]
+                return build_block_mask(q, k, alpha=a.alpha, q_window=a.q_window, block_size=64, sharpen=True)[0]
 
             mask = plan()
             if dense_is_cheaper(mask):
@@ -265,6 +265,7 @@ def main(argv=None):
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8000])
     p.add_argument("--new-frac", type=float, default=0.5, help="new tokens / context (default 0.5)")
     p.add_argument("--alpha", type=float, default=LoopServeConfig().alpha)
+    p.add_argument("--q-window", type=int, default=LoopServeConfig().q_window, help="the estimate's sampled rows")
     p.add_argument("--kernels", nargs="+", default=None, help="default: the device's default kernel")
     p.add_argument("--inputs", nargs="+", default=["captured", "synthetic"], choices=["synthetic", "captured"])
     p.add_argument("--captured", default="benchmarks/results/captured_qkv.pt")
