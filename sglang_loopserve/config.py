@@ -95,7 +95,11 @@ class LoopServeConfig:
     decode_pooling: str = "bounds"
     #: Decode: key blocks (of 8 tokens) each step's own query adds to the selection, ranked by their
     #: key bounds (0: the selection only).
-    decode_query_blocks: int = 128
+    decode_query_blocks: int = 144
+    #: Decode: slope of the query blocks over depth, in [0, 1): the first layer reads
+    #: ``1 + slope`` times ``decode_query_blocks``, the last ``1 - slope`` times (the mean is kept;
+    #: ``cache_policy.decode.PYRAMID``, ``layer_query_blocks``).
+    decode_pyramid: float = 0.8
     #: First tokens always kept (prefill columns and decode selection).
     sink: int = 4
     #: Decode: last tokens always kept.
@@ -105,7 +109,8 @@ class LoopServeConfig:
     # per server: the kernels are compiled for it).
     REQUEST_FIELDS = ("enabled", "method", "alpha", "q_window", "min_prefill_len", "decode_budget",
                       "decode_interval", "decode_window", "decode_max_interval", "decode_seed",
-                      "decode_first_interval", "decode_pooling", "decode_query_blocks", "sink", "recent")
+                      "decode_first_interval", "decode_pooling", "decode_query_blocks", "decode_pyramid", "sink",
+                      "recent")
 
     def validated(self, name=lambda field: field) -> "LoopServeConfig":
         """``self`` if every value is in range, else ``LoopServeConfigError``;
@@ -128,6 +133,9 @@ class LoopServeConfig:
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) \
                 or not 0.0 < float(self.alpha) <= 1.0:
             fail("alpha", "must be a number in (0, 1]")
+        if isinstance(self.decode_pyramid, bool) or not isinstance(self.decode_pyramid, (int, float)) \
+                or not 0.0 <= float(self.decode_pyramid) < 1.0:
+            fail("decode_pyramid", "must be a number in [0, 1)")
         for f in ("q_window", "decode_budget", "decode_interval", "decode_window", "decode_max_interval",
                   "decode_first_interval"):
             if f == "decode_first_interval" and self.decode_first_interval is None:

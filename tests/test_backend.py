@@ -26,8 +26,8 @@ H, HK, D, SLOTS = 4, 2, 16, 4096
 #: the default, has its own test).
 CONFIG = LoopServeConfig(alpha=0.5, q_window=16, block_size=16, min_prefill_len=64, decode_budget=40,
                          decode_interval=4, decode_window=4, sink=2, recent=4, decode_seed="estimate",
-                         decode_query_blocks=2)
-#: Positions each decode step's query adds to the selection under ``CONFIG`` (2 blocks of 8).
+                         decode_query_blocks=2, decode_pyramid=0.0)
+#: Positions each decode step's query adds to the selection under ``CONFIG`` (2 blocks of 8, every layer).
 QUERY_EXTRA = 2 * 8
 
 

@@ -643,3 +643,21 @@ def test_attend_reads_the_query_blocks():
                 torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         outs[blocks] = out
     assert not torch.allclose(outs[0], outs[16])
+
+
+def test_query_blocks_pyramid_over_depth():
+    """``layer_query_blocks``: the first layer reads ``1 + slope`` times the blocks, the last
+    ``1 - slope`` times, linearly between, the mean kept; slope 0 is every layer alike."""
+    from sglang_loopserve.cache_policy.decode import layer_query_blocks
+
+    per_layer = [layer_query_blocks(144, layer, 30, 0.5) for layer in range(30)]
+    assert (per_layer[0], per_layer[-1]) == (216, 72)
+    assert all(a >= b for a, b in zip(per_layer, per_layer[1:]))
+    assert abs(sum(per_layer) / 30 - 144) <= 0.5
+    assert {layer_query_blocks(144, layer, 30, 0.0) for layer in range(30)} == {144}
+    assert layer_query_blocks(144, 0, 1, 0.5) == 144  # one layer: the middle of the slope
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match="decode_pyramid"):
+            layer_query_blocks(144, 0, 30, bad)
+    with pytest.raises(ValueError, match="layer"):
+        layer_query_blocks(144, 30, 30, 0.5)

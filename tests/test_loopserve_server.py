@@ -138,7 +138,8 @@ def _generate(url, custom_params=None, **kw):
                                        ({"method": "h2o"}, "method"),
                                        ({"decode_seed": "random"}, "decode_seed"),
                                        ({"decode_pooling": "mean"}, "decode_pooling"),
-                                       ({"decode_query_blocks": -3}, "decode_query_blocks")])
+                                       ({"decode_query_blocks": -3}, "decode_query_blocks"),
+                                       ({"decode_pyramid": 1.5}, "decode_pyramid")])
 def test_invalid_request_settings_get_400(loopserve_server, bad, field):
     r = _generate(loopserve_server.url, {"loopserve": bad})
     assert r.status_code == 400, r.text

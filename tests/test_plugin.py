@@ -17,7 +17,8 @@ BAD_FLAG_VALUES = [
     ("decode_window", "0"), ("sink", "-1"), ("recent", "-2"), ("decode_budget", "20"),
     ("decode_max_interval", "8"), ("decode_max_interval", "0"), ("decode_seed", "prefill"),
     ("decode_seed", ""), ("decode_first_interval", "0"), ("decode_pooling", "mean"), ("decode_pooling", ""),
-    ("decode_query_blocks", "-1"), ("decode_query_blocks", "two"),
+    ("decode_query_blocks", "-1"), ("decode_query_blocks", "two"), ("decode_pyramid", "1"),
+    ("decode_pyramid", "-0.1"), ("decode_pyramid", "steep"),
 ]
 
 
@@ -38,8 +39,11 @@ def test_defaults_follow_method_doc():
         c.alpha, c.q_window, c.block_size)
     comp = DecodeCompressor()
     assert ((c.decode_interval, c.decode_window, c.decode_first_interval, c.decode_query_blocks)
-            == (comp.interval, comp.window, comp.first_interval, comp.query_blocks) == (32, 8, 4, 128))
+            == (comp.interval, comp.window, comp.first_interval, comp.query_blocks) == (32, 8, 4, 144))
     assert c.decode_budget == comp.budget
+    from sglang_loopserve.cache_policy.decode import PYRAMID
+
+    assert c.decode_pyramid == PYRAMID  # the offline tools' default slope is the server's
     assert c.decode_max_interval == comp.max_interval == 128
     assert c.min_prefill_len is None  # the device's measured break-even
     assert c.validated() is c
@@ -52,6 +56,15 @@ def test_per_request_decode_query_blocks():
     for bad in (-1, 1.5, True, "8"):
         with pytest.raises(LoopServeConfigError, match="custom_params.loopserve.decode_query_blocks"):
             base.override({"decode_query_blocks": bad}, request_field_name)
+
+
+def test_per_request_decode_pyramid():
+    base = LoopServeConfig()
+    assert base.override({"decode_pyramid": 0.5}).decode_pyramid == 0.5
+    assert base.override({"decode_pyramid": 0}).decode_pyramid == 0
+    for bad in (1, 1.0, -0.2, True, "0.5"):
+        with pytest.raises(LoopServeConfigError, match="custom_params.loopserve.decode_pyramid"):
+            base.override({"decode_pyramid": bad}, request_field_name)
 
 
 def test_per_request_decode_max_interval():

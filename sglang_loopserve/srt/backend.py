@@ -408,7 +408,7 @@ class LoopServeAttnBackend:
                 state.pruned = self._pruned_now.get(rid)
                 if stats is not None:
                     stats.pruned_cached_tokens = 0 if state.pruned is None else int(state.pruned.numel())
-            comp = state.compressor(layer.layer_id)
+            comp = state.compressor(layer.layer_id, self.num_layers)
             causal = causal_pairs(prefix_lens[i], new_lens[i]) * layer.tp_q_head_num
             if mode == "base":
                 comp.seed(None, seq_lens[i])
@@ -512,7 +512,7 @@ class LoopServeAttnBackend:
             if not opts.enabled or req is None or req.finished():
                 continue
             state = self.store.get(rid) or self.store.new_turn(rid, opts)
-            comp = comps[i] = state.compressor(layer.layer_id)
+            comp = comps[i] = state.compressor(layer.layer_id, self.num_layers)
             rows = comp.attended(seq_lens[i], q_[i], self.token_to_kv_pool.get_key_buffer(layer.layer_id),
                                  self.req_to_token_pool.req_to_token[fb.req_pool_indices[i]])
             # A compressing turn that still reads everything (a full seed) also runs on the kernel.

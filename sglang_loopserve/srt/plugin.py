@@ -59,7 +59,7 @@ SCHEDULER_TARGETS = (T_BUILD_BACKEND, T_REQ_INIT, T_RELEASE, T_STREAM, T_INTERNA
 ALL_TARGETS = (T_ADD_CLI_ARGS, T_PREPARE, T_VERIFY, T_META, T_SCHEDULER_INIT) + SCHEDULER_TARGETS
 
 _DEFAULTS = LoopServeConfig()
-_TYPES = {"alpha": float, "method": str, "decode_seed": str, "decode_pooling": str}
+_TYPES = {"alpha": float, "decode_pyramid": float, "method": str, "decode_seed": str, "decode_pooling": str}
 
 
 @dataclass(frozen=True)
@@ -140,6 +140,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         "decode_query_blocks": "Decode: key blocks of 8 tokens each step's own query adds to the selection "
                                "(those its query ranks highest by the blocks' key bounds, not already "
                                "selected); 0 reads the selection only.",
+        "decode_pyramid": "Decode: slope of the query blocks over depth, in [0, 1): the first layer reads "
+                          "1 + SLOPE times DECODE_QUERY_BLOCKS, the last 1 - SLOPE times, linearly between "
+                          "(the mean is kept; lower layers attend more diffusely, after PyramidKV).",
         "sink": "First tokens always kept (prefill columns and decode selection).",
         "recent": "Decode: last tokens always kept.",
     }

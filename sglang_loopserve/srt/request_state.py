@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache_policy import DecodeCompressor
+from ..cache_policy.decode import layer_query_blocks
 from ..cache_policy.prune import TokenImportance
 from ..config import LoopServeConfig
 
@@ -102,15 +103,20 @@ class DecodeState:
     #: new tokens this turn's prefill brought, over all its chunks so far
     turn_tokens: int = 0
 
-    def compressor(self, layer_id: int) -> DecodeCompressor:
+    def compressor(self, layer_id: int, num_layers: int | None = None) -> DecodeCompressor:
+        """Layer ``layer_id``'s compressor; making it takes the model's ``num_layers`` (the query
+        blocks' pyramid, ``layer_query_blocks``)."""
         comp = self.layers.get(layer_id)
         if comp is None:
+            if num_layers is None:
+                raise ValueError(f"layer {layer_id} has no compressor yet: pass num_layers to make one")
             o = self.options
             comp = self.layers[layer_id] = DecodeCompressor(
                 budget=o.decode_budget, interval=o.decode_interval, window=o.decode_window,
                 sink=o.sink, recent=o.recent, max_interval=o.decode_max_interval,
                 first_interval=o.decode_first_interval or 0, pool_window=o.decode_pooling,
-                query_blocks=o.decode_query_blocks)
+                query_blocks=layer_query_blocks(o.decode_query_blocks, layer_id, num_layers,
+                                                float(o.decode_pyramid)))
         return comp
 
 
