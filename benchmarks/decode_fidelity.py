@@ -11,8 +11,8 @@ all keys it may see) that falls on the selected positions:
   token generated since (``DecodeCompressor``): two-stage (candidates from
   key-block bounds, exact scores among them), every ``interval`` steps or
   more while consecutive selections agree, and each step's own query blocks
-  (``query_blocks``: what the server reads; ``loopserve_selection``: the
-  selection and the tokens since only);
+  (``query_blocks``, each layer's as the server sets them, ``layer_query_blocks``: what the
+  server reads; ``loopserve_selection``: the selection and the tokens since only);
 * LoopServe before: each of the window's queries scoring every cached key
   every 16 steps (the paper's interval and window) (how re-selection worked before it was made
   cheaper: no pooling, no candidates, no adaptive interval);
@@ -42,7 +42,7 @@ sys.path.insert(0, str(HERE.parent))
 from capture import QUESTIONS, build_conversation, capture_qkv, load_model  # noqa: E402
 
 from sglang_loopserve.cache_policy import DecodeCompressor, ScoreContext, SnapKV, StreamingLLM  # noqa: E402
-from sglang_loopserve.cache_policy.decode import INTERVAL, WINDOW  # noqa: E402
+from sglang_loopserve.cache_policy.decode import INTERVAL, QUERY_BLOCKS, WINDOW, layer_query_blocks  # noqa: E402
 
 METHOD_NAMES = ("loopserve", "loopserve_selection", "loopserve_before", "snapkv", "streaming_llm")
 
@@ -64,10 +64,11 @@ def kept_mass(q, k, idx):
 PAPER_INTERVAL = 16
 
 
-def run_layer(layer, prompt_len, steps, budget, interval, window, kv_dtype=torch.float32, skip=PAPER_INTERVAL):
+def run_layer(layer, prompt_len, steps, budget, interval, window, kv_dtype=torch.float32, skip=PAPER_INTERVAL,
+              query_blocks=QUERY_BLOCKS):
     q, k = layer["q"], layer["k"]
     pool = k.to(kv_dtype)  # what the compressors read (the server's KV pool); masses are scored on ``k``
-    comp = DecodeCompressor(budget=budget, interval=interval, window=window)
+    comp = DecodeCompressor(budget=budget, interval=interval, window=window, query_blocks=query_blocks)
     comp.seed(None, prompt_len)
     before = DecodeCompressor(budget=budget, interval=PAPER_INTERVAL, window=PAPER_INTERVAL,
                               max_interval=PAPER_INTERVAL, candidate_factor=0, pool_window="none")
@@ -125,7 +126,7 @@ def main(argv=None):
             row = []
             for b in a.budgets:
                 res = run_layer(layer, prompt_len, a.steps, b, a.interval, a.window, getattr(torch, a.kv_dtype),
-                                a.skip)
+                                a.skip, layer_query_blocks(QUERY_BLOCKS, li, len(layers)))  # as served
                 for m in METHOD_NAMES:
                     summary.setdefault((position, b, m), []).append(res[m])
                     row.append(res[m])
