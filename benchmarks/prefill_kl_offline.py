@@ -21,7 +21,6 @@ prefill is sparse too, as a server with ``min_prefill_len 0`` runs it), ``dense_
 (``true``: the server's ``DenseLayers`` remembers, over both turns, which layers planned too dense),
 ``sharpen`` (``true``: a sharp layer is planned again, ``sparse_prefill.SHARP_BELOW``),
 ``sharp_below`` and ``sharp_miss`` (that rule's two constants; default the module's),
-``exact_tail`` (the turn's last this many rows exact in every layer; counted in ``pairs``),
 ``q_window`` (the estimate's sampled rows, ``sparse_prefill_attention``'s; default the server's).
 
     python benchmarks/prefill_kl_offline.py [--settings name=JSON ...] [--docs 3] [--tokens 64]
@@ -54,7 +53,7 @@ SETTINGS = {
 }
 DEFAULTS = {"alpha": LoopServeConfig().alpha, "gate": sparse_prefill.SPARSE_BELOW["cpu"], "exact_layers": [], "layer_alpha": {},
             "first_turn": True, "dense_layers": True, "sharpen": True,
-            "sharp_below": sparse_prefill.SHARP_BELOW, "sharp_miss": sparse_prefill.SHARP_MISS, "exact_tail": 0,
+            "sharp_below": sparse_prefill.SHARP_BELOW, "sharp_miss": sparse_prefill.SHARP_MISS,
             "q_window": LoopServeConfig().q_window}
 
 
@@ -92,13 +91,6 @@ class Replay:
             finally:
                 sparse_prefill.SPARSE_BELOW["cpu"], sparse_prefill.SHARP_BELOW, sparse_prefill.SHARP_MISS = saved
             density = st.density
-            tail = min(s["exact_tail"], q.shape[0])
-            if tail:
-                out[-tail:] = exact_prefill_attention(q[-tail:], k, v)
-                n, c = q.shape[0], k.shape[0]
-                pairs = n * c - n * (n - 1) // 2  # the turn's causal pairs, then the tail's not yet computed
-                tail_pairs = tail * c - tail * (tail - 1) // 2
-                density = min(1.0, density + (1 - density) * tail_pairs / pairs)
             self.dense_layers.observe(layer, st.planned_density, k.shape[0], alpha)
         self.density[layer] = density
         return out[None], None
