@@ -15,7 +15,8 @@ of a long turn, so the table also gives the mean over the later steps.
 A setting is ``name=JSON``: ``{"compressor": {...}}`` passes its fields to
 ``DecodeCompressor`` (``budget``, ``pool_window``, ``max_interval``,
 ``first_interval``, ...; ``pyramid``: ``layer_query_blocks``' slope, default the server's;
-``budget_pyramid``: ``true`` or ``"inverse"``, the budget on that slope too, or upside down);
+``budget_pyramid``: ``true`` or ``"inverse"``, the budget on that slope too, or upside down;
+``bound_weight``: ``summaries.BOUND_WEIGHT``, how the key blocks are ranked);
 ``{"scorer": {...}}`` runs ``ExactRule``, a plain
 re-selection that scores every key with every window query, with
 exploratory options (``maxpool``, ``value_norm``, ``ema``, ``group_max``,
@@ -41,9 +42,11 @@ sys.path.insert(0, str(HERE.parent))
 
 from kl_replay import arguments, conversations, position_means, replayed_model, sample_answer  # noqa: E402
 
+from sglang_loopserve.cache_policy import summaries  # noqa: E402
 from sglang_loopserve.cache_policy.decode import (BUDGET, PYRAMID, QUERY_BLOCKS, DecodeCompressor, attention_mass,  # noqa: E402
                                                    decode_attention, keep_top, layer_query_blocks)
 
+DEFAULT_BOUND_WEIGHT = summaries.BOUND_WEIGHT
 SETTINGS = {
     "defaults": {"compressor": {}},
     "no query blocks, first re-selection at 16": {"compressor": {"query_blocks": 0, "first_interval": 16}},
@@ -158,6 +161,7 @@ class Replay:
         if "scorer" in s:
             return ExactRule(**s["scorer"])
         fields = dict(s["compressor"])  # the layer's query blocks as the server sets them
+        summaries.BOUND_WEIGHT = fields.pop("bound_weight", DEFAULT_BOUND_WEIGHT)  # read when blocks rank
         slope = fields.pop("pyramid", PYRAMID)
         fields["query_blocks"] = layer_query_blocks(fields.get("query_blocks", QUERY_BLOCKS), layer,
                                                     self.n_layers, slope)
@@ -222,7 +226,7 @@ def main(argv=None):
     for doc, position, _, prompt_ids in conversations(tok, a.docs, a.prompt_tokens):
         prompt = torch.tensor(prompt_ids)[None]
         replay.setting, replay.prompt_len = None, -1
-        answer = sample_answer(model, prompt, a.tokens)
+        answer = sample_answer(model, prompt, a.tokens, a.seed, doc, position)
         replay.prompt_len = prompt.shape[1]
         cached = model(prompt, use_cache=True)
         last = cached.logits[0, -1:].float()

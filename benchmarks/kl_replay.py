@@ -47,8 +47,11 @@ def conversations(tok, docs: int, prompt_tokens: int):
             yield doc, position, first_ids, prompt_ids
 
 
-def sample_answer(model, prompt: torch.Tensor, tokens: int) -> torch.Tensor:
-    """``[1, tokens]``: an answer sampled at temperature 1 from the whole distribution."""
+def sample_answer(model, prompt: torch.Tensor, tokens: int, seed: int, doc: int, position: str) -> torch.Tensor:
+    """``[1, tokens]``: an answer sampled at temperature 1 from the whole distribution, from a
+    generator seeded per conversation: the same answers whatever settings ran before (the replay's
+    kernels may draw from the global generator)."""
+    torch.manual_seed(seed * 1000 + 10 * doc + POSITIONS.index(position))
     return model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=True,
                           temperature=1.0, top_k=0, top_p=1.0)[:, prompt.shape[1]:]
 

@@ -121,7 +121,7 @@ def main(argv=None):
     for doc, position, first_ids, prompt_ids in conversations(tok, a.docs, a.prompt_tokens):
         prompt = torch.tensor(prompt_ids)[None]
         replay.setting = None
-        answer = sample_answer(model, prompt, a.tokens)
+        answer = sample_answer(model, prompt, a.tokens, a.seed, doc, position)
         cut = len(first_ids)
 
         def logprobs(setting):

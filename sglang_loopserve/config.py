@@ -94,7 +94,7 @@ class LoopServeConfig:
     #: Decode: how the window's queries score the cache at a re-selection (``DECODE_POOLINGS``).
     decode_pooling: str = "bounds"
     #: Decode: key blocks (of 8 tokens) each step's own query adds to the selection, ranked by their
-    #: key bounds (0: the selection only).
+    #: key summaries (``KeySummaries.block_mass``; 0: the selection only).
     decode_query_blocks: int = 144
     #: Decode: slope of the query blocks over depth, in [0, 1): the first layer reads
     #: ``1 + slope`` times ``decode_query_blocks``, the last ``1 - slope`` times (the mean is kept;

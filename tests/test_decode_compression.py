@@ -347,7 +347,13 @@ def test_summaries_grow_with_the_cache():
     whole = KeySummaries(block=16)
     whole.update(k, torch.arange(1000))
     assert torch.equal(grown.kmax, whole.kmax) and torch.equal(grown.kmin, whole.kmin)
+    torch.testing.assert_close(grown.kmean, whole.kmean)
     assert torch.equal(whole.kmax[:, 0], k[:16].amax(0)) and torch.equal(whole.kmin[:, -1], k[992:].amin(0))
+    torch.testing.assert_close(whole.kmean[:, 0], k[:16].mean(0))
+    torch.testing.assert_close(whole.kmean[:, -1], k[992:].mean(0))  # a partial block: its 8 keys only
+    partial = KeySummaries(block=16)
+    partial.update(k, torch.arange(37))  # the last block holds 5 keys
+    torch.testing.assert_close(partial.kmean[:, -1], k[32:37].mean(0))
 
 
 def test_interval_doubles_while_selections_agree_and_resets_on_a_change():
@@ -457,9 +463,11 @@ def test_compiled_reselection_equals_tensor_path(dtype, window, length, budget, 
         reselect_pruned(q, keys, slots[:length - 45], summaries, budget=budget, sink=4, recent=32,
                         method=method, bound_q=bound_q)  # then grown by 45 keys, as a decode does
         out[method] = reselect_pruned(q, keys, slots, summaries, budget=budget, sink=4, recent=32,
-                                      previous=previous, method=method, bound_q=bound_q) + (summaries.bounds,)
-    (kept, mass, held, bounds), (kept2, mass2, held2, bounds2) = out["tensor"], out["loops"]
-    assert torch.equal(kept, kept2) and torch.equal(bounds, bounds2)
+                                      previous=previous, method=method, bound_q=bound_q) + (summaries.rows,)
+    (kept, mass, held, rows), (kept2, mass2, held2, rows2) = out["tensor"], out["loops"]
+    d = rows.shape[-1] // 3  # max and min exactly, the mean to rounding (summed in another order)
+    assert torch.equal(kept, kept2) and torch.equal(rows[..., :2 * d], rows2[..., :2 * d])
+    torch.testing.assert_close(rows2[..., 2 * d:], rows[..., 2 * d:], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(mass2, mass, rtol=1e-4, atol=1e-6)
     assert held2 == pytest.approx(held, rel=1e-5) and 0 < held < 1
     # Nothing held before: share 0 on both paths.
@@ -524,7 +532,7 @@ def test_compiled_reselection_has_one_signature_per_pool_dtype():
     q = queries(u, 2, 6)
     from sglang_loopserve import torch_threads
 
-    stages = (cpu_loops._update_summaries, cpu_loops._block_bounds, cpu_loops._candidate_blocks,
+    stages = (cpu_loops._update_summaries, cpu_loops._block_logits, cpu_loops._candidate_blocks,
               cpu_loops._candidate_logits, cpu_loops._keep_top)
 
     def variants():  # the stages' compiled signatures, and the launchers for torch's team
@@ -620,6 +628,39 @@ def test_query_blocks_read_what_the_step_query_needs():
     assert planted <= set(flat.view(3, -1)[0].tolist())
     flat, _ = comp.attended(length + 2)
     assert not planted & set(flat.view(3, -1)[0].tolist())
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_query_blocks_ranked_by_mass_not_by_bound(compiled, monkeypatch):
+    """Planted: one block's keys each hold a single large coordinate (their elementwise max is large
+    everywhere: Quest's bound ranks that block first, yet no key in it matches the query), another's
+    keys all match the query moderately (the attention mass is there).  With one query block the
+    step reads the matching block; ranked by the bound alone (``BOUND_WEIGHT`` 1) it reads the other."""
+    from sglang_loopserve.cache_policy import cpu_loops, summaries
+
+    if not compiled:
+        monkeypatch.setattr(cpu_loops, "available", lambda: False)
+    g = torch.Generator().manual_seed(2)
+    length, spiky, matching = 4096, 1600, 2400
+    k = torch.randn(length, 3, D, generator=g) * 0.01
+    for i in range(8):
+        k[spiky + i, :, i] = 1.0  # key i: large on its own coordinate only
+    k[matching:matching + 8] = 0.1
+    scores = torch.rand(3, length, generator=g)
+    for start in (spiky, matching):
+        scores[:, start - 64:start + 64] = 0.0
+    q = torch.ones(9, D)
+    reads, blend = {}, summaries.BOUND_WEIGHT
+    assert 0.0 <= blend < 1.0
+    for weight in (blend, 1.0):
+        monkeypatch.setattr(summaries, "BOUND_WEIGHT", weight)
+        comp = DecodeCompressor(budget=256, query_blocks=1)
+        comp.seed(scores, length)
+        flat, _ = comp.attended(length + 1, q, k, torch.arange(length))
+        reads[weight] = set(flat.view(3, -1)[0].tolist())
+    assert set(range(matching, matching + 8)) <= reads[blend]
+    assert not set(range(spiky, spiky + 8)) & reads[blend]
+    assert set(range(spiky, spiky + 8)) <= reads[1.0]  # Quest's rule: the spiky block
 
 
 def test_attend_reads_the_query_blocks():

@@ -2,7 +2,7 @@
 and attention over selected positions.
 
 The two-stage re-selection (``decode.select_decode_kv_pruned``: key-block
-bounds pick candidates, exact scores among them) is two dozen small torch
+summaries pick candidates, exact scores among them) is two dozen small torch
 ops; on a CPU each costs tens of microseconds whatever its size, and a
 re-selection took 2-5 ms where its arithmetic needs a tenth of that.  Here the
 same steps run per KV head in one loop nest (parallel over heads): bring the
@@ -32,7 +32,7 @@ import torch
 from ..numba_rows import READS, numba_view
 from ..numba_setup import available, lock, numba, njit
 from ..torch_threads import parallel_for
-from .summaries import queries_by_kv_head, signed_parts
+from .summaries import block_parts, queries_by_kv_head
 
 if numba is not None:
     from ..numba_rows import exp_shifted, float_row, row_max
@@ -86,26 +86,33 @@ if numba is not None:
     @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
     def _update_summaries(h, thread, k_pool, slots, storage, first_block, length, block):
         """1. Head ``h``'s summaries of the blocks with new keys (the last, partial one is redone):
-        per dimension the keys' maxima, then their minima."""
-        d = storage.shape[2] // 2
+        per dimension the keys' maxima, their minima, then their mean."""
+        d = storage.shape[2] // 3
         buf = np.empty(d, dtype=np.uint32)
         for b in range(first_block, -(-length // block)):
             hi = storage[h, b, :d]
-            lo = storage[h, b, d:]
-            for pos in range(b * block, min((b + 1) * block, length)):
+            lo = storage[h, b, d:2 * d]
+            mean = storage[h, b, 2 * d:]
+            end = min((b + 1) * block, length)
+            for pos in range(b * block, end):
                 key = float_row(k_pool[slots[pos], h], buf)
                 if pos == b * block:
                     hi[:] = key
                     lo[:] = key
+                    mean[:] = key
                 else:
                     for x in range(d):
                         hi[x] = max(hi[x], key[x])
                         lo[x] = min(lo[x], key[x])
+                        mean[x] += key[x]
+            inv = np.float32(1.0) / np.float32(end - b * block)
+            for x in range(d):
+                mean[x] *= inv
 
     @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-    def _block_bounds(task, thread, split, storage, bound):
-        """2. Each block's bound per query: the query's positive parts (``split[..., :d]``) times
-        the block's maxima plus its negative parts times the minima."""
+    def _block_logits(task, thread, split, storage, bound):
+        """2. Each block's logit per query (``summaries.block_parts``): the query's weighted positive
+        parts times the block's maxima, its negative parts times the minima, itself times the mean."""
         n_bq, n_blocks = bound.shape[1], bound.shape[2]
         h = task // _CHUNKS
         chunk = -(-n_blocks // _CHUNKS)
@@ -119,7 +126,7 @@ if numba is not None:
 
     @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
     def _candidate_blocks(h, thread, bound, sink, recent, length, block, cand):
-        """3. Head ``h``: the blocks' bound mass (softmax over blocks per query, summed), the best
+        """3. Head ``h``: the blocks' mass (softmax of their logits over blocks per query, summed), the best
         ``take`` blocks (sink and recent ones first) and their positions (past the cache: ``length``)."""
         n_blocks = bound.shape[2]
         n_cand = cand.shape[1]
@@ -269,40 +276,43 @@ if numba is not None:
     def _query_block_rows(q, storage, n_blocks, block, held, whole, selection, selected_at, length, extra,
                           out):
         """Per KV head: ``out[h] = selection[h], then the first ``extra`` positions the selection does
-        not hold, walking the blocks by descending bound (ties: the lower block first), then the
-        positions ``selected_at..length-1``."""
-        n_kv, group, d2 = q.shape
+        not hold, walking the blocks by descending mass (``KeySummaries.block_mass``; ties: the lower
+        block first), then the positions ``selected_at..length-1``."""
+        n_kv, group, d3 = q.shape
         n_sel = selection.shape[1]
-        bound = np.empty(n_blocks, dtype=np.float32)
+        logits = np.empty((group, n_blocks), dtype=np.float32)
+        mass = np.empty(n_blocks, dtype=np.float32)
+        exponents = np.empty(n_blocks, dtype=np.int32)
         # Enough ranked blocks for ``extra`` positions unless the selection holds much of them;
         # the rest are ranked only when the walk gets there.
         first = min(n_blocks, 2 * (-(-extra // block)) + 2)
         idx = np.empty(n_blocks, dtype=np.int64)
         for h in range(n_kv):
-            for b in range(n_blocks):
-                if whole[h, b]:
-                    bound[b] = -np.inf
-                    continue
-                best = -np.inf
+            for b in range(n_blocks):  # each block's summary read once, for the group's query heads
                 row = storage[h, b]
                 for g in range(group):
-                    qg = q[h, g]  # [2d]: the positive part against the max, the negative against the min
+                    qg = q[h, g]  # [3d]: block_parts' layout, against the stored [max, min, mean]
                     acc = np.float32(0.0)
-                    for x in range(d2):
+                    for x in range(d3):
                         acc += qg[x] * row[x]
-                    best = max(best, acc)
-                bound[b] = best
+                    logits[g, b] = acc
+            mass[:] = 0.0
+            for g in range(group):
+                _softmax_sum_into(logits[g], mass, exponents)  # every block: a query head's whole mass
+            for b in range(n_blocks):
+                if whole[h, b]:
+                    mass[b] = -np.inf
             for i in range(n_sel):
                 out[h, i] = selection[h, i]
             n = n_sel
             goal = n_sel + extra
-            count = _top(bound, n_blocks, first, idx)
-            ranked = idx[:count][np.argsort(-bound[idx[:count]], kind="mergesort")]
+            count = _top(mass, n_blocks, first, idx)
+            ranked = idx[:count][np.argsort(-mass[idx[:count]], kind="mergesort")]
             for rank in range(2):
                 if rank == 1:  # every block, in order: the ones walked already add nothing new
                     if n >= goal:
                         break
-                    ranked = np.argsort(-bound[:n_blocks], kind="mergesort")
+                    ranked = np.argsort(-mass[:n_blocks], kind="mergesort")
                     n = n_sel
                 for b in ranked:
                     if n >= goal:
@@ -324,7 +334,7 @@ def query_block_rows(q: torch.Tensor, summaries, n_blocks: int, held: torch.Tens
     extra + length - selected_at]`` positions (``DecodeCompressor.query_block_positions`` gives the
     same extra positions as tensor ops)."""
     n_kv = selection.shape[0]
-    qs = signed_parts(queries_by_kv_head(q.detach()[None], n_kv)).contiguous()  # [Hk, g, 2d]
+    qs = block_parts(queries_by_kv_head(q.detach()[None], n_kv)).contiguous()  # [Hk, g, 3d]
     out = torch.empty(n_kv, selection.shape[1] + extra + length - selected_at, dtype=torch.int64)
     with lock:
         _query_block_rows(qs.numpy(), summaries.storage.numpy(), n_blocks, summaries.block, held.numpy(),
@@ -378,14 +388,14 @@ def reselect(queries: torch.Tensor, qpos: torch.Tensor, k_buffer: torch.Tensor, 
     prev = previous.to(torch.int64).contiguous() if previous is not None else torch.zeros(n_kv, 1, dtype=torch.int64)
     bound_queries = queries if bound_queries is None else bound_queries
     bound_queries = bound_queries.contiguous()
-    split = torch.cat([bound_queries.clamp(min=0), bound_queries.clamp(max=0)], dim=-1)  # [Hk, Qb, 2d]
+    split = block_parts(bound_queries)  # [Hk, Qb, 3d]
     bound = torch.empty(n_kv, bound_queries.shape[1], n_blocks)
     cand = torch.empty(n_kv, take * bs, dtype=torch.int64)
     logits = torch.empty(n_kv, queries.shape[1], take * bs)
     pool, slot_rows, storage = numba_view(k_buffer), slots.to(torch.int64).contiguous().numpy(), summaries.storage.numpy()
     with lock:
         parallel_for(_update_summaries, n_kv, pool, slot_rows, storage, summaries.length // bs, length, bs)
-        parallel_for(_block_bounds, n_kv * _CHUNKS, split.numpy(), storage, bound.numpy())
+        parallel_for(_block_logits, n_kv * _CHUNKS, split.numpy(), storage, bound.numpy())
         parallel_for(_candidate_blocks, n_kv, bound.numpy(), sink, recent, length, bs, cand.numpy())
         parallel_for(_candidate_logits, n_kv * _CHUNKS, queries.contiguous().numpy(), qpos.contiguous().numpy(),
                      pool, slot_rows, cand.numpy(), length, logits.numpy())

@@ -42,8 +42,8 @@ AGREEMENT = 0.7
 #: the block stage as cheap as one query.
 WINDOW_POOLING = DECODE_POOLINGS  # the server's flag takes the same choices
 #: Key blocks (of ``KeySummaries.block`` positions) each decode step reads besides the selection:
-#: the positions of those its own query ranks highest by their bounds (``DecodeCompressor.query_blocks``;
-#: ours).  Measured by teacher-forced KL to full attention (``benchmarks/decode_kl_offline.py``,
+#: the positions of those its own query ranks highest by their block mass (``KeySummaries.block_mass``,
+#: ``DecodeCompressor.query_blocks``; ours).  Measured by teacher-forced KL to full attention (``benchmarks/decode_kl_offline.py``,
 #: SmolLM2, 3.7K-token prompts, budget 1024, 9 answers): a selection chosen by the window's queries is
 #: stale for the query of the moment (each step's own exact top 1024 leaves a KL of 0.0014, the
 #: window's choice 0.0172); with 64 blocks of 8 and the first re-selection after 4 tokens 0.0025,
@@ -172,7 +172,7 @@ def select_decode_kv_pruned(recent_q: torch.Tensor, k_buffer: torch.Tensor, slot
                             summaries: KeySummaries, *, budget: int, sink: int = 4, recent: int = 32,
                             factor: float = CANDIDATE_FACTOR, return_mass: bool = False):
     """``select_decode_kv`` in two stages (``summaries.py``): candidate blocks by their key
-    bounds, then the window's exact attention mass over the candidates only.
+    summaries, then the window's exact attention mass over the candidates only.
 
     ``k_buffer [T, Hk, d]`` holds position ``i``'s key at row ``slots[i]``
     (SGLang's KV pool and ``req_to_token`` row); ``summaries`` are brought up
@@ -298,7 +298,7 @@ class DecodeCompressor:
     this turn when given, else full attention (``seeded_from`` records which).
 
     Re-selection is two-stage (``select_decode_kv_pruned``: candidates from
-    key-block bounds, exact scores among them; ``pool_window``: the window's
+    key-block summaries, exact scores among them; ``pool_window``: the window's
     mean query ranks the blocks, each of its queries scores the candidates)
     and its interval adapts (ours,
     beyond the paper's fixed 16): a re-selection whose window mass lies for
@@ -309,7 +309,7 @@ class DecodeCompressor:
     being noticed again.
 
     Each step also reads, besides the selection, the key blocks its own query
-    ranks highest by their bounds (``query_blocks``, ``QUERY_BLOCKS``; ours): the
+    ranks highest by their summaries (``query_blocks``, ``QUERY_BLOCKS``; ours): the
     window chose for the queries before it, a step's query may need other tokens.
     So the first re-selection comes ``first_interval`` (4) tokens into a turn.
     """
@@ -422,17 +422,17 @@ class DecodeCompressor:
     def query_block_positions(self, q: torch.Tensor, k_buffer: torch.Tensor | None = None,
                               slots: torch.Tensor | None = None) -> torch.Tensor:
         """``[Hk, E]``: the positions a step with query ``q [H, d]`` reads besides the selection
-        (ours): walking the key blocks before the selection's cache length by descending bound
-        (``q+ . max + q- . min``, the max over the group's query heads; ties: the lower block
-        first), the first ``E`` positions the selection does not hold, ``E = query_blocks x
+        (ours): walking the key blocks before the selection's cache length by descending mass
+        (``KeySummaries.block_mass``: per query head the softmax over blocks of their logits, summed
+        over the group; ties: the lower block first), the first ``E`` positions the selection does not hold, ``E = query_blocks x
         block`` (fewer if a head has fewer such positions: every head reads as many).  The
         reference; on a CPU ``attended`` runs the same walk compiled (``cpu_loops``)."""
         bs = self.summaries.block
         n_blocks = self._summarised(k_buffer, slots)
         held, _, free = self._held_blocks(n_blocks)
         n_kv = held.shape[0]
-        bound = self.summaries.upper_bounds(queries_by_kv_head(q[None], n_kv), n_blocks).amax(-1)  # [Hk, nb]
-        order = bound.argsort(dim=-1, descending=True, stable=True)
+        mass = self.summaries.block_mass(q[None], n_blocks)  # [Hk, nb]
+        order = mass.argsort(dim=-1, descending=True, stable=True)
         positions = (order[..., None] * bs + torch.arange(bs, device=order.device)).flatten(1)
         new = ~held.gather(1, positions)
         extra = min(self.query_blocks * bs, free)

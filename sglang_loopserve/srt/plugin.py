@@ -138,8 +138,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                           "mean per head ranks the key blocks, each query scores the candidates), all "
                           "(their mean does both: cheapest, less faithful) or none (each query does both).",
         "decode_query_blocks": "Decode: key blocks of 8 tokens each step's own query adds to the selection "
-                               "(those its query ranks highest by the blocks' key bounds, not already "
-                               "selected); 0 reads the selection only.",
+                               "(those its query ranks highest by the blocks' key summaries: bounds and mean "
+                               "key; not already selected); 0 reads the selection only.",
         "decode_pyramid": "Decode: slope of the query blocks over depth, in [0, 1): the first layer reads "
                           "1 + SLOPE times DECODE_QUERY_BLOCKS, the last 1 - SLOPE times, linearly between "
                           "(the mean is kept; lower layers attend more diffusely, after PyramidKV).",
