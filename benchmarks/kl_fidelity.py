@@ -149,20 +149,21 @@ def summarise(rows: list[dict], settings: list[str]) -> str:
                 (r["kl"] if key == "kl" else [r[key]])]
         return statistics.fmean(vals) if vals else float("nan")
 
-    floor = {p: cell("floor", p, "kl") for p in POSITIONS}
-    lines = ["| setting | " + " | ".join(f"KL {p} (x floor)" for p in POSITIONS)
+    positions = [p for p in POSITIONS if any(r["position"] == p for r in rows)]  # those run (--positions)
+    floor = {p: cell("floor", p, "kl") for p in positions}
+    lines = ["| setting | " + " | ".join(f"KL {p} (x floor)" for p in positions)
              + " | decode read / cached | prefill pairs computed | re-selections |",
-             "|---|" + "---|" * (len(POSITIONS) + 3)]
+             "|---|" + "---|" * (len(positions) + 3)]
     for name in settings:
         kls = []
-        for p in POSITIONS:
+        for p in positions:
             v = cell(name, p, "kl")
             # An fp32 server's floor is ~0 (extend and decode agree to rounding): no ratio then.
             ratio = f"{v / floor[p]:.1f}x" if floor[p] > FLOOR_EPSILON else "floor ~0"
             kls.append(f"{v:.4f} ({ratio})")
-        read = statistics.fmean(cell(name, p, "decode_read") for p in POSITIONS)
-        dens = statistics.fmean(cell(name, p, "prefill_density") for p in POSITIONS)
-        res = statistics.fmean(cell(name, p, "reselections") for p in POSITIONS)
+        read = statistics.fmean(cell(name, p, "decode_read") for p in positions)
+        dens = statistics.fmean(cell(name, p, "prefill_density") for p in positions)
+        res = statistics.fmean(cell(name, p, "reselections") for p in positions)
         lines.append(f"| {name} | " + " | ".join(kls) + f" | {read:.2f} | {dens:.2f} | {res:.1f} |")
     return "\n".join(lines)
 

@@ -59,3 +59,8 @@ def test_table_gives_multiples_of_a_real_floor_and_none_of_a_rounding_floor():
     mine = next(line for line in kl_fidelity.summarise(fp32, ["floor", "mine"]).splitlines()
                 if line.startswith("| mine"))
     assert mine.count("0.0090 (floor ~0)") == 3
+    # A run of some positions (--positions start): only their columns, no empty ones.
+    start = [r for r in rows if r["position"] == "start"]
+    head, _, _, mine = kl_fidelity.summarise(start, ["floor", "mine"]).splitlines()
+    assert head.count("KL ") == 1 and "KL start" in head
+    assert mine == "| mine | 0.0090 (3.0x) | 0.50 | 1.00 | 0.0 |"
