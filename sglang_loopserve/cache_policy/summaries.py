@@ -127,13 +127,13 @@ class KeySummaries:
         return torch.softmax(logits, dim=1).sum(2)
 
 
-def block_parts(queries: torch.Tensor, bound_weight: float | None = None) -> torch.Tensor:
+def block_parts(queries: torch.Tensor) -> torch.Tensor:
     """``[..., 3d]``: the positive and the negative part of ``queries [..., d]`` times
-    ``bound_weight`` (default ``BOUND_WEIGHT``), then the queries times ``1 - bound_weight``: the
-    layout of the stored ``[max, min, mean]``, so one product with a block's summary is its logit."""
-    bound_weight = BOUND_WEIGHT if bound_weight is None else bound_weight
-    return torch.cat([queries.clamp(min=0) * bound_weight, queries.clamp(max=0) * bound_weight,
-                      queries * (1.0 - bound_weight)], dim=-1)
+    ``BOUND_WEIGHT`` (read at each call: the offline tools vary it), then the queries times
+    ``1 - BOUND_WEIGHT``: the layout of the stored ``[max, min, mean]``, so one product with a
+    block's summary is its logit."""
+    return torch.cat([queries.clamp(min=0) * BOUND_WEIGHT, queries.clamp(max=0) * BOUND_WEIGHT,
+                      queries * (1.0 - BOUND_WEIGHT)], dim=-1)
 
 
 def queries_by_kv_head(recent_q: torch.Tensor, n_kv: int) -> torch.Tensor:
