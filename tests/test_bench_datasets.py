@@ -89,3 +89,55 @@ def test_bad_arguments_are_named():
         datasets.build("kv_retrieval", 0)
     with pytest.raises(ValueError, match="scale"):
         datasets.build("kv_retrieval", 1, scale=0)
+
+
+#: sha256 of every set's first two conversations at seed 0, built from the committed snapshot: the
+#: same bytes on every machine.  A deliberate change of the builder or of the snapshot changes it
+#: (and makes new conversations: results name the snapshot's sha256).
+BUILD_DIGEST = "57b0e17a41f2f0fabd665f42208be73a74a912690792dee9361da6f85e77dfd6"
+
+_DIGEST_CODE = """
+import hashlib, json, sys, importlib.metadata
+def refuse(*a, **k):
+    raise AssertionError("the builder read the installed packages")
+importlib.metadata.distributions = refuse
+sys.modules["pydoc_data"] = sys.modules["pydoc_data.topics"] = None  # nor this Python's documentation
+from sglang_loopserve.bench import datasets
+h = hashlib.sha256()
+for name in datasets.DATASETS:
+    for c in datasets.build(name, 2, seed=0):
+        h.update(json.dumps(c.to_row(), sort_keys=True, ensure_ascii=False).encode())
+print(h.hexdigest())
+"""
+
+
+def test_builds_are_byte_identical_without_reading_this_machine():
+    import subprocess
+    import sys
+
+    digests = [subprocess.run([sys.executable, "-c", _DIGEST_CODE], capture_output=True, text=True, timeout=300)
+               for _ in range(2)]
+    for d in digests:
+        assert d.returncode == 0, d.stderr
+    assert digests[0].stdout.strip() == digests[1].stdout.strip() == BUILD_DIGEST
+
+
+def test_every_question_carries_its_answer_format(built):
+    for name, convs in built.items():
+        fmt = datasets.ANSWER_FORMAT[convs[0].metric]
+        for conv in convs:
+            for turn in conv.turns:
+                for pos in ("front", "middle", "back"):
+                    q = turn.questions[pos]
+                    assert q.startswith("Question: ") and fmt in q, (name, pos)
+    few = built["few_shot"][0].turns[0].questions["back"]
+    assert few.endswith("\nTopic:")  # the item to label follows the instruction, as in the examples
+
+
+def test_snapshot_can_be_taken_again(tmp_path):
+    from sglang_loopserve.bench import sources
+
+    sha = sources.take_snapshot(tmp_path / "s.json.gz")
+    s = sources.load(tmp_path / "s.json.gz")
+    assert s.sha256 == sha and len(s.packages) >= 50 and len(s.filler) >= 500
+    assert all(len(p.description.split()) <= sources.DESCRIPTION_WORDS for p in s.packages)

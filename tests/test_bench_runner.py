@@ -10,9 +10,11 @@ from sglang_loopserve.bench import datasets, report, runner
 from sglang_loopserve.bench.__main__ import parse_args
 
 
-def fake_ask(calls):
+def fake_ask(calls, settings_seen=None):
     def ask(history, message, max_tokens, settings):
         calls.append((len(history), settings["method"], [h[1] for h in history]))
+        if settings_seen is not None:
+            settings_seen.append((settings, max_tokens))
         answer = "42" if settings["method"] == "full" else f"{settings['method']} says 42"
         return {"answer": answer, "prompt_tokens": len(message) // 4, "cached_tokens": 10 * len(history),
                 "completion_tokens": 3, "time_to_first_token_s": 0.5, "decode_tokens_per_s": 10.0,
@@ -79,7 +81,8 @@ def test_report_scores_agreement_speed_and_trace(tmp_path, convs):
 
 def test_cli_rejects_bad_arguments(capsys):
     for argv, word in ((["--out", "x", "--positions", "top"], "--positions"), (["--out", "x", "--n", "0"], "--n"),
-                       (["--out", "x", "--methods", "h2o"], "--methods"), (["--out", "x", "--budget", "0"], "--budget"),
+                       (["--out", "x", "--methods", "h2o"], "--methods"), (["--out", "x", "--read", "0"], "--read"),
+                       (["--out", "x", "--budget", "1187"], "--read"),
                        (["--out", "x", "--min-prefill-len", "-2"], "--min-prefill-len")):
         with pytest.raises(SystemExit):
             parse_args(argv)
@@ -87,3 +90,43 @@ def test_cli_rejects_bad_arguments(capsys):
     a = parse_args(["--out", "x", "--positions", "start", "end", "--methods", "full", "adakv"])
     assert a.positions == ["front", "back"] and a.methods == ["full", "adakv"]
     assert a.min_prefill_len == 0  # the methods' prefill runs at scaled-down sizes by default
+
+
+def decode_read(settings: dict) -> int | None:
+    """Cached positions a decode step reads under ``settings`` (None: everything)."""
+    if settings["method"] == "full":
+        return None
+    blocks = settings.get("decode_query_blocks", 0) if settings["method"] == "loopserve" else 0
+    return settings["decode_budget"] + blocks * runner.QUERY_BLOCK_TOKENS
+
+
+@pytest.mark.parametrize("read", [runner.DEFAULT_READ, 2048])
+def test_every_compressing_method_reads_the_same(tmp_path, convs, read):
+    seen = []
+    methods = ["full", "loopserve", "snapkv", "adakv", "streaming_llm"]
+    runner.run(convs[:1], ["back"], methods, fake_ask([], seen), tmp_path / "r.jsonl", read=read,
+               settings={"min_prefill_len": 0})
+    by_method = {s["method"]: s for s, _ in seen}
+    assert set(by_method) == set(methods)
+    assert {m: decode_read(s) for m, s in by_method.items()} == {
+        "full": None, "loopserve": read, "snapkv": read, "adakv": read, "streaming_llm": read}
+    # LoopServe's own selection is the read less its query blocks (512 of 1664 at the defaults)
+    assert by_method["loopserve"]["decode_budget"] == read - 144 * 8
+    assert all(s["min_prefill_len"] == 0 for s, _ in seen)  # the run's settings still reach every request
+    # the server accepts each method's settings
+    from sglang_loopserve.config import LoopServeConfig
+    for s in by_method.values():
+        LoopServeConfig().override(s)
+    with pytest.raises(ValueError, match="read must be >= 1188"):
+        runner.method_settings("loopserve", 1000)
+
+
+def test_answer_lengths_follow_longbench(tmp_path):
+    seen = []
+    for name, want in (("summarization", 128), ("multi_hop_2", 32), ("single_doc_qa", 64), ("few_shot", 64)):
+        seen.clear()
+        conv = datasets.build(name, 1, seed=0, scale=0.1)
+        runner.run(conv, ["back"], ["full"], fake_ask([], seen), tmp_path / f"{name}.jsonl")
+        assert {m for _, m in seen} == {want}, name
+    assert datasets.answer_tokens("some_published_set", "rouge_l") == 128
+    assert datasets.answer_tokens("some_published_set", None) == 32

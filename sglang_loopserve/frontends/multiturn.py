@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import sglang as sgl
 from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
 
+from . import chat_template
 from .documents import module_doc, python_docs
 from .endpoint import LoopServeEndpoint
 
@@ -28,9 +29,6 @@ DEFAULT_QUESTIONS = (
     "Look back at your first answer. Write a short Python example that calls the function "
     "you named there.",
 )
-
-# Templates for models whose path SGLang's frontend cannot match by itself.
-_CHAT_TEMPLATE_BY_PATH = {"smollm": "chatml"}
 
 
 @dataclass
@@ -50,21 +48,14 @@ class TurnResult:
 
 def connect(url: str, chat_template_name: str | None = None, *, loopserve: dict | None = None,
             timing: bool = False) -> LoopServeEndpoint:
-    """An endpoint whose chat template matches the served model.
+    """An endpoint whose chat template is the served model's own, whatever its folder is called.
 
-    SmolLM2's own template (from its GGUF) is plain ChatML; SGLang's frontend
-    does not recognise the model path, so name the template here.
+    ``chat_template_name`` picks one of SGLang's named templates instead.
     ``loopserve`` and ``timing``: see ``LoopServeEndpoint``.
     """
-    options = dict(loopserve=loopserve, timing=timing)
-    backend = LoopServeEndpoint(url, **options)
+    backend = LoopServeEndpoint(url, chat_template_name=chat_template_name, loopserve=loopserve, timing=timing)
     if chat_template_name is None:
-        path = backend.get_model_name().lower()
-        chat_template_name = next(
-            (name for key, name in _CHAT_TEMPLATE_BY_PATH.items() if key in path), None
-        )
-    if chat_template_name:
-        backend = LoopServeEndpoint(url, chat_template_name=chat_template_name, **options)
+        backend.chat_template = chat_template.for_model(backend.get_model_name())
     return backend
 
 
