@@ -64,10 +64,11 @@ def build_conversation(tokenizer, position: str = "end", history_tokens: int = 5
     return Conversation(torch.tensor(ids), len(ids) - len(ids_before), position)
 
 
-def load_model(dtype=torch.float32):
+def load_model(dtype=torch.float32, model: str | None = None):
+    """A served model (``models.MODELS`` key or folder; default the embedded one) in transformers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = models.prepare()
+    path = models.resolve_model_path(model)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     return model.eval(), tok

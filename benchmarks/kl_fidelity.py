@@ -219,6 +219,8 @@ def main(argv=None) -> int:
     p.add_argument("--server-args", nargs=argparse.REMAINDER, default=[],
                    help="extra flags of the started server (last on the line)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "kl_fidelity")
+    p.add_argument("--model", help="a key of `python -m sglang_loopserve.models list` or a folder (default: "
+                                   "the embedded SmolLM2)")
     a = p.parse_args(argv)
     if not 1 <= a.docs <= len(DOCUMENTS):
         p.error(f"--docs must be in 1..{len(DOCUMENTS)}, got {a.docs}")
@@ -227,7 +229,7 @@ def main(argv=None) -> int:
     settings = parse_settings(a.settings)
     from transformers import AutoTokenizer
 
-    model = models.prepare()
+    model = models.resolve_model_path(a.model)
     tokenizer = AutoTokenizer.from_pretrained(model)
     a.out.mkdir(parents=True, exist_ok=True)
     server = None

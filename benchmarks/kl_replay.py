@@ -24,16 +24,19 @@ def arguments(doc: str, settings: dict) -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=3800)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", help="a key of `python -m sglang_loopserve.models list` or a folder (default: "
+                                   "the embedded SmolLM2)")
     return p
 
 
-def replayed_model(attention, name: str, seed: int):
-    """The embedded model (fp32) with ``attention`` as its attention function, and its tokenizer."""
+def replayed_model(attention, name: str, seed: int, model_name: str | None = None):
+    """A served model (fp32; default the embedded one) with ``attention`` as its attention function,
+    and its tokenizer."""
     from transformers import AttentionInterface
 
     torch.set_grad_enabled(False)
     torch.manual_seed(seed)
-    model, tok = load_model()
+    model, tok = load_model(model=model_name)
     AttentionInterface.register(name, attention)
     model.set_attn_implementation(name)
     return model, tok

@@ -115,7 +115,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     settings = dict(parse_setting(s) for s in a.settings)
     replay = Replay()
-    model, tok = replayed_model(replay, "loopserve_prefill_replay", a.seed)
+    model, tok = replayed_model(replay, "loopserve_prefill_replay", a.seed, a.model)
     rows = {name: [] for name in settings}
     layers = {name: [] for name in settings}
     for doc, position, first_ids, prompt_ids in conversations(tok, a.docs, a.prompt_tokens):

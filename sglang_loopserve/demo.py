@@ -1,9 +1,9 @@
 """``make run``: the same multi-turn conversation on stock SGLang and on LoopServe.
 
-Prepares the embedded model, then for each configuration starts
+Prepares the model (``--model``, default the embedded SmolLM2), then for each configuration starts
 ``sglang.launch_server`` on this CPU (bounded KV pool), runs the program of
 ``frontends.multiturn`` (a new document every turn: about 2K, 4K and 7K
-tokens of history before turns 2, 3 and 4; radix reuse on), stops the server,
+tokens of history before turns 2, 3 and 4, or 2K, 9K and 17K for a 32K model; radix reuse on), stops the server,
 and finally prints a side-by-side table per turn: time to first token and
 decode rate (measured by the client, streaming), prefill density and decode
 KV attended / cached (``meta_info["loopserve"]``), and whether the greedy
@@ -18,7 +18,10 @@ import textwrap
 import time
 
 from . import models
-from .frontends import GROWING_CONVERSATION, connect, run_growing_chat
+from .frontends import GROWING_CONVERSATION, LONG_GROWING_CONVERSATION, connect, run_growing_chat
+
+#: Conversations by name: ``short`` fits an 8K model (history ~2K/4K/7K), ``long`` a 32K one (~2K/9K/17K).
+CONVERSATIONS = {"short": GROWING_CONVERSATION, "long": LONG_GROWING_CONVERSATION}
 from .server import DEFAULT_MAX_TOTAL_TOKENS, SGLangServer, ServerStartError, raise_on_sigterm
 
 
@@ -29,6 +32,9 @@ def parse_args(argv=None):
                    help="a key of `python -m sglang_loopserve.models list` (e.g. qwen2.5-coder-0.5b) or a "
                         "checkpoint folder (default: the embedded SmolLM2)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per turn")
+    p.add_argument("--conversation", choices=("auto", *CONVERSATIONS), default="auto",
+                   help="short: history ~2K/4K/7K tokens; long: ~2K/9K/17K; auto (default): long for a model "
+                        "with a context of 24K tokens or more")
     p.add_argument("--max-total-tokens", type=int, default=DEFAULT_MAX_TOTAL_TOKENS,
                    help="KV pool size in tokens")
     p.add_argument("--only", choices=("stock", "loopserve"), help="run one configuration only")
@@ -59,19 +65,30 @@ def run_config(name, model_path, args):
     with server:
         print(f"[{name}] server healthy after {time.monotonic() - t:.1f} s", flush=True)
         t = time.monotonic()
-        turns = run_growing_chat(connect(server.url, timing=True), max_tokens=args.max_tokens)
+        turns = run_growing_chat(connect(server.url, timing=True), CONVERSATIONS[args.conversation],
+                                 max_tokens=args.max_tokens)
         print(f"[{name}] conversation: {time.monotonic() - t:.1f} s; server stopped", flush=True)
     return turns
+
+
+def _context_length(model_path) -> int:
+    import json
+    from pathlib import Path
+
+    try:
+        return int(json.loads((Path(model_path) / "config.json").read_text())["max_position_embeddings"])
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 def _fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
 
-def print_report(results: dict) -> None:
+def print_report(results: dict, conversation=GROWING_CONVERSATION) -> None:
     stock, loop = results.get("stock"), results.get("loopserve")
     ref = stock or loop
-    for i, (_, question) in enumerate(GROWING_CONVERSATION):
+    for i, (_, question) in enumerate(conversation):
         print(f"\n=== turn {i + 1}: {question}")
         for name, turns in results.items():
             print(f"  [{name}]")
@@ -106,7 +123,9 @@ def main(argv=None) -> int:
     except models.ModelPreparationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"model: {model_path}  [{time.monotonic() - t0:.1f} s]", flush=True)
+    if args.conversation == "auto":
+        args.conversation = "long" if _context_length(model_path) >= 24576 else "short"
+    print(f"model: {model_path}  [{time.monotonic() - t0:.1f} s]; conversation: {args.conversation}", flush=True)
     configs = [args.only] if args.only else ["stock", "loopserve"]
     results = {}
     try:
@@ -118,7 +137,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted; server stopped", file=sys.stderr)
         return 130
-    print_report(results)
+    print_report(results, CONVERSATIONS[args.conversation])
     print(f"\ntotal {time.monotonic() - t0:.1f} s; servers stopped")
     return 0
 

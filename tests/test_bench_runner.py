@@ -57,9 +57,9 @@ def test_history_is_the_models_answers_or_the_gold_ones(tmp_path, convs):
 
 def test_report_scores_agreement_speed_and_trace(tmp_path, convs):
     path = tmp_path / "results.jsonl"
-    runner.run(convs, ["front", "back"], ["full", "loopserve"], fake_ask([]), path)
+    runner.run(convs, ["front", "back"], ["full", "loopserve", "snapkv"], fake_ask([]), path)
     s = report.summarize(runner.load_results(path))
-    assert s["methods"] == ["full", "loopserve"] and s["positions"] == ["front", "back"]
+    assert s["methods"] == ["full", "loopserve", "snapkv"] and s["positions"] == ["front", "back"]
     assert s["scores"]["kv_retrieval|back|full"] == 0.0
     assert s["agreement_with_full"]["full"]["back"] == {"same": 1.0, "first_difference": None}
     # "loopserve says 42" vs "42": differs at the first word
@@ -68,10 +68,14 @@ def test_report_scores_agreement_speed_and_trace(tmp_path, convs):
     assert turn3["turn"] == 3 and turn3["cached_tokens"] == 20 and turn3["kv_read"] == 0.25
     files = report.write(s, tmp_path / "out")
     table = (tmp_path / "out" / "table.md").read_text()
-    assert "| kv_retrieval | back | 0.0 | 0.0 |" in table and "**mean**" in table
-    assert json.loads((tmp_path / "out" / "summary.json").read_text())["runs"] == 8
+    assert "| kv_retrieval | back | 0.0 | 0.0 | 0.0 |" in table and "**mean**" in table
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["runs"] == 12
+    assert "loopserve_minus_window_methods.png" in {f.name for f in files}
     assert all(f.exists() for f in files)
     assert {f.name for f in files} >= {"score_by_position.png", "speed_per_turn.png"}
+    assert s["read_and_computed"]["loopserve"] == {"decode_positions_read": 100.0, "decode_positions_cached": 400.0,
+                                                   "kv_read": 0.25, "prefill_density": 0.5}
+    assert "| loopserve | 100 / 400 | 0.25 | 0.50 |" in table
     trace = report.agentic_trace(convs, "back")
     assert len(trace["conversations"]) == 2 and len(trace["conversations"][0]) == 3
     first_turn = trace["conversations"][0][0]["messages"]
@@ -130,3 +134,26 @@ def test_answer_lengths_follow_longbench(tmp_path):
         assert {m for _, m in seen} == {want}, name
     assert datasets.answer_tokens("some_published_set", "rouge_l") == 128
     assert datasets.answer_tokens("some_published_set", None) == 32
+
+
+def test_prefill_patterns_match_loopserves_compute_per_turn(tmp_path, convs):
+    seen = []
+    density = {0: 0.5, 1: 0.25, 2: None}
+
+    def ask(history, message, max_tokens, settings):
+        seen.append((len(history), settings))
+        got = fake_ask([])(history, message, max_tokens, settings)
+        got.update(prompt_tokens=1000 * (len(history) + 1), cached_tokens=1000 * len(history))
+        if settings["method"] == "loopserve":
+            got["prefill_density"] = density[len(history)]
+        return got
+
+    # asked in the other order: LoopServe still runs first, so the pattern can match it
+    runner.run(convs[:1], ["back"], ["minference", "loopserve"], ask, tmp_path / "r.jsonl", read=2048)
+    assert [s["method"] for _, s in seen] == ["loopserve"] * 3 + ["minference"] * 3
+    pattern = {turn: s["decode_budget"] for turn, s in seen if s["method"] == "minference"}
+    # turn 1: 1000 new rows, no history: 0.5 x 500,500 pairs / 1000 rows; turn 2: 0.25 x (1000 x 1000
+    # + 500,500) / 1000; turn 3: no density measured, the read applies
+    assert pattern == {0: 250, 1: 375, 2: 2048}
+    t = runner.TurnRecord("", 0, 100, 60, 1, None, None, 0.001, None, None)
+    assert runner.matched_prefill_keys(t) == 36  # never under the server's floor (sink + recent)

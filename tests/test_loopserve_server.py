@@ -222,7 +222,7 @@ def test_benchmark_runner_against_the_server(loopserve_server, tmp_path):
 
     convs = datasets.build("kv_retrieval", 1, seed=0, scale=0.15)
     recs = runner.run(convs, ["back"], ["full", "snapkv", "tri_shape"], runner.server_ask(loopserve_server.url),
-                      tmp_path / "results.jsonl", settings={"decode_budget": 64})
+                      tmp_path / "results.jsonl", read=64)
     assert [r.method for r in recs] == ["full", "snapkv", "tri_shape"]
     for r in recs:
         assert len(r.turns) == 3 and all(t.answer for t in r.turns), r

@@ -61,9 +61,19 @@ def summarize(records: list[RunRecord], tokenize: Callable[[str], list] = str.sp
                               if len(r.turns) > i for t in [r.turns[i]]
                               if t.decode_tokens_attended is not None and t.decode_tokens_cached]),
         } for i in range(n_turns)]
+    cost = {}
+    for m in methods:
+        turns = [t for r in records if r.method == m for t in r.turns]
+        cost[m] = {
+            "decode_positions_read": _mean([t.decode_tokens_attended for t in turns]),
+            "decode_positions_cached": _mean([t.decode_tokens_cached for t in turns]),
+            "kv_read": _mean([t.decode_tokens_attended / t.decode_tokens_cached for t in turns
+                              if t.decode_tokens_attended is not None and t.decode_tokens_cached]),
+            "prefill_density": _mean([t.prefill_density for t in turns]),
+        }
     return {"datasets": datasets, "positions": positions, "methods": methods, "scores": table,
             "mean_per_position": per_position, "agreement_with_full": agreement, "speed_per_turn": speed,
-            "runs": len(records)}
+            "read_and_computed": cost, "runs": len(records)}
 
 
 def _fmt(x, spec=".1f"):
@@ -94,7 +104,15 @@ def markdown(summary: dict) -> str:
         speed.append(f"| {m} | " + " | ".join(
             f"{_fmt(t['ttft_s'], '.2f')} / {_fmt(t['decode_tok_s'])} / {_fmt(t['prefill_density'], '.2f')} / "
             f"{_fmt(t['kv_read'], '.2f')}" for t in summary["speed_per_turn"][m]) + " |")
-    return head + "\n".join(rows) + "\n" + "\n".join(agree + speed) + "\n"
+    cost = ["", "What each method read and computed (mean over turns): decode positions read per step and KV "
+            "head / cached; share of the cache read; prefill pairs computed / causal pairs:", "",
+            "| method | read / cached | KV read | prefill pairs |", "|---|---|---|---|"]
+    for m in ms:
+        c = summary.get("read_and_computed", {}).get(m)
+        if c:
+            cost.append(f"| {m} | {_fmt(c['decode_positions_read'], '.0f')} / {_fmt(c['decode_positions_cached'], '.0f')}"
+                        f" | {_fmt(c['kv_read'], '.2f')} | {_fmt(c['prefill_density'], '.2f')} |")
+    return head + "\n".join(rows) + "\n" + "\n".join(agree + speed + cost) + "\n"
 
 
 def plots(summary: dict, out_dir) -> list[Path]:
@@ -120,6 +138,24 @@ def plots(summary: dict, out_dir) -> list[Path]:
     paths.append(out_dir / "score_by_position.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
+    against = [m for m in ("snapkv", "adakv") if m in summary["methods"]]
+    if "loopserve" in summary["methods"] and against:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ls = summary["mean_per_position"]["loopserve"]
+        for m in against:
+            other = summary["mean_per_position"][m]
+            ys = [ls[p] - other[p] if ls[p] is not None and other[p] is not None else float("nan")
+                  for p in summary["positions"]]
+            ax.bar([i + 0.4 * against.index(m) for i in range(len(ys))], ys, width=0.4, label=f"loopserve - {m}")
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks([i + 0.2 * (len(against) - 1) for i in range(len(summary["positions"]))], summary["positions"])
+        ax.set_xlabel("question position")
+        ax.set_ylabel("score difference (points)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(out_dir / "loopserve_minus_window_methods.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for m in summary["methods"]:
         turns = summary["speed_per_turn"][m]

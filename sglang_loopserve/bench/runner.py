@@ -21,39 +21,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..config import PREFILL_PATTERNS, LoopServeConfig
 from . import metrics
 from .datasets import answer_tokens, first_line_only
 from .published import Conversation, position_name
-
-#: Positions of a key block that LoopServe's decode step adds to its selection
-#: (``cache_policy.summaries.KeySummaries.block``).
-QUERY_BLOCK_TOKENS = 8
-
-
-def method_settings(method: str, read: int, query_blocks: int | None = None) -> dict:
-    """Per-request settings under which every compressing method reads ``read`` cached positions per
-    decode step: LoopServe's selection plus its query blocks (``query_blocks`` x 8 positions, the
-    server's default when ``None``), a baseline's whole budget.  ``full`` reads everything; the
-    prefill patterns decode exactly and keep about ``read`` keys per query in the prefill."""
-    from ..config import LoopServeConfig
-
-    config = LoopServeConfig()
-    blocks = config.decode_query_blocks if query_blocks is None else query_blocks
-    if method == "full":
-        return {"method": method}
-    if method == "loopserve":
-        budget = read - blocks * QUERY_BLOCK_TOKENS
-        floor = config.sink + config.recent
-        if budget < floor:
-            raise ValueError(f"read must be >= {floor + blocks * QUERY_BLOCK_TOKENS} so LoopServe's "
-                             f"selection keeps its sink + recent beside {blocks} query blocks, got {read}")
-        return {"method": method, "decode_budget": budget, "decode_query_blocks": blocks}
-    return {"method": method, "decode_budget": read}
-
-
-#: What every compressing method's decode step reads by default: LoopServe's own defaults
-#: (a 512-position selection plus 144 query blocks of 8).
-DEFAULT_READ = 512 + 144 * QUERY_BLOCK_TOKENS
 
 SYSTEM_PROMPT = "You are a helpful assistant. Answer from the documents in the conversation, briefly."
 
@@ -116,20 +87,70 @@ def _drop_torn_tail(path: Path) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
+#: Positions of a key block that LoopServe's decode step adds to its selection
+#: (``cache_policy.summaries.KeySummaries.block``).
+QUERY_BLOCK_TOKENS = 8
+_DEFAULTS = LoopServeConfig()
+#: The least budget the server takes (sink + recent).
+_BUDGET_FLOOR = _DEFAULTS.sink + _DEFAULTS.recent
+#: What every compressing method's decode step reads by default: LoopServe's own defaults
+#: (a 512-position selection plus 144 query blocks of 8: 1664).
+DEFAULT_READ = _DEFAULTS.decode_budget + _DEFAULTS.decode_query_blocks * QUERY_BLOCK_TOKENS
+
+
+def method_settings(method: str, read: int, query_blocks: int | None = None) -> dict:
+    """Per-request settings under which every compressing method reads ``read`` cached positions per
+    decode step: LoopServe's selection plus its query blocks (``query_blocks`` x 8 positions, the
+    server's default when ``None``), a baseline's whole budget.  ``full`` reads everything; the
+    prefill patterns decode exactly (their prefill is matched per turn: ``matched_prefill_keys``)."""
+    blocks = _DEFAULTS.decode_query_blocks if query_blocks is None else query_blocks
+    if method == "full":
+        return {"method": method}
+    if method == "loopserve":
+        budget = read - blocks * QUERY_BLOCK_TOKENS
+        if budget < _BUDGET_FLOOR:
+            raise ValueError(f"read must be >= {_BUDGET_FLOOR + blocks * QUERY_BLOCK_TOKENS} so LoopServe's "
+                             f"selection keeps its sink + recent beside {blocks} query blocks, got {read}")
+        return {"method": method, "decode_budget": budget, "decode_query_blocks": blocks}
+    return {"method": method, "decode_budget": read}
+
+
+def matched_prefill_keys(reference: TurnRecord) -> int | None:
+    """Keys per query under which a static prefill pattern computes the share of a turn's causal
+    pairs that LoopServe computed on it (``reference``: LoopServe's record of the same turn), or
+    ``None`` when that turn has no measured density."""
+    if reference.prefill_density is None:
+        return None
+    new = reference.prompt_tokens - reference.cached_tokens
+    if new < 1:
+        return None
+    pairs = new * reference.cached_tokens + new * (new + 1) / 2  # causal pairs of the new rows
+    return max(_BUDGET_FLOOR, round(reference.prefill_density * pairs / new))
+
+
 #: ``ask(history, message, max_tokens, settings) -> dict`` with the TurnRecord fields but the score:
 #: one chat request; ``history`` is ``[(user, assistant), ...]``.
 Ask = Callable[[list, str, int, dict], dict]
 
 
 def run_conversation(conv: Conversation, position: str, method: str, ask: Ask, *, settings: dict,
-                     gold_history: bool = False, read: int = DEFAULT_READ) -> RunRecord:
+                     gold_history: bool = False, read: int = DEFAULT_READ,
+                     reference: RunRecord | None = None) -> RunRecord:
+    """One conversation at one question position under ``method``.  With ``reference`` (LoopServe's
+    record of the same conversation and position), a static prefill pattern keeps per turn as many
+    keys per query as computes LoopServe's share of that turn's pairs (equal prefill compute)."""
     rec = RunRecord(conv.dataset, conv.id, position, method)
     history: list[tuple[str, str]] = []
     max_tokens = answer_tokens(conv.dataset, conv.metric)
     cut = first_line_only(conv.dataset)
     for turn in conv.turns:
         message = turn.prompt(position)
-        got = ask(history, message, max_tokens, dict(settings, **method_settings(method, read)))
+        turn_settings = dict(settings, **method_settings(method, read))
+        if method in PREFILL_PATTERNS and reference is not None and len(reference.turns) > len(rec.turns):
+            keys = matched_prefill_keys(reference.turns[len(rec.turns)])
+            if keys is not None:
+                turn_settings["decode_budget"] = keys
+        got = ask(history, message, max_tokens, turn_settings)
         answer = got["answer"]
         score = metrics.score(conv.metric or "qa_f1", answer, turn.answers, all_classes=conv.all_classes,
                               first_line_only=cut) if turn.answers else 0.0
@@ -145,8 +166,11 @@ def run(conversations: Iterable[Conversation], positions: Iterable[str], methods
     results_path = Path(results_path)
     results_path.parent.mkdir(parents=True, exist_ok=True)
     _drop_torn_tail(results_path)
-    done = {r.key for r in load_results(results_path)}
+    records = {r.key: r for r in load_results(results_path)}
+    done = set(records)
     positions = [position_name(p) for p in positions]
+    # LoopServe first: the prefill patterns match its measured compute per turn.
+    methods = sorted(methods, key=lambda m: m != "loopserve")
     new = []
     with results_path.open("a", encoding="utf-8") as out:
         for conv in conversations:
@@ -157,7 +181,9 @@ def run(conversations: Iterable[Conversation], positions: Iterable[str], methods
                             progress(1)
                         continue
                     rec = run_conversation(conv, pos, method, ask, settings=settings or {},
-                                           gold_history=gold_history, read=read)
+                                           gold_history=gold_history, read=read,
+                                           reference=records.get((conv.dataset, conv.id, pos, "loopserve")))
+                    records[rec.key] = rec
                     out.write(rec.to_json() + "\n")
                     out.flush()
                     new.append(rec)

@@ -89,6 +89,16 @@ GROWING_CONVERSATION = (
 )
 
 
+#: The same questions over longer documents, for a 32K-context model: about 2K, 9K and 17K tokens
+#: of history before turns 2, 3 and 4 (Qwen2.5's tokenizer).
+LONG_GROWING_CONVERSATION = (
+    (("textwrap",), GROWING_CONVERSATION[0][1]),
+    (("heapq", "bisect", "shlex", "queue"), GROWING_CONVERSATION[1][1]),
+    (("fractions", "copy", "json"), GROWING_CONVERSATION[2][1]),
+    ((), GROWING_CONVERSATION[3][1]),
+)
+
+
 def growing_messages(conversation=GROWING_CONVERSATION) -> list[str]:
     messages = []
     for modules, question in conversation:
