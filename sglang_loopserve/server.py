@@ -23,6 +23,8 @@ import requests
 #: KV pool bound used by default: start-up allocates the whole pool, and an
 #: unbounded one costs ~20 s and ~14 GB on a CPU host.
 DEFAULT_MAX_TOTAL_TOKENS = 32768
+#: SGLang's watchdog on a CPU: a forward batch may take this long before the server exits.
+CPU_WATCHDOG_TIMEOUT_S = 3600
 
 
 class ServerStartError(RuntimeError):
@@ -88,6 +90,11 @@ class SGLangServer:
             # An idle scheduler otherwise polls without pause and takes a whole
             # core from the ones that compute (several servers share 2 cores in tests).
             cmd += ["--sleep-on-idle"]
+            if not any(a.startswith("--watchdog-timeout") for a in self.extra_args):
+                # SGLang kills a server whose forward batch outlasts this (default 300 s); one
+                # prefill of a long turn on 2 busy cores can: the quality model's 2.2K-token turn
+                # took over 300 s beside the test servers.
+                cmd += ["--watchdog-timeout", str(CPU_WATCHDOG_TIMEOUT_S)]
         if self.max_total_tokens:
             cmd += ["--max-total-tokens", str(self.max_total_tokens)]
         return cmd + self.extra_args

@@ -90,3 +90,12 @@ def test_a_port_taken_during_start_up_is_retried_on_a_fresh_one(tmp_path):
     fixed = PortStealer(tmp_path, taken_starts=1, port=srv.ports[0])
     with pytest.raises(PortTakenError):  # a port the caller chose is not changed behind its back
         fixed.start(timeout=30)
+
+
+def test_cpu_servers_outlast_sglangs_watchdog_unless_told_otherwise():
+    # A long prefill on 2 busy cores outlasts SGLang's default watchdog (300 s), which exits the server.
+    cmd = SGLangServer("/m", port=1).command()
+    assert cmd[cmd.index("--watchdog-timeout") + 1] == "3600"
+    own = SGLangServer("/m", port=1, extra_args=["--watchdog-timeout", "60"]).command()
+    assert own.count("--watchdog-timeout") == 1 and own[own.index("--watchdog-timeout") + 1] == "60"
+    assert "--watchdog-timeout" not in SGLangServer("/m", port=1, device="cuda").command()

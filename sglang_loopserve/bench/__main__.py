@@ -1,15 +1,18 @@
 """``python -m sglang_loopserve.bench``: the multi-turn benchmark, every method on one server.
 
 Against a running server (``--url``) or one it starts (``--enable-loopserve``
-on this machine's device, bounded pool, ``--sleep-on-idle``); conversations
-from a folder of published-layout files (``--data``) or built now from this
-machine's text (``--datasets``, ``--n``, ``--seed``, ``--scale``).  Appends to
-``<out>/results.jsonl`` (rerun to resume), then writes ``summary.json``,
-``table.md`` and PNG plots there.  Example (one conversation per data set,
-half the context; on a 2-core CPU a conversation run takes ~35 s at
-``--scale 0.25``, so the whole grid of 11 x 3 x 8 takes hours)::
+on this machine's device, bounded pool, ``--sleep-on-idle``) for ``--model``
+(a key of ``python -m sglang_loopserve.models list`` or a folder; the
+benchmark's model is ``qwen2.5-coder-0.5b``, installed by
+``make quality-model``); conversations from a folder of published-layout
+files (``--data``) or built from the committed snapshot (``--datasets``,
+``--n``, ``--seed``, ``--scale``: 1.2 gives ~8K tokens by the last turn, 2.4
+~16K).  Every compressing method reads ``--read`` cached positions per decode
+step.  Appends to ``<out>/results.jsonl`` (rerun to resume), then writes
+``summary.json``, ``table.md`` and PNG plots there.  docs/benchmark.md has the
+figures; e.g.::
 
-    python -m sglang_loopserve.bench --out results/ --n 1 --scale 0.5
+    python -m sglang_loopserve.bench --model qwen2.5-coder-0.5b --out results/8k --n 2 --scale 1.2
 """
 
 from __future__ import annotations
