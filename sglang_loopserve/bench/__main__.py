@@ -141,7 +141,8 @@ def main(argv=None) -> int:
         from .. import models
 
         model_path = models.model_dir(a.model)
-    summary = report.summarize(runner.load_results(results), tokenize=_tokenizer(model_path) if model_path else str.split)
+    tokenize = _tokenizer(model_path) if model_path else str.split
+    summary = report.summarize(runner.load_results(results), tokenize=tokenize)
     summary["model"] = Path(model_path).name if model_path else None
     summary["read"] = a.read
     if a.data is None:

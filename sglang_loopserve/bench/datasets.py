@@ -260,24 +260,16 @@ def _context(rng, fact: Fact, target_tokens: int, count_tokens, filler) -> list[
     return paras
 
 
-#: What closes a turn whose question came earlier, as LongBench repeats its instruction after the
-#: context; it names where the question was, never what it asks (so an observation window at the
-#: end still does not see the question).  Calibrated to the quality model: without it, full
-#: attention answered 0 of 6 multi-document and key-value questions at the front or middle, and
-#: every one at the back.
-CLOSING = {"front": "Now answer the question asked at the start of this message.",
-           "middle": "Now answer the question asked in the middle of this message."}
-
-
-def _turn(paras: list[str], question: str, answers: list[str], answer_format: str) -> Turn:
+def _turn(paras: list[str], question: str, answers: list[str]) -> Turn:
     """The turn with its question before, between (at the central paragraph boundary) and after
-    its paragraphs; a question before the end is recalled at the end by ``CLOSING`` and the format."""
+    its paragraphs.  Nothing recalls an early question at the end: a sentence that did ("Now answer
+    the question asked at the start of this message." and the format) left the quality model's
+    multi-document answers at the front and middle at 0 of 6 and made it answer in sentences."""
     if len(paras) < 2:
         raise ValueError("a turn needs at least two paragraphs to place its question in the middle")
     mid = len(paras) // 2
     body, before, after = "\n\n".join(paras), "\n\n".join(paras[:mid]), "\n\n".join(paras[mid:])
-    prompts = {"front": f"{question}\n\n{body}\n\n{CLOSING['front']} {answer_format}",
-               "middle": f"{before}\n\n{question}\n\n{after}\n\n{CLOSING['middle']} {answer_format}",
+    prompts = {"front": f"{question}\n\n{body}", "middle": f"{before}\n\n{question}\n\n{after}",
                "back": f"{body}\n\n{question}"}
     return Turn(prompts, {p: question for p in prompts}, list(answers))
 
@@ -305,7 +297,7 @@ def build(dataset: str, n: int, *, seed: int = 0, scale: float = 1.0,
                 state["used"].append(fact.subject)
             paras = _context(rng, fact, int(tokens * scale), count_tokens, filler)
             question = f"Question: {fact.question} {ANSWER_FORMAT[fact.metric]}{fact.cue}"
-            turns.append(_turn(paras, question, fact.answers, ANSWER_FORMAT[fact.metric]))
+            turns.append(_turn(paras, question, fact.answers))
             meta = fact
         out.append(Conversation(turns, dataset=dataset, id=f"{dataset}-{seed}-{c}", metric=meta.metric,
                                 all_classes=meta.all_classes))

@@ -110,8 +110,8 @@ def markdown(summary: dict) -> str:
     for m in ms:
         c = summary.get("read_and_computed", {}).get(m)
         if c:
-            cost.append(f"| {m} | {_fmt(c['decode_positions_read'], '.0f')} / {_fmt(c['decode_positions_cached'], '.0f')}"
-                        f" | {_fmt(c['kv_read'], '.2f')} | {_fmt(c['prefill_density'], '.2f')} |")
+            read = f"{_fmt(c['decode_positions_read'], '.0f')} / {_fmt(c['decode_positions_cached'], '.0f')}"
+            cost.append(f"| {m} | {read} | {_fmt(c['kv_read'], '.2f')} | {_fmt(c['prefill_density'], '.2f')} |")
     return head + "\n".join(rows) + "\n" + "\n".join(agree + speed + cost) + "\n"
 
 
