@@ -251,7 +251,7 @@ def convert_gguf(gguf_path: Path, out: Path, model: str | ModelSpec | None = Non
     t0 = time.monotonic()
     _log(f"{model.name}: loading tokenizer and chat template from the GGUF ...")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    _log(f"dequantizing weights (SmolLM2 about 20 s, Qwen 0.5B about 2 min on 2 cores) ... "
+    _log(f"dequantizing weights (about 20 s for SmolLM2, 2 min for the Qwen models on 2 cores) ... "
          f"[{time.monotonic() - t0:.0f} s]")
     weights = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     # The weights are plain float tensors now, but transformers still marks the
