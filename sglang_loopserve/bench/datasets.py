@@ -8,7 +8,9 @@ byte-identical conversations on every machine (tests check it).
 
 Each conversation has 3 turns; each turn adds new documents (about 2K, 2K
 and 3K tokens at ``scale`` 1, so the history reaches ~2K/4K/7K tokens for the
-embedded 8K model; ``scale`` 4 suits a 32K model), asks one question, and
+embedded 8K model; with Qwen2.5's tokenizer ``scale`` 1.2 reaches ~8K and 2.4
+~16K by the last turn), asks one question (with LongBench's answer-format
+instruction), and
 exists with the question at the front, middle (at a paragraph boundary near
 the centre) and back of the turn.  Evidence paragraphs sit at random places
 among filler paragraphs of the documentation.
@@ -19,12 +21,12 @@ among filler paragraphs of the documentation.
 | multi_doc_qa | which of many described packages has a given summary | qa_f1 |
 | multi_hop_2 | the license of the package with a given summary | qa_f1 |
 | multi_hop_3 | the version of the first requirement of the package with a given summary | qa_f1 |
-| passage_retrieval | which numbered paragraph describes a given summary | retrieval |
+| passage_retrieval | which of the numbered package descriptions has a given summary | retrieval |
 | kv_retrieval | the value of a key among many planted key-value lines | exact_match |
 | variable_tracking | the variables that end up holding a value (chains of assignments) | qa_f1 |
-| counting | how many times a planted event happened | count |
+| counting | how many times one shuffled log stamps a colour | count |
 | summarization | a package's one-line summary from its long description | rouge_l |
-| few_shot | a package's topic classifier, after labelled examples | classification (first line) |
+| few_shot | a package's topic classifier (classes named), after labelled examples | classification (first line) |
 | dialogue_dependency | turn 3 asks about the package the model named in turn 1 | qa_f1 |
 """
 
