@@ -43,8 +43,9 @@ sys.path.insert(0, str(HERE.parent))
 from kl_replay import arguments, conversations, position_means, replayed_model, sample_answer  # noqa: E402
 
 from sglang_loopserve.cache_policy import summaries  # noqa: E402
-from sglang_loopserve.cache_policy.decode import (BUDGET, PYRAMID, QUERY_BLOCKS, DecodeCompressor, attention_mass,  # noqa: E402
-                                                   decode_attention, keep_top, layer_query_blocks)
+from sglang_loopserve.cache_policy.decode import (BUDGET, PYRAMID, QUERY_BLOCKS, DecodeCompressor,  # noqa: E402
+                                                   decode_attention, layer_query_blocks)
+from sglang_loopserve.cache_policy.scoring import attention_mass, keep_top  # noqa: E402
 
 DEFAULT_BOUND_WEIGHT = summaries.BOUND_WEIGHT
 SETTINGS = {

@@ -530,7 +530,7 @@ def test_compiled_reselection_has_one_signature_per_pool_dtype():
     assert cpu_loops.available()  # numba ships with SGLang: the CPU path must be there
     k, hot, u = clustered(length=3001)
     q = queries(u, 2, 6)
-    from sglang_loopserve import torch_threads
+    from sglang_loopserve.cpu_runtime import torch_threads
 
     stages = (cpu_loops._update_summaries, cpu_loops._block_logits, cpu_loops._candidate_blocks,
               cpu_loops._candidate_logits, cpu_loops._keep_top)

@@ -9,8 +9,8 @@ import torch
 
 
 def _kernels():
-    from sglang_loopserve.numba_rows import exp_shifted, load_row, row_max
-    from sglang_loopserve.numba_setup import njit
+    from sglang_loopserve.cpu_runtime.numba_rows import exp_shifted, load_row, row_max
+    from sglang_loopserve.cpu_runtime.numba_setup import njit
 
     @njit
     def max_of(row):

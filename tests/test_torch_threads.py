@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from sglang_loopserve import torch_threads
-from sglang_loopserve.numba_setup import njit
+from sglang_loopserve.cpu_runtime import torch_threads
+from sglang_loopserve.cpu_runtime.numba_setup import njit
 
 
 @njit(cache=True, nogil=True)

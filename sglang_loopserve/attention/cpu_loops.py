@@ -35,13 +35,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..numba_rows import READS, numba_view
-from ..numba_setup import available, lock as _lock, numba, njit  # noqa: F401 (available: re-exported)
-from ..torch_threads import n_threads, parallel_for
+from ..cpu_runtime.numba_rows import READS, numba_view
+from ..cpu_runtime.numba_setup import available, lock as _lock, numba, njit  # noqa: F401 (available: re-exported)
+from ..cpu_runtime.torch_threads import n_threads, parallel_for
 from .workspace import scratch
 
 if numba is not None:
-    from ..numba_rows import exp_shifted, load_row, row_max
+    from ..cpu_runtime.numba_rows import exp_shifted, load_row, row_max
 
 if numba is not None:
 

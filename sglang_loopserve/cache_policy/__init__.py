@@ -4,8 +4,8 @@ Engine-agnostic: torch tensors in, tensors out; the SGLang backend drives it.
 """
 
 from .batched import batched_decode_attention, select_decode_kv_batched
-from .decode import (DecodeCompressor, attention_mass, decode_attention, keep_top, select_decode_kv,
-                     select_decode_kv_pruned)
+from .decode import DecodeCompressor, decode_attention, select_decode_kv, select_decode_kv_pruned
+from .scoring import attention_mass, keep_top
 from .summaries import KeySummaries
 from .methods import METHODS, AdaKV, FullAttention, KVScorer, LoopServe, ScoreContext, SnapKV, StreamingLLM
 

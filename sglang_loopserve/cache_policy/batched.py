@@ -14,7 +14,7 @@ import torch
 
 from ..attention.fused_cpu import attend
 from . import cpu_loops
-from .decode import _check_gqa, attention_mass_padded, keep_top_padded, validate_budget
+from .scoring import attention_mass_padded, check_gqa, keep_top_padded, validate_budget
 
 
 def gather_padded(pool: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -58,7 +58,7 @@ def batched_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         raise ValueError(f"method must be 'auto', 'fused', 'loops' or 'tensor', got {method!r}")
     n_req, n_heads, d = q.shape
     n_kv = k.shape[1]
-    group = _check_gqa(n_heads, n_kv)
+    group = check_gqa(n_heads, n_kv)
     on_cpu = q.device.type == "cpu"
     usable = cpu_loops.supports(k) and v.dtype == k.dtype and on_cpu
     if method == "loops" and not usable:

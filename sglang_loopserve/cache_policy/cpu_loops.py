@@ -29,13 +29,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..numba_rows import READS, numba_view
-from ..numba_setup import available, lock, numba, njit
-from ..torch_threads import parallel_for
+from ..cpu_runtime.numba_rows import READS, numba_view
+from ..cpu_runtime.numba_setup import available, lock, numba, njit
+from ..cpu_runtime.torch_threads import parallel_for
 from .summaries import block_parts, queries_by_kv_head
 
 if numba is not None:
-    from ..numba_rows import exp_shifted, float_row, row_max
+    from ..cpu_runtime.numba_rows import exp_shifted, float_row, row_max
 
 #: Tasks per head of the heavy stages (at most, for attention over a selection).
 _CHUNKS = 4

@@ -19,6 +19,7 @@ import torch
 from ..attention.logits import scoring_logits
 from ..config import DECODE_POOLINGS
 from . import cpu_loops
+from .scoring import attention_mass, check_gqa, keep_top, validate_budget
 from .summaries import KeySummaries, candidate_blocks, candidate_positions, queries_by_kv_head
 
 #: Candidate positions per re-selection, as a multiple of the budget.  Measured on a
@@ -88,71 +89,6 @@ def layer_query_blocks(query_blocks: int, layer: int, n_layers: int, slope: floa
         raise ValueError(f"layer must be in [0, n_layers={n_layers}), got {layer!r}")
     depth = 0.5 if n_layers == 1 else layer / (n_layers - 1)
     return int(round(query_blocks * (1.0 + slope * (1.0 - 2.0 * depth))))
-
-
-def _check_gqa(n_heads: int, n_kv: int) -> int:
-    if n_kv < 1 or n_heads % n_kv:
-        raise ValueError(f"query heads H={n_heads} must be a multiple of key heads Hk={n_kv} (H % Hk != 0)")
-    return n_heads // n_kv
-
-
-def validate_budget(budget: int, sink: int, recent: int) -> None:
-    if not isinstance(budget, int) or budget < 1:
-        raise ValueError(f"budget must be an integer >= 1, got {budget!r}")
-    if sink < 0 or recent < 0:
-        raise ValueError(f"sink and recent must be >= 0, got sink={sink}, recent={recent}")
-    if budget < sink + recent:
-        raise ValueError(f"budget={budget} must be >= sink + recent = {sink + recent}")
-
-
-def attention_mass(recent_q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """``[Hk, L]``: causal softmax attention of ``recent_q [w, H, d]`` over ``k [L, Hk, d]``,
-    summed over the ``w`` queries and the query heads of each group (fp32).
-    Query ``i`` sits at position ``L - w + i`` and sees keys up to it."""
-    if recent_q.dim() != 3 or k.dim() != 3:
-        raise ValueError(f"recent_q must be [w, H, d] and k [L, Hk, d], got {tuple(recent_q.shape)} "
-                         f"and {tuple(k.shape)}")
-    lengths = torch.tensor([k.shape[0]], device=k.device)
-    return attention_mass_padded(recent_q[None], k[None], lengths)[0]
-
-
-def attention_mass_padded(recent_q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Batched ``attention_mass``: ``recent_q [B, w, H, d]``, ``k [B, Lmax, Hk, d]`` padded,
-    ``lengths [B]`` -> ``[B, Hk, Lmax]`` (zero past each length).  The product runs in the keys'
-    dtype (``scoring_logits``), the softmax in fp32."""
-    n_req, w, n_heads, d = recent_q.shape
-    _, l_max, n_kv, dk = k.shape
-    if d != dk:
-        raise ValueError(f"head dims of recent_q ({d}) and k ({dk}) differ")
-    group = _check_gqa(n_heads, n_kv)
-    qs = (recent_q.float() * d**-0.5).permute(0, 2, 1, 3).reshape(n_req * n_kv, group * w, d)
-    ks = k.permute(0, 2, 3, 1).reshape(n_req * n_kv, d, l_max)
-    logits = scoring_logits(qs, ks).view(n_req, n_kv, group * w, l_max)
-    qpos = lengths[:, None] - w + torch.arange(w, device=k.device).repeat(group)[None, :]  # [B, g*w]
-    future = torch.arange(l_max, device=k.device)[None, None, :] > qpos[:, :, None]  # [B, g*w, Lmax]
-    logits.masked_fill_(future[:, None], float("-inf"))
-    return torch.softmax(logits, dim=-1).sum(2)
-
-
-def keep_top_padded(scores: torch.Tensor, lengths: torch.Tensor, budget: int, sink: int,
-                    recent: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of ``scores [R, Lmax]`` with ``lengths [R]``: the kept positions ``[R, min(budget, Lmax)]``,
-    ascending, and which of them are real (``min(budget, length)`` per row)."""
-    n_rows, l_max = scores.shape
-    pos = torch.arange(l_max, device=scores.device)[None, :]
-    length = lengths[:, None]
-    forced = (pos < sink) | (pos >= length - recent)
-    ranked = scores.float().masked_fill(forced, float("inf")).masked_fill(pos >= length, float("-inf"))
-    kept = ranked.topk(min(budget, l_max), dim=-1, sorted=False).indices.sort(dim=-1).values
-    valid = torch.arange(kept.shape[1], device=scores.device)[None, :] < length.clamp(max=budget)
-    # Padding positions (>= length) sort last, so the real ones are a prefix.
-    return kept, valid
-
-
-def keep_top(scores: torch.Tensor, budget: int, sink: int, recent: int) -> torch.Tensor:
-    """``[Hk, min(budget, L)]`` sorted positions: first ``sink``, last ``recent``, then top scores."""
-    lengths = torch.full((scores.shape[0],), scores.shape[1], device=scores.device)
-    return keep_top_padded(scores, lengths, budget, sink, recent)[0]
 
 
 def select_decode_kv(recent_q: torch.Tensor, k: torch.Tensor, *, budget: int, sink: int = 4,
@@ -240,7 +176,7 @@ def _window_positions(recent_q, n_kv, length):
     """``[w*g]``: the position of each row of ``queries_by_kv_head`` (window query ``i`` sits at
     ``length - w + i``)."""
     w, n_heads, _ = recent_q.shape
-    group = _check_gqa(n_heads, n_kv)
+    group = check_gqa(n_heads, n_kv)
     return length - w + torch.arange(w, device=recent_q.device).repeat_interleave(group)
 
 
@@ -274,7 +210,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: tor
     restricted to ``idx [Hk, n]`` (``None``: every position).  The torch reference."""
     n_heads, d = q.shape
     length, n_kv, _ = k.shape
-    group = _check_gqa(n_heads, n_kv)
+    group = check_gqa(n_heads, n_kv)
     if idx is None:
         idx = torch.arange(length, device=k.device).expand(n_kv, -1)
     if idx.dim() != 2 or idx.shape[0] != n_kv:

@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from .decode import attention_mass, keep_top, validate_budget
+from .scoring import attention_mass, keep_top, validate_budget
 
 
 @dataclass
