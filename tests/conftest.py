@@ -1,4 +1,9 @@
-"""Shared fixtures: one SGLang server on the CPU for the whole test session."""
+"""Shared fixtures: SGLang servers on the CPU, one per configuration per test run.
+
+The stock server lives for the whole session (most modules ask it); a LoopServe server lives only
+as long as the tests that ask it: each SmolLM2 server holds 3-4 GB (fp32 KV pool of 32K tokens,
+model, three processes), and in CI three launches beside five of them (24 GB, no swap) ran past 300 s without a line of output.
+"""
 
 from __future__ import annotations
 
@@ -44,7 +49,7 @@ def _loopserve_server(model_path, name, extra):
 SPARSE_FROM_1K = ["--loopserve-min-prefill-len", "1024"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def loopserve_server(model_path):
     """LoopServe at its default settings but the length gate, with SGLang's Prometheus metrics on."""
     with _loopserve_server(model_path, "loopserve", ["--enable-metrics", *SPARSE_FROM_1K]) as srv:
@@ -55,13 +60,13 @@ def loopserve_server(model_path):
 KEEP_EVERYTHING = ["--loopserve-alpha", "1.0", "--loopserve-decode-budget", "100000"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def keep_all_server(model_path):
     with _loopserve_server(model_path, "keep-all", KEEP_EVERYTHING) as srv:
         yield srv
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def keep_all_chunked_server(model_path):
     """Keep-everything with a prefill chunk far below the prompts' length."""
     with _loopserve_server(model_path, "keep-all-chunked",

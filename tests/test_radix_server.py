@@ -62,6 +62,28 @@ def _words(text, tokenizer, tokens):
     return tokenizer.decode(ids)
 
 
+# The start-up checks first: a launch beside the pressure test's server (and the session's) has
+# less memory to start in.
+@pytest.mark.parametrize("extra,needle", [
+    ([], "--enable-loopserve"),
+    (["--enable-loopserve", "--disable-radix-cache"], "--disable-radix-cache"),
+    (["--enable-loopserve", "--page-size", "2"], "--page-size"),
+])
+def test_start_up_stops_with_a_message_naming_the_flag(model_path, extra, needle):
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path), "--device", "cpu",
+           "--radix-eviction-policy", "loopserve", *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    tail = (out.stdout + out.stderr)[-3000:]
+    assert "--radix-eviction-policy loopserve" in tail and needle in tail, tail
+
+
+def test_the_policy_is_in_launch_server_help():
+    out = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--help"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "loopserve" in out.stdout.split("--radix-eviction-policy", 1)[1][:400]
+
+
 def test_pressure_prunes_branches_keeps_the_shared_prefix_exact_and_frees_every_slot(radix_server, tokenizer):
     url = radix_server.url
     idle = _idle_available(url)
@@ -107,23 +129,3 @@ def test_pressure_prunes_branches_keeps_the_shared_prefix_exact_and_frees_every_
     assert _idle_available(url) == idle
     assert _radix(url)["tracked_requests"] == 0
     assert _ask(url, _user("Hello"), max_new_tokens=4)["text"] is not None  # still serving
-
-
-@pytest.mark.parametrize("extra,needle", [
-    ([], "--enable-loopserve"),
-    (["--enable-loopserve", "--disable-radix-cache"], "--disable-radix-cache"),
-    (["--enable-loopserve", "--page-size", "2"], "--page-size"),
-])
-def test_start_up_stops_with_a_message_naming_the_flag(model_path, extra, needle):
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path), "--device", "cpu",
-           "--radix-eviction-policy", "loopserve", *extra]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert out.returncode != 0
-    tail = (out.stdout + out.stderr)[-3000:]
-    assert "--radix-eviction-policy loopserve" in tail and needle in tail, tail
-
-
-def test_the_policy_is_in_launch_server_help():
-    out = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--help"], capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0 and "loopserve" in out.stdout.split("--radix-eviction-policy", 1)[1][:400]
