@@ -96,33 +96,62 @@ def test_cli_rejects_bad_arguments(capsys):
     assert a.min_prefill_len == 0  # the methods' prefill runs at scaled-down sizes by default
 
 
-def decode_read(settings: dict) -> int | None:
-    """Cached positions a decode step reads under ``settings`` (None: everything)."""
+def served_reads(settings, cached, n_tokens, seed_steps=4):
+    """Cached positions each decode step of an ``n_tokens`` answer reads, as the server reads them:
+    a step reads its selection plus the turn's tokens generated so far (its own included); LoopServe
+    reads every cached token until its first re-selection (``decode_seed`` auto on a long turn),
+    then its selection plus its query blocks."""
     if settings["method"] == "full":
-        return None
-    blocks = settings.get("decode_query_blocks", 0) if settings["method"] == "loopserve" else 0
-    return settings["decode_budget"] + blocks * runner.QUERY_BLOCK_TOKENS
+        return [cached + t + 1 for t in range(n_tokens)]
+    if settings["method"] == "loopserve":
+        selection = settings["decode_budget"] + settings["decode_query_blocks"] * runner.QUERY_BLOCK_TOKENS
+        return [cached + t + 1 if t < seed_steps else min(selection, cached) + t - seed_steps + 1
+                for t in range(n_tokens)]
+    return [min(settings["decode_budget"], cached) + t + 1 for t in range(n_tokens)]
+
+
+def reading_ask(seen, n_tokens=10):
+    def ask(history, message, max_tokens, settings):
+        seen.append(settings)
+        got = fake_ask([])(history, message, max_tokens, settings)
+        cached = 3000 * (len(history) + 1)
+        reads = served_reads(settings, cached, n_tokens)
+        got.update(prompt_tokens=cached, cached_tokens=cached - 3000, completion_tokens=n_tokens,
+                   decode_tokens_attended=sum(reads) / len(reads), decode_tokens_cached=cached + (n_tokens + 1) / 2)
+        return got
+    return ask
 
 
 @pytest.mark.parametrize("read", [runner.DEFAULT_READ, 2048])
 def test_every_compressing_method_reads_the_same(tmp_path, convs, read):
+    methods = ["full", "snapkv", "adakv", "streaming_llm", "loopserve"]
     seen = []
-    methods = ["full", "loopserve", "snapkv", "adakv", "streaming_llm"]
-    runner.run(convs[:1], ["back"], methods, fake_ask([], seen), tmp_path / "r.jsonl", read=read,
+    runner.run(convs[:1], ["back"], methods, reading_ask(seen), tmp_path / "r.jsonl", read=read,
                settings={"min_prefill_len": 0})
-    by_method = {s["method"]: s for s, _ in seen}
-    assert set(by_method) == set(methods)
-    assert {m: decode_read(s) for m, s in by_method.items()} == {
-        "full": None, "loopserve": read, "snapkv": read, "adakv": read, "streaming_llm": read}
+    assert [s["method"] for s in seen][:3] == ["loopserve"] * 3  # first: the baselines match its reads
     # LoopServe's own selection is the read less its query blocks (512 of 1664 at the defaults)
-    assert by_method["loopserve"]["decode_budget"] == read - 144 * 8
-    assert all(s["min_prefill_len"] == 0 for s, _ in seen)  # the run's settings still reach every request
+    assert {s["decode_budget"] for s in seen if s["method"] == "loopserve"} == {read - 144 * 8}
+    records = {r.method: r for r in runner.load_results(tmp_path / "r.jsonl")}
+    for turn, ls in enumerate(records["loopserve"].turns):
+        # its seed steps read the whole cache: over a 10-token answer it reads well above --read
+        assert ls.decode_tokens_attended > 1.1 * read
+        for m in ("snapkv", "adakv", "streaming_llm"):
+            assert abs(records[m].turns[turn].decode_tokens_attended - ls.decode_tokens_attended) <= 0.5, (m, turn)
+        assert records["full"].turns[turn].decode_tokens_attended > ls.decode_tokens_attended
+    assert all(s["min_prefill_len"] == 0 for s in seen)  # the run's settings still reach every request
     # the server accepts each method's settings
     from sglang_loopserve.config import LoopServeConfig
-    for s in by_method.values():
+    for s in seen:
         LoopServeConfig().override(s)
+    # without LoopServe to match, a baseline's budget is the read
+    seen.clear()
+    runner.run(convs[:1], ["back"], ["snapkv"], reading_ask(seen), tmp_path / "alone.jsonl", read=read)
+    assert {s["decode_budget"] for s in seen} == {read}
     with pytest.raises(ValueError, match="read must be >= 1188"):
         runner.method_settings("loopserve", 1000)
+    t = runner.TurnRecord("", 0, 100, 60, 9, None, None, None, 30.0, 100.0)
+    assert runner.matched_decode_budget(t) == 36  # never under the server's floor (sink + recent)
+    assert runner.matched_decode_budget(runner.TurnRecord("", 0, 100, 60, 9, None, None, None, None, None)) is None
 
 
 def test_answer_lengths_follow_longbench(tmp_path):

@@ -7,8 +7,9 @@ benchmark's model is ``qwen2.5-coder-0.5b``, installed by
 ``make quality-model``); conversations from a folder of published-layout
 files (``--data``) or built from the committed snapshot (``--datasets``,
 ``--n``, ``--seed``, ``--scale``: 1.2 gives ~8K tokens by the last turn, 2.4
-~16K).  Every compressing method reads ``--read`` cached positions per decode
-step.  Appends to ``<out>/results.jsonl`` (rerun to resume), then writes
+~16K).  LoopServe's decode step reads ``--read`` cached positions after a
+turn's first re-selection; every decode baseline then reads per turn, on the
+mean, what LoopServe read (LoopServe runs first).  Appends to ``<out>/results.jsonl`` (rerun to resume), then writes
 ``summary.json``, ``table.md`` and PNG plots there.  docs/benchmark.md has the
 figures; e.g.::
 
@@ -44,9 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=float, default=1.0, help="context per turn relative to ~2K/2K/3K tokens")
     p.add_argument("--read", "--budget", dest="read", type=int, default=runner.DEFAULT_READ,
-                   help="cached positions every compressing method's decode step reads (LoopServe: its "
-                        "selection plus its query blocks; the prefill patterns' keys per query); default "
-                        f"{runner.DEFAULT_READ}")
+                   help="cached positions LoopServe's decode step reads (its selection plus its query "
+                        "blocks); the baselines' budget where LoopServe did not run first (else they read "
+                        f"what it read, per turn); default {runner.DEFAULT_READ}")
     p.add_argument("--min-prefill-len", type=int, default=0,
                    help="every method's prefill runs on sequences of at least this many tokens (default 0: "
                         "every forward of a block or more, so short scaled-down turns compare the methods, "

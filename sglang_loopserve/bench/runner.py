@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..config import PREFILL_PATTERNS, LoopServeConfig
+from ..config import METHODS, PREFILL_PATTERNS, LoopServeConfig
 from . import metrics
 from .datasets import answer_tokens, first_line_only
 from .published import Conversation, position_name
@@ -101,7 +101,8 @@ DEFAULT_READ = _DEFAULTS.decode_budget + _DEFAULTS.decode_query_blocks * QUERY_B
 def method_settings(method: str, read: int, query_blocks: int | None = None) -> dict:
     """Per-request settings under which every compressing method reads ``read`` cached positions per
     decode step: LoopServe's selection plus its query blocks (``query_blocks`` x 8 positions, the
-    server's default when ``None``), a baseline's whole budget.  ``full`` reads everything; the
+    server's default when ``None``), a baseline's whole budget (matched per turn to LoopServe's
+    measured read where it ran first: ``matched_decode_budget``).  ``full`` reads everything; the
     prefill patterns decode exactly (their prefill is matched per turn: ``matched_prefill_keys``)."""
     blocks = _DEFAULTS.decode_query_blocks if query_blocks is None else query_blocks
     if method == "full":
@@ -128,6 +129,24 @@ def matched_prefill_keys(reference: TurnRecord) -> int | None:
     return max(_BUDGET_FLOOR, round(reference.prefill_density * pairs / new))
 
 
+def matched_decode_budget(reference: TurnRecord) -> int | None:
+    """The budget under which a decode baseline reads per step, on the mean over the turn's answer,
+    what LoopServe read on it (``reference``: LoopServe's record of the same turn), or ``None`` when
+    that turn has no measured read.  LoopServe's read is not its budget alone: a long turn's first
+    ``decode_first_interval`` tokens read every cached token (``decode_seed`` auto), so over a
+    10-token answer it reads up to 1.5x its selection.  A baseline's step reads its budget plus the
+    tokens generated so far in the turn, ``(n + 1) / 2`` on the mean over ``n`` (measured: SnapKV at
+    budget 1200 read 1208.5 over 16-token answers)."""
+    if reference.decode_tokens_attended is None:
+        return None
+    generated = (reference.completion_tokens + 1) / 2
+    return max(_BUDGET_FLOOR, round(reference.decode_tokens_attended - generated))
+
+
+#: The methods that compress the decode with a budget of their own (LoopServe aside).
+DECODE_BASELINES = tuple(m for m in METHODS if m not in ("full", "loopserve") and m not in PREFILL_PATTERNS)
+
+
 #: ``ask(history, message, max_tokens, settings) -> dict`` with the TurnRecord fields but the score:
 #: one chat request; ``history`` is ``[(user, assistant), ...]``.
 Ask = Callable[[list, str, int, dict], dict]
@@ -137,8 +156,9 @@ def run_conversation(conv: Conversation, position: str, method: str, ask: Ask, *
                      gold_history: bool = False, read: int = DEFAULT_READ,
                      reference: RunRecord | None = None) -> RunRecord:
     """One conversation at one question position under ``method``.  With ``reference`` (LoopServe's
-    record of the same conversation and position), a static prefill pattern keeps per turn as many
-    keys per query as computes LoopServe's share of that turn's pairs (equal prefill compute)."""
+    record of the same conversation and position), each turn is matched to LoopServe's: a static
+    prefill pattern keeps as many keys per query as computes LoopServe's share of the turn's pairs
+    (equal prefill compute), a decode baseline's budget reads what LoopServe read (equal reads)."""
     rec = RunRecord(conv.dataset, conv.id, position, method)
     history: list[tuple[str, str]] = []
     max_tokens = answer_tokens(conv.dataset, conv.metric)
@@ -146,10 +166,12 @@ def run_conversation(conv: Conversation, position: str, method: str, ask: Ask, *
     for turn in conv.turns:
         message = turn.prompt(position)
         turn_settings = dict(settings, **method_settings(method, read))
-        if method in PREFILL_PATTERNS and reference is not None and len(reference.turns) > len(rec.turns):
-            keys = matched_prefill_keys(reference.turns[len(rec.turns)])
-            if keys is not None:
-                turn_settings["decode_budget"] = keys
+        same_turn = reference.turns[len(rec.turns)] if reference and len(reference.turns) > len(rec.turns) else None
+        if same_turn is not None and method in PREFILL_PATTERNS + DECODE_BASELINES:
+            match = matched_prefill_keys if method in PREFILL_PATTERNS else matched_decode_budget
+            budget = match(same_turn)
+            if budget is not None:
+                turn_settings["decode_budget"] = budget
         got = ask(history, message, max_tokens, turn_settings)
         answer = got["answer"]
         score = metrics.score(conv.metric or "qa_f1", answer, turn.answers, all_classes=conv.all_classes,
