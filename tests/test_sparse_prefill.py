@@ -80,11 +80,33 @@ def test_sharp_layer_is_planned_again_at_a_higher_alpha():
     assert sharpened_alpha(0.7) == pytest.approx(0.94) and sharp > plain
     _, st = sparse_prefill_attention(p.q, p.k, p.v, alpha=0.7, return_stats=True)
     assert st.plan_alpha == pytest.approx(0.94) and st.planned_density == pytest.approx(sharp)
+    assert st.alpha_reason == "sharpened"
     _, st = sparse_prefill_attention(p.q, p.k, p.v, alpha=0.7, return_stats=True, sharpen=False)
     assert st.plan_alpha == pytest.approx(0.7) and st.planned_density == pytest.approx(plain)
     q, k, v = random_qkv(256, 1024, 4, 2)  # diffuse: far denser than SHARP_BELOW
     _, st = sparse_prefill_attention(q, k, v, alpha=0.9, return_stats=True)
     assert st.planned_density >= SHARP_BELOW and st.plan_alpha == pytest.approx(0.9)
+
+
+def test_a_sharp_plan_too_dense_to_pay_keeps_the_first_plan():
+    """A few hot keys over a diffuse floor (512 new over 4,096 keys): alpha 0.95 covers the hot
+    columns in a few percent of the pairs, 0.99 needs nearly every cell.  The sharp-layer rule must
+    not trade that plan for the exact rectangle's full cost."""
+    from sglang_loopserve.attention.sparse_prefill import (ALPHA_ASKED, ALPHA_SHARP_TOO_DENSE, SHARP_BELOW,
+                                                           dense_is_cheaper, sharpened_alpha)
+    from sglang_loopserve.attention.synthetic import hot_keys_over_floor_qkv
+
+    q, k, v = hot_keys_over_floor_qkv()
+    ref = causal_attention(q, k, v)
+    first = build_block_mask(q, k, alpha=0.95, q_window=64, block_size=64)[0]
+    assert first.density() < SHARP_BELOW  # sharp: the rule looks at it again
+    assert dense_is_cheaper(build_block_mask(q, k, alpha=sharpened_alpha(0.95), q_window=64, block_size=64)[0])
+    out, st = sparse_prefill_attention(q, k, v, alpha=0.95, return_stats=True)  # sharpen on (the server's)
+    assert st.kernel != "exact" and st.density <= 0.5 and st.planned_density == pytest.approx(first.density())
+    assert rel_err(out, ref) < 0.1
+    assert st.plan_alpha == pytest.approx(0.95) and st.alpha_reason == ALPHA_SHARP_TOO_DENSE
+    _, st = sparse_prefill_attention(q, k, v, alpha=0.95, return_stats=True, sharpen=False)
+    assert st.alpha_reason == ALPHA_ASKED
 
 
 def test_question_at_start_keeps_its_own_lines():

@@ -66,6 +66,9 @@ MIN_PREFILL_LEN = {"cpu": 4096, "cpu_amx": 16384, "cuda": 16384}
 SHARP_BELOW = 0.3
 #: Share of ``1 - alpha`` a sharp layer may miss (0.2: alpha 0.90 -> 0.98).
 SHARP_MISS = 0.2
+#: ``SparsePrefillStats.alpha_reason``: the plan covers the asked alpha (not sharp, or not sharpened);
+#: a sharp layer's sharpened alpha; the asked alpha because the sharpened plan was too dense to pay.
+ALPHA_ASKED, ALPHA_SHARPENED, ALPHA_SHARP_TOO_DENSE = "asked", "sharpened", "sharpened plan too dense"
 
 
 def sharpened_alpha(alpha: float) -> float:
@@ -113,6 +116,7 @@ class SparsePrefillStats:
     key_scores: torch.Tensor | None = None
     planned_density: float = 1.0  # the plan's density, also when the exact rectangle ran
     plan_alpha: float | None = None  # the mass its lines cover: alpha, or sharpened (SHARP_BELOW)
+    alpha_reason: str | None = None  # why plan_alpha: ALPHA_ASKED, ALPHA_SHARPENED, ALPHA_SHARP_TOO_DENSE
 
 
 def validate_prefill_inputs(q, k, v, alpha, q_window, block_size) -> None:
@@ -148,8 +152,9 @@ def _now(device) -> float:
 
 
 def _plan(q, k, *, alpha, q_window, block_size, sink, local, rows_per_segment, timings, sharpen=False):
-    """Estimate, select and index: ``(BlockMask, VerticalSlashLines, the alpha covered)``; with ``sharpen`` a plan
-    sparser than ``SHARP_BELOW`` is made again at ``sharpened_alpha(alpha)`` (same sample)."""
+    """Estimate, select and index: ``(BlockMask, VerticalSlashLines, the alpha covered, why that alpha)``;
+    with ``sharpen`` a plan sparser than ``SHARP_BELOW`` is made again at ``sharpened_alpha(alpha)``
+    (same sample), and kept unless the density gate would run the exact rectangle on it."""
     n_new = q.shape[0]
     t0 = time.perf_counter()
     rows = sample_query_rows(n_new, q_window, device=q.device)
@@ -170,12 +175,19 @@ def _plan(q, k, *, alpha, q_window, block_size, sink, local, rows_per_segment, t
         return mask, lines
 
     mask, lines = select_and_index(alpha)
+    reason = ALPHA_ASKED
     if sharpen and mask.density() < SHARP_BELOW:
-        alpha = sharpened_alpha(alpha)
-        mask, lines = select_and_index(alpha)
+        sharp_mask, sharp_lines = select_and_index(sharpened_alpha(alpha))
+        # A sharp plan dense enough for the exact rectangle would cost every cell to buy the last
+        # few points of mass: a diffuse floor under a few hot keys (0.07 of the pairs at alpha 0.95,
+        # all of them at 0.99).  The first plan stays.
+        if dense_is_cheaper(sharp_mask):
+            reason = ALPHA_SHARP_TOO_DENSE
+        else:
+            alpha, mask, lines, reason = sharpened_alpha(alpha), sharp_mask, sharp_lines, ALPHA_SHARPENED
     if timings is not None:
         timings.update(spent)
-    return mask, lines, alpha
+    return mask, lines, alpha, reason
 
 
 def build_block_mask(q, k, *, alpha, q_window, block_size, sink=4, local=None,
@@ -186,7 +198,7 @@ def build_block_mask(q, k, *, alpha, q_window, block_size, sink=4, local=None,
     if alpha >= 1.0:
         mask = BlockMask.dense(q.shape[1], q.shape[0], k.shape[0], block_size, device=q.device)
         return mask, torch.full((q.shape[1], 1, 2), k.shape[0], device=q.device)
-    mask, lines, _ = _plan(q, k, alpha=alpha, q_window=q_window, block_size=block_size, sink=sink,
+    mask, lines, _, _ = _plan(q, k, alpha=alpha, q_window=q_window, block_size=block_size, sink=sink,
                            local=local, rows_per_segment=rows_per_segment, timings=timings, sharpen=sharpen)
     return mask, lines.segment_counts
 
@@ -204,7 +216,10 @@ def sparse_prefill_attention(q, k, v, *, alpha: float = 0.9, q_window: int = 64,
         alpha: fraction of the estimated attention mass to cover, in (0, 1];
             1.0 computes exact causal attention (``exact_prefill_attention``).
             With ``sharpen`` a layer whose plan is sparser than ``SHARP_BELOW``
-            covers ``sharpened_alpha(alpha)`` instead (``stats.plan_alpha``).
+            covers ``sharpened_alpha(alpha)`` instead, unless that plan is dense
+            enough for the exact rectangle (``dense_is_cheaper``): then the plan
+            at ``alpha`` stays.  ``stats.plan_alpha`` is the alpha covered,
+            ``stats.alpha_reason`` why.
         q_window: sampled query rows: the last ``q_window`` plus as many spread
             over the rest of the new tokens.
         block_size: query and key block size (power of two >= 16).
@@ -231,7 +246,8 @@ def sparse_prefill_attention(q, k, v, *, alpha: float = 0.9, q_window: int = 64,
     n_heads = q.shape[1]
     if pattern != "loopserve":
         t0 = time.perf_counter()
-        plan_alpha, lines = None, static_lines(pattern, q, k, budget=budget, block_size=block_size)
+        plan_alpha, alpha_reason = None, None
+        lines = static_lines(pattern, q, k, budget=budget, block_size=block_size)
         t1 = _now(q.device)
         mask = BlockMask.from_lines(lines)
         timings.update(estimate=0.0, select=t1 - t0, index=_now(q.device) - t1)
@@ -245,9 +261,9 @@ def sparse_prefill_attention(q, k, v, *, alpha: float = 0.9, q_window: int = 64,
         return out, SparsePrefillStats(density=1.0, head_density=ones, vertical_counts=ones * k.shape[0],
                                        slash_counts=ones * k.shape[0], kernel="exact", timings=timings)
     else:
-        mask, lines, plan_alpha = _plan(q, k, alpha=float(alpha), q_window=q_window, block_size=block_size,
-                                        sink=sink, local=local, rows_per_segment=8, timings=timings,
-                                        sharpen=sharpen)
+        mask, lines, plan_alpha, alpha_reason = _plan(
+            q, k, alpha=float(alpha), q_window=q_window, block_size=block_size, sink=sink, local=local,
+            rows_per_segment=8, timings=timings, sharpen=sharpen)
     t = time.perf_counter()
     exact = pattern == "loopserve" and kernel == "auto" and dense_is_cheaper(mask)
     out = exact_prefill_attention(q, k, v) if exact else KERNELS[name](q, k, v, mask)
@@ -261,5 +277,5 @@ def sparse_prefill_attention(q, k, v, *, alpha: float = 0.9, q_window: int = 64,
         vertical_counts=counts[..., 0].float().mean(-1), slash_counts=counts[..., 1].float().mean(-1),
         kernel="exact" if exact else name, timings=timings,
         key_scores=None if lines.key_mass is None else lines.key_mass.view(k.shape[1], -1, k.shape[0]).sum(1),
-        planned_density=mask.density(), plan_alpha=plan_alpha)
+        planned_density=mask.density(), plan_alpha=plan_alpha, alpha_reason=alpha_reason)
     return out, stats

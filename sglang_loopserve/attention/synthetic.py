@@ -71,3 +71,24 @@ def planted_qkv(n_new: int, n_ctx: int, num_heads: int = 4, num_kv_heads: int = 
     # of attention is far from zero); ``value_spread`` scales the rest.
     v = unit(hk)[None] * d**0.5 + value_spread * torch.randn(n_ctx, hk, d, generator=g)
     return PlantedInput(q.to(dtype), k.to(dtype), v.to(dtype), columns, tuple(diagonals), question_keys)
+
+
+def hot_keys_over_floor_qkv(n_new: int = 512, n_ctx: int = 4096, num_heads: int = 4, num_kv_heads: int = 2,
+                            head_dim: int = 64, *, n_hot: int = 8, hot_mass: float = 0.96,
+                            seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A few hot keys over a diffuse floor: every query leans on one direction ``u`` that ``n_hot``
+    keys of the history hold, scaled so that they take about ``hot_mass`` of a row's softmax; the
+    other keys are near zero, so the rest of the mass spreads evenly over the whole sequence.
+    Covering ``hot_mass`` of the mass takes a few columns; covering more takes nearly every cell."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(head_dim, generator=g)
+    u /= u.norm()
+    q = torch.randn(n_new, num_heads, head_dim, generator=g)
+    q = 0.3 * q / q.norm(dim=-1, keepdim=True) + u
+    k = 0.01 * torch.randn(n_ctx, num_kv_heads, head_dim, generator=g)
+    v = torch.randn(n_ctx, num_kv_heads, head_dim, generator=g)
+    hot = torch.randperm(n_ctx - n_new, generator=g)[:n_hot]
+    # the logit at which n_hot keys hold hot_mass of a softmax over ~n_ctx floor keys at logit ~0
+    logit = torch.log(torch.tensor(hot_mass / (1 - hot_mass) * n_ctx / n_hot))
+    k[hot] = (u * logit * head_dim**0.5 / (q @ u).mean())[None, :]
+    return q, k, v
