@@ -100,6 +100,12 @@ class LoopServeConfig:
     #: ``1 + slope`` times ``decode_query_blocks``, the last ``1 - slope`` times (the mean is kept;
     #: ``cache_policy.decode.PYRAMID``, ``layer_query_blocks``).
     decode_pyramid: float = 0.8
+    #: Decode: a LoopServe turn compresses its decode only where each step would read at most this
+    #: share of the cache (``decode_budget`` + ``decode_query_blocks`` x 8 over the cached tokens at
+    #: the turn's first step); otherwise the turn decodes on the base path, exactly, at no cost of
+    #: its own (``cache_policy.decode.decode_pays``: AVX2, fp32, a turn reading 0.85 of a 1.9K cache
+    #: decoded at 0.7x stock).  1 compresses wherever the selection is smaller than the cache.
+    decode_max_read: float = 0.5
     #: First tokens always kept (prefill columns and decode selection).
     sink: int = 4
     #: Decode: last tokens always kept.
@@ -109,8 +115,8 @@ class LoopServeConfig:
     # per server: the kernels are compiled for it).
     REQUEST_FIELDS = ("enabled", "method", "alpha", "q_window", "min_prefill_len", "decode_budget",
                       "decode_interval", "decode_window", "decode_max_interval", "decode_seed",
-                      "decode_first_interval", "decode_pooling", "decode_query_blocks", "decode_pyramid", "sink",
-                      "recent")
+                      "decode_first_interval", "decode_pooling", "decode_query_blocks", "decode_pyramid",
+                      "decode_max_read", "sink", "recent")
 
     def validated(self, name=lambda field: field) -> "LoopServeConfig":
         """``self`` if every value is in range, else ``LoopServeConfigError``;
@@ -136,6 +142,9 @@ class LoopServeConfig:
         if isinstance(self.decode_pyramid, bool) or not isinstance(self.decode_pyramid, (int, float)) \
                 or not 0.0 <= float(self.decode_pyramid) < 1.0:
             fail("decode_pyramid", "must be a number in [0, 1)")
+        if isinstance(self.decode_max_read, bool) or not isinstance(self.decode_max_read, (int, float)) \
+                or not 0.0 <= float(self.decode_max_read) <= 1.0:
+            fail("decode_max_read", "must be a number in [0, 1]")
         for f in ("q_window", "decode_budget", "decode_interval", "decode_window", "decode_max_interval",
                   "decode_first_interval"):
             if f == "decode_first_interval" and self.decode_first_interval is None:

@@ -1,8 +1,9 @@
 """Shared fixtures: SGLang servers on the CPU, one per configuration per test run.
 
 The stock server lives for the whole session (most modules ask it); a LoopServe server lives only
-as long as the tests that ask it: each SmolLM2 server holds 3-4 GB (fp32 KV pool of 32K tokens,
-model, three processes), and in CI three launches beside five of them (24 GB, no swap) ran past 300 s without a line of output.
+as long as the tests that ask it: each SmolLM2 server holds GBs (fp32 KV pool of 32K tokens,
+model, three processes), and in CI three launches beside five of them (24 GB, no swap) ran past
+300 s without a line of output.
 """
 
 from __future__ import annotations
@@ -44,15 +45,16 @@ def _loopserve_server(model_path, name, extra):
     return srv
 
 
-#: The sparse prefill from 1024 tokens: the CPU's measured default gate (8000 tokens) is above
-#: the test conversations, which then would only run the exact rectangle.
-SPARSE_FROM_1K = ["--loopserve-min-prefill-len", "1024"]
+#: The sparse prefill from 1024 tokens and the decode compressed wherever its selection is smaller
+#: than the cache: the default gates (the CPU's measured 4096 tokens; a read of at most half the
+#: cache) are above the test conversations, which then would only run the exact paths.
+GATES_FOR_SHORT_CONVERSATIONS = ["--loopserve-min-prefill-len", "1024", "--loopserve-decode-max-read", "1"]
 
 
 @pytest.fixture(scope="module")
 def loopserve_server(model_path):
     """LoopServe at its default settings but the length gate, with SGLang's Prometheus metrics on."""
-    with _loopserve_server(model_path, "loopserve", ["--enable-metrics", *SPARSE_FROM_1K]) as srv:
+    with _loopserve_server(model_path, "loopserve", ["--enable-metrics", *GATES_FOR_SHORT_CONVERSATIONS]) as srv:
         yield srv
 
 

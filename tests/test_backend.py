@@ -129,6 +129,36 @@ def test_mixed_batch_extend_then_decode(setup):
     assert st["decode_tokens_attended"] < st["decode_tokens_cached"]
 
 
+@pytest.mark.parametrize("max_read", [0.2, 0.25])
+def test_a_turn_that_would_read_most_of_its_cache_decodes_on_the_base_path(setup, max_read):
+    """``decode_max_read``: each step would read 56 of the 256 cached positions (0.22: a budget of
+    40 and 2 query blocks of 8).  Over the request's share the turn decodes on the base path, bit
+    for bit what the base backend computes, reading everything and never re-selecting; under it,
+    it compresses."""
+    s, gen = setup, torch.Generator().manual_seed(1)
+    req = Request("sparse", s.config.override({"decode_max_read": max_read}))  # noqa: F841 (held: a weak registry)
+    s.req_to_token[0, :256] = torch.arange(256)
+    s.pool.k[:160] = torch.randn(160, HK, D, generator=gen)
+    s.pool.v[:160] = torch.randn(160, HK, D, generator=gen)
+    q, k, v = (torch.randn(96, n * D, generator=gen) for n in (H, HK, HK))
+    s.backend.forward(q, k, v, s.layer, _batch("extend", ["sparse"], [0], [160], [96], torch.arange(160, 256)))
+    on_base = max_read < 56 / 256
+    for step in range(6):
+        s.req_to_token[0, 256 + step] = 256 + step
+        fb = _batch("decode", ["sparse"], [0], [256 + step], [1], torch.tensor([256 + step]))
+        qd, kd, vd = (torch.randn(1, n * D, generator=gen) for n in (H, HK, HK))
+        o = s.backend.forward(qd, kd, vd, s.layer, fb)
+        alone = s.base.forward_decode(qd, kd, vd, s.layer, fb)
+        if on_base:
+            assert torch.equal(o, alone)
+    st = live_requests["sparse"].loopserve_stats.summary()
+    assert store.get("sparse").base_decode == on_base
+    if on_base:
+        assert st["decode_tokens_attended"] == st["decode_tokens_cached"] and st["reselections"] == 0
+    else:
+        assert st["decode_tokens_attended"] < st["decode_tokens_cached"] and st["reselections"] == 1
+
+
 def _plant_turn(s, gen, prefix, n_new, hot_a, hot_b, a_rows):
     """A turn of ``n_new`` tokens over a cached ``prefix``: keys ``hot_a`` and ``hot_b`` lean along
     two directions, the turn's queries ``a_rows`` along the first and the others along the second;

@@ -78,7 +78,7 @@ def growing_turns(loopserve_server):
 
 
 def test_sparse_prefill_and_compressed_decode_over_a_long_conversation(growing_turns):
-    """Defaults but the length gate (sparse from 1024 tokens, ``SPARSE_FROM_1K``): the layers
+    """Defaults but the length gate (sparse from 1024 tokens, ``GATES_FOR_SHORT_CONVERSATIONS``): the layers
     whose plan pays run sparse, the others the exact rectangle (density 1 there)."""
     turns = growing_turns
     assert turns[2].cached_tokens > 4000  # > 2,000 tokens of history
@@ -139,7 +139,8 @@ def _generate(url, custom_params=None, **kw):
                                        ({"decode_seed": "random"}, "decode_seed"),
                                        ({"decode_pooling": "mean"}, "decode_pooling"),
                                        ({"decode_query_blocks": -3}, "decode_query_blocks"),
-                                       ({"decode_pyramid": 1.5}, "decode_pyramid")])
+                                       ({"decode_pyramid": 1.5}, "decode_pyramid"),
+                                       ({"decode_max_read": 2}, "decode_max_read")])
 def test_invalid_request_settings_get_400(loopserve_server, bad, field):
     r = _generate(loopserve_server.url, {"loopserve": bad})
     assert r.status_code == 400, r.text
@@ -177,6 +178,32 @@ def test_every_method_is_served_and_named(loopserve_server, document):
             assert attended < 128 + (32 if method == "loopserve" else 0) + 20 < cached, (method, meta)
             assert (meta["reselections"] > 0) == (method == "loopserve"), (method, meta)
     assert out["full"]["text"] == out[None]["text"]
+
+
+def test_a_turn_that_would_read_most_of_its_cache_decodes_as_stock(loopserve_server, document):
+    """The decode gate (``decode_max_read``): a selection of 256 + 16 blocks of 8 reads 384 positions,
+    about 0.3 of this prompt's cache.  Allowed at most 0.25, the turn decodes on the base path:
+    with an exact prefill (alpha 1) its answer is stock's and it reads every cached token; allowed
+    0.5, it compresses."""
+    prompt = document[:5000] + "\n\nIn one sentence, what is this text about?"
+
+    def ask(settings):
+        r = requests.post(loopserve_server.url + "/generate", timeout=600, json={
+            "text": prompt, "sampling_params": {"max_new_tokens": 20, "temperature": 0, "ignore_eos": True,
+                                                "custom_params": {"loopserve": settings}}})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    flush_cache(loopserve_server.url)
+    stock = ask({"enabled": False})
+    small = {"alpha": 1.0, "decode_budget": 256, "decode_query_blocks": 16, "decode_pyramid": 0.0}
+    gated = ask(dict(small, decode_max_read=0.25))
+    meta = gated["meta_info"]["loopserve"]
+    assert 0.25 < 384 / meta["decode_tokens_cached"] < 0.5, meta  # the prompt is as sized
+    assert meta["decode_tokens_attended"] == meta["decode_tokens_cached"] and meta["reselections"] == 0, meta
+    assert gated["text"] == stock["text"]
+    meta = ask(dict(small, decode_max_read=0.5))["meta_info"]["loopserve"]
+    assert meta["decode_tokens_attended"] < 0.5 * meta["decode_tokens_cached"], meta
 
 
 def _sampled_kl(url, prompt_ids, sample_settings, replay_settings, n_tokens=32, seed=0):

@@ -18,7 +18,8 @@ BAD_FLAG_VALUES = [
     ("decode_max_interval", "8"), ("decode_max_interval", "0"), ("decode_seed", "prefill"),
     ("decode_seed", ""), ("decode_first_interval", "0"), ("decode_pooling", "mean"), ("decode_pooling", ""),
     ("decode_query_blocks", "-1"), ("decode_query_blocks", "two"), ("decode_pyramid", "1"),
-    ("decode_pyramid", "-0.1"), ("decode_pyramid", "steep"),
+    ("decode_pyramid", "-0.1"), ("decode_pyramid", "steep"), ("decode_max_read", "1.5"),
+    ("decode_max_read", "-0.1"), ("decode_max_read", "most"),
 ]
 
 
@@ -65,6 +66,24 @@ def test_per_request_decode_pyramid():
     for bad in (1, 1.0, -0.2, True, "0.5"):
         with pytest.raises(LoopServeConfigError, match="custom_params.loopserve.decode_pyramid"):
             base.override({"decode_pyramid": bad}, request_field_name)
+
+
+def test_per_request_decode_max_read_and_the_gate():
+    from sglang_loopserve.cache_policy.decode import decode_pays
+
+    base = LoopServeConfig()
+    assert base.override({"decode_max_read": 1}).decode_max_read == 1
+    for bad in (1.01, -0.2, True, "0.5"):
+        with pytest.raises(LoopServeConfigError, match="custom_params.loopserve.decode_max_read"):
+            base.override({"decode_max_read": bad}, request_field_name)
+    # the defaults read 512 + 144 x 8 = 1664 positions: compress from a 3,328-token cache at 0.5
+    read = base.decode_budget + base.decode_query_blocks * 8
+    assert not decode_pays(2 * read - 1, base.decode_budget, base.decode_query_blocks, base.decode_max_read)
+    assert decode_pays(2 * read, base.decode_budget, base.decode_query_blocks, base.decode_max_read)
+    assert decode_pays(read, 512, 144, 1.0) and not decode_pays(read - 1, 512, 144, 1.0)
+    assert not decode_pays(10 ** 9, 512, 144, 0.0)
+    with pytest.raises(ValueError, match="decode_max_read"):
+        decode_pays(4000, 512, 144, 1.5)
 
 
 def test_per_request_decode_max_interval():

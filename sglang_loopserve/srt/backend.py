@@ -46,7 +46,7 @@ from ..attention.exact import exact_prefill_attention
 from ..attention.kernels import default_kernel
 from ..attention.sparse_prefill import min_prefill_len
 from ..cache_policy import METHODS, KeySummaries, ScoreContext, attention_mass, batched_decode_attention
-from ..cache_policy.decode import DecodeCompressor, reselect_pruned
+from ..cache_policy.decode import DecodeCompressor, decode_pays, reselect_pruned
 from ..config import PREFILL_PATTERNS, LoopServeConfig
 from .request_state import RequestStats, live_requests, model_context, set_model_context, store
 from .radix import PADDING_SLOT, count_prefill
@@ -512,6 +512,12 @@ class LoopServeAttnBackend:
             if not opts.enabled or req is None or req.finished():
                 continue
             state = self.store.get(rid) or self.store.new_turn(rid, opts)
+            if state.base_decode is None:  # once per turn, at its first step: every layer agrees
+                state.base_decode = (opts.method == "loopserve" and state.pruned is None and not decode_pays(
+                    seq_lens[i], opts.decode_budget, opts.decode_query_blocks, float(opts.decode_max_read)))
+            if state.base_decode:
+                self._observe_read(rid, seq_lens[i], seq_lens[i])
+                continue
             comp = comps[i] = state.compressor(layer.layer_id, self.num_layers)
             rows = comp.attended(seq_lens[i], q_[i], self.token_to_kv_pool.get_key_buffer(layer.layer_id),
                                  self.req_to_token_pool.req_to_token[fb.req_pool_indices[i]])
@@ -550,16 +556,21 @@ class LoopServeAttnBackend:
             self.token_to_kv_pool.get_value_buffer(layer.layer_id), slots, indptr, positions)
         o.view(-1, layer.tp_q_head_num, layer.v_head_dim)[sel] = out.to(o.dtype)
 
+    def _observe_read(self, rid, attended, cached):
+        """A decode step's read into the request's stats and the metrics; the stats, or None."""
+        stats = request_stats(rid)
+        if stats is not None:
+            stats.add_decode(attended, cached)
+        if self.metrics is not None:
+            self.metrics.observe_decode(attended, cached)
+        return stats
+
     def _record(self, q_, layer, fb, comps, sparse, seq_lens):
         """Feed each request's query to its compressor; re-select where due."""
         for i, comp in comps.items():
             rid = fb.rids[i]
-            stats = request_stats(rid)
-            attended = sum(sparse[i][1]) / len(sparse[i][1]) if i in sparse else seq_lens[i]
-            if stats is not None:
-                stats.add_decode(attended, seq_lens[i])
-            if self.metrics is not None:
-                self.metrics.observe_decode(attended, seq_lens[i])
+            stats = self._observe_read(rid, sum(sparse[i][1]) / len(sparse[i][1]) if i in sparse else seq_lens[i],
+                                       seq_lens[i])
             if comp.record(q_[i].clone()):
                 t = time.perf_counter()
                 slots = self.req_to_token_pool.req_to_token[int(fb.req_pool_indices[i]), :seq_lens[i]]

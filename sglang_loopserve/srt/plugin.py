@@ -59,7 +59,7 @@ SCHEDULER_TARGETS = (T_BUILD_BACKEND, T_REQ_INIT, T_RELEASE, T_STREAM, T_INTERNA
 ALL_TARGETS = (T_ADD_CLI_ARGS, T_PREPARE, T_VERIFY, T_META, T_SCHEDULER_INIT) + SCHEDULER_TARGETS
 
 _DEFAULTS = LoopServeConfig()
-_TYPES = {"alpha": float, "decode_pyramid": float, "method": str, "decode_seed": str, "decode_pooling": str}
+_TYPES = {"alpha": float, "decode_pyramid": float, "decode_max_read": float, "method": str, "decode_seed": str, "decode_pooling": str}
 
 
 @dataclass(frozen=True)
@@ -143,6 +143,10 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         "decode_pyramid": "Decode: slope of the query blocks over depth, in [0, 1): the first layer reads "
                           "1 + SLOPE times DECODE_QUERY_BLOCKS, the last 1 - SLOPE times, linearly between "
                           "(the mean is kept; lower layers attend more diffusely, after PyramidKV).",
+        "decode_max_read": "Decode: a turn compresses only where each step would read at most this share "
+                           "of its cache (DECODE_BUDGET + DECODE_QUERY_BLOCKS x 8 over the cached tokens); "
+                           "otherwise it decodes exactly on the base path. 1: wherever the selection is "
+                           "smaller than the cache.",
         "sink": "First tokens always kept (prefill columns and decode selection).",
         "recent": "Decode: last tokens always kept.",
     }

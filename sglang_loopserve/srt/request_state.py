@@ -102,6 +102,9 @@ class DecodeState:
     pruned: object = None
     #: new tokens this turn's prefill brought, over all its chunks so far
     turn_tokens: int = 0
+    #: whether this turn decodes exactly on the base path (``decode_pays`` said no at its first
+    #: decode step); None until then
+    base_decode: bool | None = None
 
     def compressor(self, layer_id: int, num_layers: int | None = None) -> DecodeCompressor:
         """Layer ``layer_id``'s compressor; making it takes the model's ``num_layers`` (the query
