@@ -111,7 +111,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         "alpha": "Prefill: fraction of the estimated attention mass the kept vertical/slash "
                  "lines cover, in (0, 1]; 1 keeps everything. A layer whose plan computes less "
                  f"than {SHARP_BELOW * 100:.0f}%% of the causal pairs covers 1 - (1 - ALPHA) x {SHARP_MISS:g} "
-                 "instead.",
+                 "instead, unless that plan is dense enough for exact attention.",
         "q_window": "Prefill: last queries of a turn sampled to estimate attention (plus as many "
                     "spread over the turn).",
         "block_size": "Prefill: block size of the block-sparse kernel (power of two >= 16).",
