@@ -310,7 +310,8 @@ def _after_req_init(result, req, *args, **kwargs):
 def cache_namespace(options: LoopServeConfig) -> str | None:
     """The radix-cache namespace of a request's KV: ``None`` (stock's) when its attention is exact
     (LoopServe disabled, or alpha 1 with a decode budget above the model's context); else one per
-    method and settings (a baseline's generated tokens carry KV of its own attention)."""
+    method and settings: every field but ``enabled`` changes the attention, so the KV (a baseline's
+    generated tokens carry KV of its own attention)."""
     from .request_state import model_context
 
     if options.keeps_everything(model_context()):
@@ -318,7 +319,8 @@ def cache_namespace(options: LoopServeConfig) -> str | None:
     o = options
     return (f"loopserve({o.method},a={o.alpha},q={o.q_window},b={o.block_size},m={o.min_prefill_len},s={o.sink},"
             f"B={o.decode_budget},i={o.decode_interval},w={o.decode_window},I={o.decode_max_interval},"
-            f"r={o.recent})")
+            f"seed={o.decode_seed},fi={o.decode_first_interval},pool={o.decode_pooling},"
+            f"qb={o.decode_query_blocks},pyr={o.decode_pyramid},mr={o.decode_max_read},r={o.recent})")
 
 
 # ------------------------------------------------------------------ backend
