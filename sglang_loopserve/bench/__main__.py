@@ -3,7 +3,7 @@
 Against a running server (``--url``) or one it starts (``--enable-loopserve``
 on this machine's device, bounded pool, ``--sleep-on-idle``) for ``--model``
 (a key of ``python -m sglang_loopserve.models list`` or a folder; the
-benchmark's model is ``qwen2.5-coder-0.5b``, installed by
+benchmark's model is ``qwen2.5-coder-1.5b``, installed by
 ``make quality-model``); conversations from a folder of published-layout
 files (``--data``) or built from the committed snapshot (``--datasets``,
 ``--n``, ``--seed``, ``--scale``: 1.2 gives ~8K tokens by the last turn, 2.4
@@ -13,7 +13,7 @@ mean, what LoopServe read (LoopServe runs first).  Appends to ``<out>/results.js
 ``summary.json``, ``table.md`` and PNG plots there.  docs/benchmark.md has the
 figures; e.g.::
 
-    python -m sglang_loopserve.bench --model qwen2.5-coder-0.5b --out results/8k --n 2 --scale 1.2
+    python -m sglang_loopserve.bench --model qwen2.5-coder-1.5b --out results/8k --n 2 --scale 1.2
 """
 
 from __future__ import annotations
