@@ -10,12 +10,12 @@ against the goal ``0.5 x L/B`` (CPU) or ``0.6 x L/B`` (GPU), and the cost of
 re-selecting, per request as the server does it (``DecodeCompressor.reselect_from``
 reading keys from a KV pool through their slots):
 
-* ``every key``: the window's attention over every cached key (how
-  re-selection worked before: ``candidate_factor=0``);
-* ``two-stage``: candidates from key-block bounds, exact scores among them,
+* ``every key``: the window's attention over every cached key (the paper's
+  scoring: ``candidate_factor=0``);
+* ``two-stage``: candidates from key-block summaries, exact scores among them,
   as the server runs it (on a CPU one compiled call, ``cache_policy/cpu_loops``);
-* ``tensor``: the same two stages as torch ops (a GPU's path; on a CPU, how
-  it ran before the compiled call);
+* ``tensor``: the same two stages as torch ops (a GPU's path; on a CPU, the
+  alternative to the compiled call);
 * ``mean``: the two stages with the window's mean query only (``decode_pooling all``:
   cheaper, less faithful; the default ranks blocks by it and scores candidates by each query).
 

@@ -13,9 +13,9 @@ all keys it may see) that falls on the selected positions:
   more while consecutive selections agree, and each step's own query blocks
   (``query_blocks``, each layer's as the server sets them, ``layer_query_blocks``: what the
   server reads; ``loopserve_selection``: the selection and the tokens since only);
-* LoopServe before: each of the window's queries scoring every cached key
-  every 16 steps (the paper's interval and window) (how re-selection worked before it was made
-  cheaper: no pooling, no candidates, no adaptive interval);
+* ``loopserve_before``: the paper's re-selection, each of the window's queries scoring every
+  cached key every 16 steps (the paper's interval and window; no pooling, no candidates, no
+  adaptive interval);
 * SnapKV: selected once from the prompt's last 32 queries (pooling 5), plus
   the generated tokens;
 * StreamingLLM: 4 sink tokens + the most recent.

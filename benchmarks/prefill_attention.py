@@ -1,10 +1,11 @@
 """Sparse vs dense prefill attention of a new turn over its history, side by side in one run.
 
 For each context length ``L`` the new turn is the last ``new_frac * L`` tokens
-(``--new-frac 1`` is a first prefill).  Per case, all timed in the same run, in rounds (one call of each per round; medians):
+(``--new-frac 1`` is a first prefill).  Per case, all timed in the same run, in rounds (one
+call of each per round; medians):
 
 * ``dense``: torch SDPA over the turn's rows with a bottom-right causal mask
-  (the issue's baseline; FlashAttention on a GPU, and FlashInfer's dense
+  (the dense baseline; FlashAttention on a GPU, and FlashInfer's dense
   prefill when installed);
 * ``exact``: ``exact_prefill_attention``, the exact rectangle the server runs
   below the length gate (on the CPU: the prefix unmasked + the causal square,

@@ -57,14 +57,14 @@ class LoopServeConfigError(ValueError):
 
 @dataclass(frozen=True)
 class LoopServeConfig:
-    """Defaults from docs (method.md); every field has a ``--loopserve-<name>`` flag."""
+    """Defaults from the paper unless said (docs/serving.md); every field has a ``--loopserve-<name>`` flag."""
 
     enabled: bool = True
     #: What runs: ``"loopserve"`` or a baseline (``METHODS``).
     method: str = "loopserve"
     #: Prefill: fraction of the estimated attention mass the kept lines cover, in (0, 1]; a layer
     #: whose plan is sparser than ``SHARP_BELOW`` covers ``sharpened_alpha`` (0.98 at 0.90) instead.
-    #: 0.90 (ours; method.md: 0.95 everywhere): the prefill's error sat in the sparsest layers,
+    #: 0.90 (ours; the paper: 0.95 everywhere): the prefill's error sat in the sparsest layers,
     #: the diffuse ones may lose more (``attention.sparse_prefill.SHARP_BELOW``).
     alpha: float = 0.9
     #: Prefill: last queries of the turn sampled for the estimate (plus as many strided).

@@ -1,9 +1,9 @@
-"""The planner as it was before the CSR rewrite (issue 10): the oracle of ``test_planner.py``.
+"""A dense planner: the oracle of ``test_planner.py``.
 
-It materialises ``[H, n_qblocks, n_ctx]`` tensors, which is why it was too
-slow for serving; kept here, unchanged in what it computes, so that the new
-planner (``sglang_loopserve.attention.select`` / ``block_mask``) can be
-checked to select the same lines and build the same ``BlockMask``.
+It materialises ``[H, n_qblocks, n_ctx]`` tensors, too slow for serving but
+simple, so that the served planner (``sglang_loopserve.attention.select`` /
+``block_mask``) can be checked to select the same lines and build the same
+``BlockMask``.
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def _rank_at(rank, seg, line):
 
 
 def oracle_block_mask(lines: DenseLines, promote_columns: int | None = None) -> BlockMask:
-    """The pre-CSR builder: scatters over ``[H, n_qblocks, n_ctx]``."""
+    """The dense builder: scatters over ``[H, n_qblocks, n_ctx]``."""
     n_heads, n_qb, n_ctx = lines.columns.shape
     bs, n_new = lines.block_size, lines.n_new
     dev = lines.columns.device

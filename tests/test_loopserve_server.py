@@ -1,6 +1,6 @@
 """``--enable-loopserve`` end to end: SGLang servers on this CPU with the embedded model.
 
-Acceptance of the integration issue: keep-everything = stock; the sparse path over a
+What it checks: keep-everything = stock; the sparse path over a
 long conversation; per-request control and 400s; concurrent conversations with
 client aborts leave no state and no KV behind; chunked = unchunked; flags.
 """

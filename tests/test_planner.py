@@ -1,7 +1,7 @@
-"""The planner without ``[H, n_qblocks, n_ctx]`` tensors against the dense one it replaced.
+"""The planner without ``[H, n_qblocks, n_ctx]`` tensors against a dense one.
 
-``planner_oracle.py`` is the pre-CSR planner, unchanged in what it computes.
-The new one (per-segment line lists, spans of segments, CSR) must choose the
+``planner_oracle.py`` is the dense planner, the oracle.  The served one
+(per-segment line lists, spans of segments, CSR) must choose the
 same lines and build the same ``BlockMask``, with both implementations of the
 greedy and of the index (numba loops on the CPU, batched tensor ops
 elsewhere).  Inputs: random (diffuse attention: thousands of lines) and

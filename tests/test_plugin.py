@@ -24,10 +24,10 @@ BAD_FLAG_VALUES = [
 
 
 def test_defaults_follow_method_doc():
-    """method.md's defaults, except the decode interval and window (the paper's 16 and 16): with
-    query blocks 32 and 8 measured the same KL (README, "Decode KV compression"), and alpha 0.94
-    (method.md's 0.95: 0.58 of the causal pairs instead of 0.62, README "Decode fidelity"); the
-    server's, the sparse prefill's and the compressor's defaults are one."""
+    """The paper's defaults, except alpha 0.90 (the paper's 0.95; sharp layers cover more:
+    ``SHARP_BELOW``), the decode budget 512 plus query blocks (``BUDGET``) and the decode interval
+    and window 32 and 8 (the paper's 16 and 16; ``INTERVAL``, ``WINDOW``); the server's, the sparse
+    prefill's and the compressor's defaults are one."""
     import inspect
 
     from sglang_loopserve.attention import sparse_prefill_attention

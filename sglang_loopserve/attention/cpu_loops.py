@@ -20,7 +20,7 @@ sampled rows (``8 x n_ctx`` floats, cache-resident), parallel over problems:
   problem after two ``O(n_ctx)`` passes.  A bucket is sorted by mass only
   where the greedy may stop in it: one whose lines' standalone masses cannot
   reach the target is taken whole, in line order (the same set; sorting such
-  buckets was a fifth of the planner's time).
+  buckets would cost a fifth of the planner's time).
 * ``block_mask_arrays``: per ``(head, span of segments)``, the union of the
   span's lines mapped to each query block's key blocks and leftover columns.
 

@@ -1,7 +1,7 @@
 """Estimation: attention of a sample of the new queries, softmax in fp32.
 
 LoopServe picks its lines per turn from the attention of a few query rows
-(method.md, phase 1, step 1).  We sample the last ``q_window`` queries of the
+(the paper's phase 1, step 1).  We sample the last ``q_window`` queries of the
 new input (the end of a turn is where an instruction usually sits) *and* a
 strided sample of the same size over the rest of it, so that a question at the
 start or in the middle of a turn is seen too.

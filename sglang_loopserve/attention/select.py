@@ -22,7 +22,7 @@ Per segment (one *problem* of the batched work, ``H x G`` of them):
    reaches ``alpha`` of the segment's sampled mass: that ``k`` is the answer.
 
 Two implementations of the same greedy, chosen by device (tests check they
-agree with each other and with the dense pre-CSR planner):
+agree with each other and with a dense planner, ``tests/planner_oracle.py``):
 
 * CPU: ``cpu_loops`` (numba), one loop nest per problem: masses in one pass,
   lines from a bucketed order, each line adding only its cells that the other

@@ -26,31 +26,27 @@ from .patterns import PATTERNS, static_lines
 from .select import select_vertical_slash
 
 #: Per device type: the sparse kernel runs when the plan's density is below
-#: this, else the exact rectangle (which is then both faster and exact).  The
-#: ratio of the two kernels' speeds per computed cell, measured with
-#: ``benchmarks/prefill_attention.py`` (CPU: 2-core x86, bf16, SmolLM2 layers
-#: at 4K-8K: the gather kernel breaks even with the exact rectangle at a
-#: density of about 0.6).  A GPU's Triton kernel: not measured yet; its
-#: earlier H100 sweep beat dense FlashAttention up to a density of 0.5.
+#: this, else the exact rectangle (which is then both faster and exact): where
+#: the two kernels' costs per computed cell break even.  CPU: 2-core x86, bf16,
+#: SmolLM2 layers at 4K-8K (``benchmarks/prefill_attention.py``): the gather
+#: kernel breaks even with the exact rectangle at a density of about 0.6.  CUDA:
+#: in an H100 sweep (``benchmarks/gpu_kernels.py --sweep``) the Triton kernel beat
+#: dense FlashAttention up to a density of 0.5.
 SPARSE_BELOW = {"cpu": 0.6, "cuda": 0.5}
 
 #: Per device type: the shortest sequence (cached + new tokens) for which the
 #: sparse path (plan + kernel, with the density gate above and the server's
-#: skipping of layers planned too dense) beats the exact rectangle, measured
-#: over SmolLM2's layers with ``benchmarks/prefill_attention.py --break-even``
-#: (CPU: 2-core AMD EPYC, bf16, a turn of half the sequence, summed over the 30
-#: layers: sparse / exact 1.05x at 2048 tokens, 1.00x at 3072, 0.87x at 4096,
-#: 0.84x at 5120, 0.80x at 6144; re-measured with the softmax taken in the
-#: selection loops: 1.06x, 1.07x, 0.94x, 0.83x, 0.83x; with the loops on torch's
-#: OpenMP team (``torch_threads``): 1.08x, 1.01x, 0.88x, 0.82x, 0.77x; before the planner's bf16
-#: products and unsorted buckets: 1.16x at 4096, 0.97x at 6144, hence 6144 then).  Below it the
-#: server runs the exact rectangle.  CUDA: not measured yet (no GPU in the
-#: session that set it); MInference and SGLang's own sparse prefill break even
-#: between 10K and 50K tokens on an A100.  ``cpu_amx``: an x86 CPU with AMX tiles
-#: (Xeon, Sapphire Rapids on), where oneDNN's bf16 products make the dense kernels about 4x
-#: faster than on the CPU above while the planner gains little: 2-core Xeon, bf16, sparse / exact
-#: 1.86x at 4096 tokens, 1.69x at 6144, 1.55x at 8000, no break-even within the 8K capture; the
-#: gate is extrapolated from that trend (about -0.15 per 2K tokens), not measured.
+#: skipping of layers planned too dense) beats the exact rectangle; below it the
+#: server runs the exact rectangle.  Measured over SmolLM2's 30 layers, a turn of
+#: half the sequence (``benchmarks/prefill_attention.py --break-even``).  CPU
+#: (2-core AVX-512 EPYC, bf16): sparse / exact 1.08x at 2048 tokens, 1.01x at 3072,
+#: 0.88x at 4096, 0.82x at 5120, 0.77x at 6144.  ``cpu_amx``: an x86 CPU with AMX
+#: tiles (Xeon, Sapphire Rapids on), where oneDNN's bf16 products make the dense
+#: kernels about 4x faster while the planner gains little (2-core Xeon, bf16: 1.86x
+#: at 4096 tokens, 1.69x at 6144, 1.55x at 8000, no break-even within the 8K
+#: capture); the gate is extrapolated from that trend (about -0.15 per 2K tokens),
+#: not measured.  CUDA: not measured; MInference and SGLang's own sparse prefill
+#: break even between 10K and 50K tokens on an A100.
 MIN_PREFILL_LEN = {"cpu": 4096, "cpu_amx": 16384, "cuda": 16384}
 
 #: A layer whose plan at ``alpha`` computes less than this share of the causal pairs is *sharp*
@@ -62,7 +58,7 @@ MIN_PREFILL_LEN = {"cpu": 4096, "cpu_amx": 16384, "cuda": 16384}
 #: of the pairs at alpha 0.94; on the hardest document, exact there: KL 0.0032 -> 0.0002), while
 #: the diffuse layers could lose more.  This rule at alpha 0.90: 0.0014 at 0.55 of the pairs over
 #: 9 answers, against 0.0017 at 0.58 for 0.94 everywhere (the hardest document: 0.0015 against
-#: 0.0027; README "Decode fidelity").
+#: 0.0027; docs/fidelity.md).
 SHARP_BELOW = 0.3
 #: Share of ``1 - alpha`` a sharp layer may miss (0.2: alpha 0.90 -> 0.98).
 SHARP_MISS = 0.2

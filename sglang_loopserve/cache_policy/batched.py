@@ -48,11 +48,12 @@ def batched_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     CPU attention kernel in the pool's dtype, each ``(request, KV head)`` one batch entry with its
     query heads as rows, padding masked), ``"loops"`` (CPU, numba: ``cpu_loops.sparse_decode``,
     rows read in place) or ``"auto"``: on a CPU the fused kernel for bfloat16 (and float16) K/V,
-    the loops for float32; elsewhere, and for other dtypes, the tensor ops.  Measured (``benchmarks/decode_attention.py``; 9 query /
-    3 KV heads, d 64): on a Xeon with AMX, bf16, budget 1024 over 8K, fused 0.21 / tensor 0.30 /
-    loops 0.83 ms for one request, 1.05 / 2.58 / 3.09 ms for 8, a full read of 7.4K 1.01 / 1.36 /
-    2.61 ms; on an AMD EPYC with AVX-512 bf16, tensor 0.29 / loops 0.79 ms for one request, and in
-    float32 the loops won from 8 requests or a full read on (4.5 vs 6.6 ms, 2.4 vs 5.7 ms).
+    the loops for float32; elsewhere, and for other dtypes, the tensor ops.  Measured
+    (``benchmarks/decode_attention.py``; 9 query / 3 KV heads, d 64): on a Xeon with AMX, bf16,
+    budget 1024 over 8K, fused 0.21 / tensor 0.30 / loops 0.83 ms for one request, 1.05 / 2.58 /
+    3.09 ms for 8, a full read of 7.4K 1.01 / 1.36 / 2.61 ms; on an AMD EPYC with AVX-512 bf16,
+    tensor 0.29 / loops 0.79 ms for one request, and in float32 the loops win from 8 requests or
+    a full read on (4.5 vs 6.6 ms, 2.4 vs 5.7 ms).
     """
     if method not in ("auto", "fused", "loops", "tensor"):
         raise ValueError(f"method must be 'auto', 'fused', 'loops' or 'tensor', got {method!r}")

@@ -3,8 +3,8 @@ and attention over selected positions.
 
 The two-stage re-selection (``decode.select_decode_kv_pruned``: key-block
 summaries pick candidates, exact scores among them) is two dozen small torch
-ops; on a CPU each costs tens of microseconds whatever its size, and a
-re-selection took 2-5 ms where its arithmetic needs a tenth of that.  Here the
+ops; on a CPU each costs tens of microseconds whatever its size, so as torch
+ops a re-selection takes 2-5 ms where its arithmetic needs a tenth of that.  Here the
 same steps run per KV head in one loop nest (parallel over heads): bring the
 block summaries up to date, score the blocks, take the best, read the
 candidates' keys through their slots, score them, keep the top ``budget``

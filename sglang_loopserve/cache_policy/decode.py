@@ -1,6 +1,6 @@
 """Progressive decode KV compression: which cached tokens each decode step reads.
 
-LoopServe (method.md, phase 2): every ``interval`` generated tokens, re-select
+LoopServe (the paper's phase 2): every ``interval`` generated tokens, re-select
 per KV head the ``budget`` cached positions that the latest output queries
 attend to; decode attention reads only those, plus every token generated since
 the last re-selection.  The full KV is never modified: a position dropped at
@@ -44,19 +44,17 @@ AGREEMENT = 0.7
 WINDOW_POOLING = DECODE_POOLINGS  # the server's flag takes the same choices
 #: Key blocks (of ``KeySummaries.block`` positions) each decode step reads besides the selection:
 #: the positions of those its own query ranks highest by their block mass (``KeySummaries.block_mass``,
-#: ``DecodeCompressor.query_blocks``; ours).  Measured by teacher-forced KL to full attention (``benchmarks/decode_kl_offline.py``,
-#: SmolLM2, 3.7K-token prompts, budget 1024, 9 answers): a selection chosen by the window's queries is
-#: stale for the query of the moment (each step's own exact top 1024 leaves a KL of 0.0014, the
-#: window's choice 0.0172); with 64 blocks of 8 and the first re-selection after 4 tokens 0.0025,
-#: reading 0.45 of the cache (96 blocks: 0.0014, reading 0.51).  At equal reads, the query's own
-#: blocks are worth more than the window's choice: budget 1024 + 64 blocks 0.0026, 768 + 96 0.0024,
-#: 512 + 128 0.0019, 384 + 144 0.0021, 256 + 160 0.0023 (all reading 0.45).  More blocks buy KL at
-#: once: 512 + 144 0.0017 reading 0.48 of a 3.7K-token cache, 512 + 160 0.0012 reading 0.51 (the
-#: same 9 answers, 512 + 128 there 0.0021), hence 144: the most under half of that cache.
+#: ``DecodeCompressor.query_blocks``; ours).  A selection chosen by the window's queries is stale for
+#: the query of the moment: by teacher-forced KL to full attention (``benchmarks/decode_kl_offline.py``,
+#: SmolLM2, 3.7K-token prompts, 9 answers), the window's choice of 1024 leaves 0.0172, each step's own
+#: exact top 1024 0.0014.  At budget 512, in one run (blocks ranked by their bound, every layer
+#: alike): 128 blocks 0.0021 reading 0.45 of the cache, 144 0.0017 reading 0.48, 160 0.0012 reading
+#: 0.51; 144 is the most under half of that cache.
 QUERY_BLOCKS = 144
-#: Cached tokens the window's re-selection keeps per KV head (the paper: 1024, the whole read);
-#: with ``QUERY_BLOCKS`` a step reads 512 + 1152 cached positions (1024 + 64 blocks read 1536),
-#: for a third less KL to full attention (above).
+#: Cached tokens the window's re-selection keeps per KV head (the paper: 1024, the whole read).
+#: At equal reads (0.45 of a 3.7K-token cache; one run of the same tool and answers, blocks ranked
+#: by their bound) the query's own blocks are worth more than the window's choice: budget 1024 + 64
+#: blocks 0.0026, 768 + 96 0.0024, 512 + 128 0.0019, 384 + 144 0.0021, 256 + 160 0.0023.
 BUDGET = 512
 #: Tokens from a turn's seed to its first re-selection: with query blocks each step reads what its
 #: own query needs, so the window's first choice can come early (a long turn reads every cached
@@ -159,10 +157,8 @@ def reselect_pruned(recent_q, k_buffer, slots, summaries, *, budget, sink=4, rec
         take = candidate_blocks(length, summaries.block, budget, factor, sink, recent)
         if method == "auto":
             # The compiled call wins with one scoring query (the window's mean); with a window of
-            # them the tensor ops' matrix products did (bf16, budget 1024, 16 queries: 2.1 vs 3.8 ms
-            # at 8K, 2.8 vs 3.8 ms at 32K; benchmarks/decode_attention.py).  With the loops on
-            # torch's OpenMP team (torch_threads) it is about even: 8 queries, blocks ranked by
-            # their mean, 1.58 vs 1.54 ms at 8K, 1.90 vs 2.23 ms at 32K; the tensor ops stay.
+            # them the tensor ops are about as fast (bf16, 8 queries, blocks ranked by their mean:
+            # 1.58 vs 1.54 ms at 8K, 1.90 vs 2.23 ms at 32K; benchmarks/decode_attention.py).
             method = ("loops" if cpu_loops.supports(k_buffer) and take * summaries.block >= budget
                       and recent_q.shape[0] == 1 else "tensor")
         if method == "loops":
@@ -371,9 +367,9 @@ class DecodeCompressor:
         """``[Hk, E]``: the positions a step with query ``q [H, d]`` reads besides the selection
         (ours): walking the key blocks before the selection's cache length by descending mass
         (``KeySummaries.block_mass``: per query head the softmax over blocks of their logits, summed
-        over the group; ties: the lower block first), the first ``E`` positions the selection does not hold, ``E = query_blocks x
-        block`` (fewer if a head has fewer such positions: every head reads as many).  The
-        reference; on a CPU ``attended`` runs the same walk compiled (``cpu_loops``)."""
+        over the group; ties: the lower block first), the first ``E`` positions the selection does
+        not hold, ``E = query_blocks x block`` (fewer if a head has fewer such positions: every
+        head reads as many).  The reference; on a CPU ``attended`` runs the same walk compiled (``cpu_loops``)."""
         bs = self.summaries.block
         n_blocks = self._summarised(k_buffer, slots)
         held, _, free = self._held_blocks(n_blocks)

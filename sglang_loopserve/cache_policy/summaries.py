@@ -1,9 +1,9 @@
 """Key-block summaries: the cheap first stage of a decode re-selection, and each step's ranking.
 
-Scoring a window of decode queries against every cached key costs about one
-dense decode step per generated token when done every 16 tokens: at 32K
-tokens it was 88% of the compressed decode's attention time.  So the
-re-selection works in two stages:
+Scoring a window of decode queries against every cached key every 16 tokens
+costs about one dense decode step per generated token: at 32K tokens, 88% of
+the compressed decode's attention time.  So the re-selection works in two
+stages:
 
 1. **Candidates by block scores.**  Each KV head's keys are cut into blocks of
    ``block`` positions; a block is summarised by the elementwise max and min

@@ -5,7 +5,7 @@ numba is a dependency of SGLang; where it cannot be imported ``numba`` is
 use (seconds; cached on disk).
 
 Threading layer: numba's own work queue, never OpenMP, for the loops that
-still use ``prange``.  numba's OpenMP layer is a second OpenMP runtime (the
+use ``prange``.  numba's OpenMP layer is a second OpenMP runtime (the
 system's libgomp, not the one torch ships) and, once it has launched, left
 torch's parallel ops oversubscribed: measured on the 2-core CI machine, a
 2.3K-token one-shot prefill took 7.3 s on stock attention in the server and

@@ -117,15 +117,16 @@ class DenseLayers:
     A model's early layers attend diffusely turn after turn (SmolLM2's layer 0 keeps over 90% of
     its cells at alpha 0.95), and planning them costs as much as a sparse layer's plan for
     nothing: at 8K tokens half of the layers, 5-10% of a dense prefill each.  How dense a plan
-    is depends on the forward's shape, though: a conversation's first turn (a square over a
-    short sequence) plans far denser than its next turn over a long cached history (SmolLM2,
-    3.6K tokens: 9 more layers too dense after a 1.6K-token first turn, 0.79 of the causal
-    pairs computed instead of 0.62).  So the memory is per layer and length octave (``n_ctx``'s
-    bit length) and holds only for an ``alpha`` at least the one that planned too dense.  And it
-    depends on the conversation: a layer planned just above the gate in one (0.6-0.8) plans below
-    it in the next, and remembering it made the next conversations' prefills run it exact (served,
-    3 documents in turn: 0.65 of the pairs where each alone plans 0.53-0.62), so only a plan at
-    least ``remember_from`` dense is remembered; a layer nearer the gate plans every time.
+    is depends on the forward's shape: a conversation's first turn (a square over a short
+    sequence) plans far denser than its next turn over a long cached history (SmolLM2, 3.6K
+    tokens after a 1.6K-token first turn: remembered across lengths, 9 more layers run exact and
+    0.79 of the causal pairs are computed instead of 0.62).  So the memory is per layer and length
+    octave (``n_ctx``'s bit length) and holds only for an ``alpha`` at least the one that planned
+    too dense.  It also depends on the conversation: a layer planned just above the gate in one
+    (0.6-0.8) plans below it in the next, and remembering it would run the next conversations'
+    prefills exact there (served, 3 documents in turn: 0.65 of the pairs where each alone plans
+    0.53-0.62); so only a plan at least ``remember_from`` dense is remembered, and a layer nearer
+    the gate plans every time.
     """
 
     #: The planned density from which a too-dense layer is remembered.

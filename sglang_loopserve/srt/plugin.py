@@ -102,58 +102,40 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(FLAGS["enabled"], action="store_true",
                        help="Serve with LoopServe: sparse prefill and decode KV selection.")
     helps = {
-        "method": "What this backend serves: loopserve, or a baseline at the same budgets: full (exact "
-                  "attention), snapkv (one selection from the prompt's last 32 queries), adakv (SnapKV's "
-                  "scores, budget shared across a layer's KV heads), streaming_llm (sink + latest "
-                  "tokens), all four prefilling exactly; a_shape, tri_shape, minference (static prefill "
-                  "patterns of about DECODE_BUDGET keys per query, exact decoding). Per request: "
-                  "custom_params.loopserve.method.",
-        "alpha": "Prefill: fraction of the estimated attention mass the kept vertical/slash "
-                 "lines cover, in (0, 1]; 1 keeps everything. A layer whose plan computes less "
-                 f"than {SHARP_BELOW * 100:.0f}%% of the causal pairs covers 1 - (1 - ALPHA) x {SHARP_MISS:g} "
-                 "instead, unless that plan is dense enough for exact attention.",
+        "method": "What this backend serves: loopserve, or a baseline at the same budgets (full, snapkv, "
+                  "adakv, streaming_llm; a_shape, tri_shape, minference: static prefill patterns).",
+        "alpha": "Prefill: share of the estimated attention mass the kept lines cover, in (0, 1]; a layer "
+                 f"planned under {SHARP_BELOW * 100:.0f}%% of the pairs covers 1 - (1 - ALPHA) x {SHARP_MISS:g}.",
         "q_window": "Prefill: last queries of a turn sampled to estimate attention (plus as many "
                     "spread over the turn).",
         "block_size": "Prefill: block size of the block-sparse kernel (power of two >= 16).",
-        "min_prefill_len": "Prefill: sequences shorter than this (cached + new tokens), and forwards "
-                           "with fewer new tokens than the block size, run exact attention over the new "
-                           "rows only.",
-        "decode_budget": "Decode: cached tokens per KV head a re-selection keeps for the steps until "
-                         "the next (each step also reads its query blocks: DECODE_QUERY_BLOCKS x 8).",
+        "min_prefill_len": "Prefill: shorter sequences (cached + new tokens), and forwards of fewer new "
+                           "tokens than a block, run exact attention.",
+        "decode_budget": "Decode: cached tokens per KV head a re-selection keeps (each step also reads "
+                         "its own DECODE_QUERY_BLOCKS x 8).",
         "decode_interval": "Decode: re-select the attended tokens every this many generated tokens.",
         "decode_window": "Decode: latest generated queries that score the cached tokens.",
-        "decode_max_interval": "Decode: while consecutive re-selections agree (70%% of the new one's "
-                               "attention mass on positions the previous one held), the interval "
-                               "doubles, up to this many tokens; a change resets it.",
-        "decode_seed": "Decode: what a turn's tokens read before its first re-selection: auto (a turn of "
-                       "at most Q_WINDOW new tokens: the cached tokens all its queries attend to most; "
-                       "a longer one: every cached token), estimate (the top of the prefill "
-                       "estimate's column mass over all "
-                       "its sampled rows; after an exact prefill as last_queries), last_queries (the "
-                       "cached tokens the turn's last DECODE_WINDOW prompt queries attend to most) or "
-                       "full (every cached token).",
-        "decode_first_interval": "Decode: tokens from a turn's start to its first re-selection (with "
-                                 "--loopserve-decode-seed full: how long a turn reads every cached token).",
-        "decode_pooling": "Decode: how a re-selection's window of queries scores the cache: bounds (their "
-                          "mean per head ranks the key blocks, each query scores the candidates), all "
-                          "(their mean does both: cheapest, less faithful) or none (each query does both).",
-        "decode_query_blocks": "Decode: key blocks of 8 tokens each step's own query adds to the selection "
-                               "(those its query ranks highest by the blocks' key summaries: bounds and mean "
-                               "key; not already selected); 0 reads the selection only.",
+        "decode_max_interval": "Decode: while consecutive re-selections agree (70%% of the mass on held "
+                               "positions), the interval doubles, up to this.",
+        "decode_seed": "Decode: what a turn reads before its first re-selection: auto (a short turn: what "
+                       "its queries attend to most; a long one: everything), estimate, last_queries or full.",
+        "decode_first_interval": "Decode: tokens from a turn's start to its first re-selection (with seed "
+                                 "full: how long it reads everything).",
+        "decode_pooling": "Decode: how a re-selection's window scores the cache: bounds (mean query ranks "
+                          "blocks, each query scores candidates), all (mean only) or none (each query only).",
+        "decode_query_blocks": "Decode: key blocks of 8 tokens each step's own query adds to the selection, "
+                               "ranked by their key summaries; 0: the selection only.",
         "decode_pyramid": "Decode: slope of the query blocks over depth, in [0, 1): the first layer reads "
-                          "1 + SLOPE times DECODE_QUERY_BLOCKS, the last 1 - SLOPE times, linearly between "
-                          "(the mean is kept; lower layers attend more diffusely, after PyramidKV).",
+                          "1 + SLOPE times DECODE_QUERY_BLOCKS, the last 1 - SLOPE times.",
         "decode_max_read": "Decode: a turn compresses only where each step would read at most this share "
-                           "of its cache (DECODE_BUDGET + DECODE_QUERY_BLOCKS x 8 over the cached tokens); "
-                           "otherwise it decodes exactly on the base path. 1: wherever the selection is "
-                           "smaller than the cache.",
+                           "of its cache, else decodes exactly; 1: wherever the selection is smaller.",
         "sink": "First tokens always kept (prefill columns and decode selection).",
         "recent": "Decode: last tokens always kept.",
     }
     from ..attention.sparse_prefill import MIN_PREFILL_LEN
 
-    shown = {"min_prefill_len": "the break-even measured per device (" + ", ".join(
-        f"{device} {tokens}" for device, tokens in MIN_PREFILL_LEN.items()) + " tokens)"}
+    shown = {"min_prefill_len": "per device (" + ", ".join(
+        f"{device} {tokens}" for device, tokens in MIN_PREFILL_LEN.items()) + ")"}
     for f in fields(LoopServeConfig):
         if f.name == "enabled":
             continue
