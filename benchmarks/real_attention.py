@@ -88,7 +88,7 @@ def main(argv=None):
                 results[position, li, alpha] = (st.density, rel(out, ref), rel(out[qrows], ref[qrows]))
                 row.append(f"{st.density:>9.3f} {rel(out, ref):>6.3f} {rel(out[qrows], ref[qrows]):>6.3f}")
             print(f"{li:>5} " + " ".join(row), flush=True)
-            if position == "middle" and li == len(layers) // 2:
+            if example is None and li == len(layers) // 2:  # the first position's middle layer
                 mask, _ = build_block_mask(q, k, alpha=0.95, q_window=64, block_size=64)
                 example = (li, mask.to_dense()[0].float())
         print(f"{'mean':>5} " + " ".join(
@@ -134,7 +134,8 @@ def plot(results, positions, example, path):
     if example is not None:
         layer, m = example
         axes[2].imshow(m.numpy(), aspect="auto", cmap="Greys", interpolation="nearest")
-        axes[2].set(xlabel="key position", ylabel="new query", title=f"Selected cells, layer {layer} head 0, alpha 0.95")
+        axes[2].set(xlabel="key position", ylabel="new query",
+                    title=f"Selected cells, layer {layer} head 0, alpha 0.95")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"plot: {path}")

@@ -13,6 +13,8 @@ answers agree.  Servers are stopped on success, error, Ctrl-C or SIGTERM.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 import textwrap
 import time
@@ -39,6 +41,8 @@ def parse_args(argv=None):
                    help="KV pool size in tokens")
     p.add_argument("--only", choices=("stock", "loopserve"), help="run one configuration only")
     p.add_argument("--log-prefix", default="server", help="server logs: <prefix>-<config>.log")
+    p.add_argument("--json", help="also write the turns of both servers to this file "
+                                  "(default: <log-prefix>-turns.json)")
     p.add_argument("server_args", nargs=argparse.REMAINDER,
                    help="after '--': extra arguments for sglang.launch_server (both servers), "
                         "e.g. -- --loopserve-alpha 0.9")
@@ -114,6 +118,25 @@ def print_report(results: dict, conversation=GROWING_CONVERSATION) -> None:
               f"{_fmt(ls.get('prefill_density'), '7.3f')} {kv:>19} | {same}")
 
 
+def cpu_kind() -> str:
+    """The CPU features that decide the dtype and kernels: name them with every figure."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return "unknown"
+    found = [flag for flag in ("amx_bf16", "avx512_bf16", "avx2") if flag in flags]
+    return " ".join(found) or "none of amx_bf16, avx512_bf16, avx2"
+
+
+def write_turns(path: str, results: dict, model_path: str, conversation: str) -> None:
+    """The per-turn figures of every configuration, for plots and results folders."""
+    doc = {"model": str(model_path), "conversation": conversation, "cpu": cpu_kind(),
+           "configs": {name: [dataclasses.asdict(t) for t in turns] for name, turns in results.items()}}
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     raise_on_sigterm()
@@ -138,6 +161,9 @@ def main(argv=None) -> int:
         print("interrupted; server stopped", file=sys.stderr)
         return 130
     print_report(results, CONVERSATIONS[args.conversation])
+    json_path = args.json or f"{args.log_prefix}-turns.json"
+    write_turns(json_path, results, model_path, args.conversation)
+    print(f"\nturns written to {json_path}")
     print(f"\ntotal {time.monotonic() - t0:.1f} s; servers stopped")
     return 0
 
