@@ -17,6 +17,8 @@ of SGLang is edited.  What each hook does:
   retraction); the output streamer puts the stats into ``meta_info["loopserve"]``;
   ``/server_info`` reports the backend's state, the KV pool and the radix
   tree's counters;
+* HTTP server: the OpenAI chat and completion responses, streamed or not,
+  carry the same stats in ``sglext.loopserve`` (``srt/openai_stats.py``);
 * scheduler: ``default_radix_cache_factory`` builds LoopServe's radix cache
   under ``--radix-eviction-policy loopserve`` (``srt/radix_cache.py``); the
   policy is a choice of that flag in every process, and asking for it without
@@ -51,12 +53,20 @@ T_RELEASE = "sglang.srt.mem_cache.common.release_kv_cache"
 T_STREAM = ("sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer."
             "_stream_output_generation")
 T_META = "sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info"
+T_GENERATE = "sglang.srt.managers.tokenizer_manager.TokenizerManager.generate_request"
 T_INTERNAL_STATE = ("sglang.srt.managers.scheduler_components.internal_state."
                     "SchedulerInternalStateController.get_internal_state")
 T_SCHEDULER_INIT = "sglang.srt.managers.scheduler.Scheduler.__init__"
 T_TREE_CACHE = "sglang.srt.mem_cache.registry.default_radix_cache_factory"
+T_CHAT_RESPONSE = "sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat._build_chat_response"
+T_CHAT_STREAM = "sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat._generate_chat_stream"
+T_COMPLETION_RESPONSE = ("sglang.srt.entrypoints.openai.serving_completions.OpenAIServingCompletion."
+                         "_build_completion_response")
+T_COMPLETION_STREAM = ("sglang.srt.entrypoints.openai.serving_completions.OpenAIServingCompletion."
+                       "_generate_completion_stream")
+OPENAI_TARGETS = (T_GENERATE, T_CHAT_RESPONSE, T_CHAT_STREAM, T_COMPLETION_RESPONSE, T_COMPLETION_STREAM)
 SCHEDULER_TARGETS = (T_BUILD_BACKEND, T_REQ_INIT, T_RELEASE, T_STREAM, T_INTERNAL_STATE, T_TREE_CACHE)
-ALL_TARGETS = (T_ADD_CLI_ARGS, T_PREPARE, T_VERIFY, T_META, T_SCHEDULER_INIT) + SCHEDULER_TARGETS
+ALL_TARGETS = (T_ADD_CLI_ARGS, T_PREPARE, T_VERIFY, T_META, T_SCHEDULER_INIT) + SCHEDULER_TARGETS + OPENAI_TARGETS
 
 _DEFAULTS = LoopServeConfig()
 _TYPES = {"alpha": float, "decode_pyramid": float, "decode_max_read": float, "method": str, "decode_seed": str, "decode_pooling": str}
@@ -193,6 +203,9 @@ def _around_prepare_server_args(original, argv, *args, **kwargs):
     settings = LaunchSettings(config, bool(getattr(server_args, "enable_metrics", False)))
     os.environ[CONFIG_ENV] = settings.to_env()  # spawned children inherit it
     _settings_cache.clear()
+    from .openai_stats import add_sglext_field
+
+    add_sglext_field()  # this process serves the OpenAI endpoints
     logger.info("LoopServe enabled: %s", config)
     return server_args
 
@@ -375,6 +388,37 @@ def _after_meta_info(result, manager, meta_info, state, *args, **kwargs):
             meta_info[REQUEST_KEY] = latest
 
 
+def _around_generate_request(original, manager, obj, *args, **kwargs):
+    outputs = original(manager, obj, *args, **kwargs)
+    from .openai_stats import record_outputs, stream_sink
+
+    sink = stream_sink(obj)  # set by an OpenAI stream only
+    return outputs if sink is None else record_outputs(outputs, sink)
+
+
+def _after_build_response(result, serving, request, ret, *args, **kwargs):
+    if launch_settings() is None:
+        return None
+    from .openai_stats import with_stats
+
+    return with_stats(result, ret)
+
+
+def _stream_hook(chunk_model: str):
+    """An AROUND hook for an OpenAI streaming generator whose chunks are ``protocol.<chunk_model>``."""
+    def around(original, serving, adapted_request, request, *args, **kwargs):
+        chunks = original(serving, adapted_request, request, *args, **kwargs)
+        if launch_settings() is None:
+            return chunks
+        from sglang.srt.entrypoints.openai import protocol
+
+        from .openai_stats import stream_with_stats
+
+        return stream_with_stats(chunks, adapted_request, request, getattr(protocol, chunk_model))
+
+    return around
+
+
 def _after_internal_state(result, controller, *args, **kwargs):
     if launch_settings() is None:
         return
@@ -429,6 +473,11 @@ def register() -> None:
         (T_META, _after_meta_info, HookType.AFTER),
         (T_INTERNAL_STATE, _after_internal_state, HookType.AFTER),
         (T_TREE_CACHE, _around_tree_cache, HookType.AROUND),
+        (T_GENERATE, _around_generate_request, HookType.AROUND),
+        (T_CHAT_RESPONSE, _after_build_response, HookType.AFTER),
+        (T_COMPLETION_RESPONSE, _after_build_response, HookType.AFTER),
+        (T_CHAT_STREAM, _stream_hook("ChatCompletionStreamResponse"), HookType.AROUND),
+        (T_COMPLETION_STREAM, _stream_hook("CompletionStreamResponse"), HookType.AROUND),
     ]
     for target, fn, kind in hooks:
         HookRegistry.register(target, fn, kind)
