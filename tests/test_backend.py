@@ -474,3 +474,131 @@ def test_a_layer_planned_too_dense_runs_exact_without_planning(setup):
     ref = causal_attention(q.view(-1, H, D).double(), k.view(-1, HK, D).double(), v.view(-1, HK, D).double(),
                            compute_dtype=torch.float64)
     assert (o.double() - ref).abs().max() < 2e-4
+
+
+# Faults and NaN/Inf ------------------------------------------------------------
+def _prefill_two(s, gen, rids=("sparse", "dense")):
+    """Request 0: 160 cached + 96 new (the sparse path); request 1: 40 new, keep-everything."""
+    reqs = [Request(rids[0], s.config), Request(rids[1], s.config.override({"alpha": 1.0, "decode_budget": 4096}))]
+    s.req_to_token[0, :256] = torch.arange(256)
+    s.req_to_token[1, :40] = torch.arange(1000, 1040)
+    s.pool.k[:160] = torch.randn(160, HK, D, generator=gen)
+    s.pool.v[:160] = torch.randn(160, HK, D, generator=gen)
+    out_loc = torch.cat([torch.arange(160, 256), torch.arange(1000, 1040)])
+    q, k, v = (torch.randn(136, n * D, generator=gen) for n in (H, HK, HK))
+    fb = _batch("extend", list(rids), [0, 1], [160, 0], [96, 40], out_loc)
+    return reqs, q, k, v, fb
+
+
+def _decode_two(s, gen, step, rids=("sparse", "dense")):
+    s.req_to_token[0, 256 + step] = 256 + step
+    s.req_to_token[1, 40 + step] = 1040 + step
+    fb = _batch("decode", list(rids), [0, 1], [256 + step, 40 + step], [1, 1],
+                torch.tensor([256 + step, 1040 + step]))
+    return fb, (torch.randn(2, n * D, generator=gen) for n in (H, HK, HK))
+
+
+def _exact_decode(s, q_row, length, pool_row):
+    rows = s.req_to_token[pool_row, :length].long()
+    return causal_attention(q_row.view(1, H, D), s.pool.k[rows], s.pool.v[rows])[0]
+
+
+def test_nan_in_a_prefill_falls_back_to_exact_and_counts(setup):
+    from sglang_loopserve.srt.faults import stats as fault_stats
+
+    s, gen = setup, torch.Generator().manual_seed(1)
+    before = fault_stats.nonfinite_exact_layers
+    reqs, q, k, v, fb = _prefill_two(s, gen)
+    s.pool.k[17, 1, 3] = float("nan")  # a cached key of the sparse request's history
+    o = s.backend.forward(q, k, v, s.layer, fb).view(-1, H, D)
+    ref = causal_attention(q[:96].view(-1, H, D), s.pool.k[:256], s.pool.v[:256])
+    torch.testing.assert_close(o[:96], ref, equal_nan=True)  # what stock attention gives: the exact rectangle
+    assert o[:96].isnan().any()
+    stats = reqs[0].loopserve_stats.summary()
+    assert stats["nonfinite_exact_layers"] == 1 and stats["prefill_density"] == 1.0
+    assert fault_stats.nonfinite_exact_layers == before + 1
+    assert not hasattr(reqs[0], "to_finish")  # NaN is not a fault: the request goes on
+    assert not o[96:].isnan().any()
+
+
+def test_nan_in_a_decode_query_reads_everything_from_then_on(setup):
+    s, gen = setup, torch.Generator().manual_seed(2)
+    reqs, q, k, v, fb = _prefill_two(s, gen)
+    s.backend.forward(q, k, v, s.layer, fb)
+    for step in range(3):
+        fb, (qd, kd, vd) = _decode_two(s, gen, step)
+        if step == 1:
+            qd[0, 5] = float("inf")
+        o = s.backend.forward(qd, kd, vd, s.layer, fb).view(2, H, D)
+        if step >= 1:  # exact over every cached token, as the base computes it
+            torch.testing.assert_close(o[0], _exact_decode(s, s.backend._scaled(qd[0].view(H, D), s.layer),
+                                                           257 + step, 0), equal_nan=True)
+    stats = reqs[0].loopserve_stats.summary()
+    assert stats["nonfinite_exact_layers"] == 2  # steps 1 and 2 (one layer each)
+    assert stats["decode_tokens_attended"] < stats["decode_tokens_cached"]  # step 0 read its selection
+
+
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_a_fault_in_loopserve_fails_that_request_only(setup, phase):
+    from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+    from sglang_loopserve.srt.faults import FaultHook
+
+    s, gen = setup, torch.Generator().manual_seed(3)
+    s.backend.fault_hook = FaultHook((phase, "spar"))
+    reqs, q, k, v, fb = _prefill_two(s, gen)
+    o = s.backend.forward(q, k, v, s.layer, fb).view(-1, H, D)
+    ref = causal_attention(q[:96].view(-1, H, D), s.pool.k[:256], s.pool.v[:256])
+    torch.testing.assert_close(o[:96], ref, atol=2e-5, rtol=1e-4)  # exact, in either case
+    fb, (qd, kd, vd) = _decode_two(s, gen, 0)
+    o = s.backend.forward(qd, kd, vd, s.layer, fb).view(2, H, D)
+    torch.testing.assert_close(o[0], _exact_decode(s, s.backend._scaled(qd[0].view(H, D), s.layer), 257, 0),
+                               atol=2e-5, rtol=1e-4)
+    finish = reqs[0].to_finish
+    assert isinstance(finish, FINISH_ABORT) and "LoopServe failed" in finish.message
+    assert finish.status_code == 500 and "InjectedFault" in finish.message
+    assert not hasattr(reqs[1], "to_finish")  # the other request goes on
+    dense = s.base.forward_decode(qd[1:], kd[1:], vd[1:], s.layer,
+                                  _batch("decode", ["dense"], [1], [40], [1], torch.tensor([1040])))
+    assert torch.equal(o[1].reshape(1, -1), dense)
+
+
+def test_a_failing_decode_kernel_is_retried_per_request(setup, monkeypatch):
+    """The batched decode call raises for one request: the other still reads its selection."""
+    import sglang_loopserve.srt.backend as backend_module
+
+    s, gen = setup, torch.Generator().manual_seed(4)
+    cfg = s.config
+    reqs = [Request("sparse", cfg), Request("off", cfg)]
+    for row in (0, 1):
+        s.req_to_token[row, :257] = torch.arange(257) + 2000 * row
+    s.pool.k[:2300] = torch.randn(2300, HK, D, generator=gen)
+    s.pool.v[:2300] = torch.randn(2300, HK, D, generator=gen)
+    for rid in ("sparse", "off"):
+        store.new_turn(rid, cfg, 0)
+    real = backend_module.batched_decode_attention
+
+    def fails_for_row_one(q, k, v, slots, indptr, positions):
+        if q.shape[0] > 1 or int(slots[0, 0]) == 2000:
+            raise RuntimeError("kernel failed")
+        return real(q, k, v, slots, indptr, positions)
+
+    monkeypatch.setattr(backend_module, "batched_decode_attention", fails_for_row_one)
+    fb = _batch("decode", ["sparse", "off"], [0, 1], [256, 256], [1, 1], torch.tensor([256, 2256]))
+    qd, kd, vd = (torch.randn(2, n * D, generator=gen) for n in (H, HK, HK))
+    for rid in ("sparse", "off"):  # a seeded selection, so both read the kernel
+        store.get(rid).compressor(0, 1).seed(torch.rand(HK, 257), 257)
+    o = s.backend.forward(qd, kd, vd, s.layer, fb).view(2, H, D)
+    assert not hasattr(reqs[0], "to_finish") and reqs[1].to_finish.status_code == 500
+    torch.testing.assert_close(o[1], _exact_decode(s, s.backend._scaled(qd[1].view(H, D), s.layer), 257, 1),
+                               atol=2e-5, rtol=1e-4)
+    assert reqs[0].loopserve_stats.summary()["decode_tokens_attended"] < 257
+
+
+@pytest.mark.parametrize("value", ["decode", "decode:", "prefil:x", ":x"])
+def test_fault_injection_variable_is_checked(value):
+    from sglang_loopserve.srt.faults import INJECT_ENV, injection_from_env
+
+    with pytest.raises(ValueError, match=INJECT_ENV):
+        injection_from_env(value)
+    assert injection_from_env("decode:fault-") == ("decode", "fault-")

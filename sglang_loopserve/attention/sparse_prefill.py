@@ -113,6 +113,11 @@ class SparsePrefillStats:
     planned_density: float = 1.0  # the plan's density, also when the exact rectangle ran
     plan_alpha: float | None = None  # the mass its lines cover: alpha, or sharpened (SHARP_BELOW)
     alpha_reason: str | None = None  # why plan_alpha: ALPHA_ASKED, ALPHA_SHARPENED, ALPHA_SHARP_TOO_DENSE
+    nonfinite: bool = False  # the queries or keys held NaN/Inf: no plan, the exact rectangle ran
+
+
+class NonFiniteInput(ValueError):
+    """The queries or keys hold NaN or Inf: an estimate of them ranks nothing."""
 
 
 def validate_prefill_inputs(q, k, v, alpha, q_window, block_size) -> None:
@@ -155,6 +160,10 @@ def _plan(q, k, *, alpha, q_window, block_size, sink, local, rows_per_segment, t
     t0 = time.perf_counter()
     rows = sample_query_rows(n_new, q_window, device=q.device)
     sample = sample_attention(q, k, rows)
+    # Every key meets the sampled rows, so one sum sees a NaN/Inf key or query (a pass over
+    # the sample, 1/d of the estimate's multiply-adds).
+    if not bool(torch.isfinite(sample.logits.sum() + q.sum())):
+        raise NonFiniteInput("queries or keys hold NaN/Inf")
     t1 = _now(q.device)
 
     spent = dict(estimate=t1 - t0, select=0.0, index=0.0)
@@ -199,6 +208,18 @@ def build_block_mask(q, k, *, alpha, q_window, block_size, sink=4, local=None,
     return mask, lines.segment_counts
 
 
+def _exact_rectangle(q, k, v, return_stats: bool, nonfinite: bool = False):
+    t = time.perf_counter()
+    out = exact_prefill_attention(q, k, v)
+    timings = dict(estimate=0.0, select=0.0, index=0.0, attention=_now(q.device) - t)
+    if not return_stats:
+        return out
+    ones = torch.ones(q.shape[1], dtype=torch.float64)
+    return out, SparsePrefillStats(density=1.0, head_density=ones, vertical_counts=ones * k.shape[0],
+                                   slash_counts=ones * k.shape[0], kernel="exact", timings=timings,
+                                   nonfinite=nonfinite)
+
+
 def sparse_prefill_attention(q, k, v, *, alpha: float = 0.9, q_window: int = 64,
                              block_size: int = 64, return_stats: bool = False,
                              kernel: str = "auto", sink: int = 4, local: int | None = None,
@@ -230,6 +251,9 @@ def sparse_prefill_attention(q, k, v, *, alpha: float = 0.9, q_window: int = 64,
             ``budget`` keys per query; its cells are computed even where the exact
             rectangle would be cheaper, so it answers as the baseline does).
 
+    Queries or keys holding NaN/Inf run the exact rectangle (as stock attention would) with
+    ``stats.nonfinite`` set.
+
     Returns ``out [n_new, H, d]`` in ``q.dtype``, or ``(out, stats)``.
     """
     validate_prefill_inputs(q, k, v, alpha, q_window, block_size)
@@ -248,18 +272,14 @@ def sparse_prefill_attention(q, k, v, *, alpha: float = 0.9, q_window: int = 64,
         mask = BlockMask.from_lines(lines)
         timings.update(estimate=0.0, select=t1 - t0, index=_now(q.device) - t1)
     elif alpha >= 1.0:
-        t = time.perf_counter()
-        out = exact_prefill_attention(q, k, v)
-        timings.update(estimate=0.0, select=0.0, index=0.0, attention=_now(q.device) - t)
-        if not return_stats:
-            return out
-        ones = torch.ones(n_heads, dtype=torch.float64)
-        return out, SparsePrefillStats(density=1.0, head_density=ones, vertical_counts=ones * k.shape[0],
-                                       slash_counts=ones * k.shape[0], kernel="exact", timings=timings)
+        return _exact_rectangle(q, k, v, return_stats)
     else:
-        mask, lines, plan_alpha, alpha_reason = _plan(
-            q, k, alpha=float(alpha), q_window=q_window, block_size=block_size, sink=sink, local=local,
-            rows_per_segment=8, timings=timings, sharpen=sharpen)
+        try:
+            mask, lines, plan_alpha, alpha_reason = _plan(
+                q, k, alpha=float(alpha), q_window=q_window, block_size=block_size, sink=sink, local=local,
+                rows_per_segment=8, timings=timings, sharpen=sharpen)
+        except NonFiniteInput:
+            return _exact_rectangle(q, k, v, return_stats, nonfinite=True)
     t = time.perf_counter()
     exact = pattern == "loopserve" and kernel == "auto" and dense_is_cheaper(mask)
     out = exact_prefill_attention(q, k, v) if exact else KERNELS[name](q, k, v, mask)

@@ -48,6 +48,8 @@ from ..attention.sparse_prefill import min_prefill_len
 from ..cache_policy import METHODS, KeySummaries, ScoreContext, attention_mass, batched_decode_attention
 from ..cache_policy.decode import DecodeCompressor, decode_pays, reselect_pruned
 from ..config import PREFILL_PATTERNS, LoopServeConfig
+from .faults import FaultHook, fail_request, failed, injection_from_env
+from .faults import stats as fault_stats
 from .request_state import RequestStats, live_requests, model_context, set_model_context, store
 from .radix import PADDING_SLOT, count_prefill
 from .radix import POLICY as RADIX_POLICY, stats as radix_stats
@@ -94,6 +96,18 @@ def _token_starts(new_lens) -> list[int]:
     for n in new_lens:
         starts.append(starts[-1] + n)
     return starts
+
+
+class _Failed(Exception):
+    """This step serves the request exactly (it failed earlier, or met NaN/Inf)."""
+
+
+def _nonfinite_rows(q_, k) -> set[int]:
+    """Rows of a decode batch whose query or new key holds NaN/Inf (one sum per row)."""
+    n = q_.shape[0]
+    sums = q_.reshape(n, -1).float().sum(1) + k.reshape(n, -1).float().sum(1)
+    bad = ~torch.isfinite(sums)
+    return set(bad.nonzero().flatten().tolist()) if bool(bad.any()) else set()
 
 
 def _request(rid: str):
@@ -194,6 +208,7 @@ class LoopServeAttnBackend:
         self._base_subsets = hasattr(base, "_run_sdpa_forward_extend")
         self._pruned_now: dict = {}  # rid -> pruned prefix positions, this forward
         self._live_now: dict = {}  # rid -> the other positions, this forward
+        self.fault_hook = FaultHook(injection_from_env())
         self._warm_up(model_runner)
 
     def _warm_up(self, model_runner) -> None:
@@ -380,12 +395,14 @@ class LoopServeAttnBackend:
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         fb = forward_batch
         rids = fb.rids or []
-        prefix_lens, new_lens = fb.extend_prefix_lens_cpu, fb.extend_seq_lens_cpu
+        new_lens = fb.extend_seq_lens_cpu
         seq_lens = fb.seq_lens_cpu.tolist()
         plans = []  # (i, options, mode)
         for i, rid in enumerate(rids):
             opts = options_of(rid, self.config)
             mode = self.extend_mode(opts, seq_lens[i], new_lens[i])
+            if failed(_request(rid)):  # finishing with an error: exactly, as stock
+                mode = "base"
             if rid in self._pruned_now:  # a pruned prefix: exact over the keys still held
                 mode = "exact"
             plans.append((i, opts, mode))
@@ -397,62 +414,103 @@ class LoopServeAttnBackend:
         starts = _token_starts(new_lens)
         for i, opts, mode in plans:
             rid = rids[i]
-            stats = request_stats(rid)
-            if stats is not None:
-                stats.enabled, stats.num_layers, stats.method = opts.enabled, self.num_layers, opts.method
-            if not opts.enabled:
+            req = _request(rid)
+            rows = slice(starts[i], starts[i + 1])
+            if failed(req):
+                if mode != "base":
+                    o_[rows] = self._exact_rows(q_[rows], layer, fb, i).to(o_.dtype)
                 continue
-            # A prefill starts the turn's decode state afresh (at the first layer).
-            state = None if layer.layer_id == 0 else self.store.get(rid)
-            if state is None:
-                state = self.store.new_turn(rid, opts, new_lens[i])
-                state.pruned = self._pruned_now.get(rid)
-                if stats is not None:
-                    stats.pruned_cached_tokens = 0 if state.pruned is None else int(state.pruned.numel())
-            comp = state.compressor(layer.layer_id, self.num_layers)
-            causal = causal_pairs(prefix_lens[i], new_lens[i]) * layer.tp_q_head_num
-            if mode == "base":
-                comp.seed(None, seq_lens[i])
-                if stats is not None:
-                    stats.add_prefill(causal, causal, sparse=False)
-                continue
-            lo, hi = starts[i], starts[i + 1]
-            k_all, v_all = self._kv_of(layer, int(fb.req_pool_indices[i]), seq_lens[i], q.dtype)
-            q_i = self._scaled(q_[lo:hi], layer)
-            if mode == "sparse" and opts.method == "loopserve" and self.dense_layers.skip(
-                    layer.layer_id, seq_lens[i], opts.alpha):
-                mode = "exact"
-            if mode == "exact":
-                live = None
-                if state.pruned is not None:  # the pruned positions' keys are removed, not zeroed
-                    live = self._live_positions(rid, state.pruned, seq_lens[i], k_all.device)
-                    k_all, v_all = k_all[live], v_all[live]
-                o_[lo:hi] = exact_prefill_attention(q_i, k_all, v_all).to(o_.dtype)
-                self._seed_after_exact(comp, opts, q_i, k_all, seq_lens[i], live, rid, turn=state.turn_tokens)
-                if stats is not None:
-                    stats.add_prefill(causal, causal, sparse=False)
-                    stats.seeded_from = comp.seeded_from
-                continue
-            pattern = opts.method if opts.method in PREFILL_PATTERNS else "loopserve"
-            out, st = sparse_prefill_attention(
-                q_i, k_all, v_all, alpha=opts.alpha, q_window=opts.q_window,
-                block_size=self.config.block_size, sink=opts.sink, kernel=self.kernel, return_stats=True,
-                pattern=pattern, budget=opts.decode_budget)
-            o_[lo:hi] = out.to(o_.dtype)
-            if pattern == "loopserve":
-                self.dense_layers.observe(layer.layer_id, st.planned_density, seq_lens[i], opts.alpha)
-                self._seed_after_exact(comp, opts, q_i, k_all, seq_lens[i], estimate=st.key_scores,
-                                       turn=state.turn_tokens)
-                self.store.importance(rid).observe_columns(st.key_scores[:, :seq_lens[i]])
-            else:  # a prefill pattern: decoding reads everything
-                self._seed_after_exact(comp, opts, q_i, k_all, seq_lens[i])
-            select_s = sum(st.timings.get(stage, 0.0) for stage in ("estimate", "select", "index"))
-            if stats is not None:
-                stats.add_prefill(st.density * causal, causal, sparse=st.kernel != "exact", select_s=select_s)
-                stats.seeded_from = comp.seeded_from
-            if self.metrics is not None:
-                self.metrics.observe_prefill(st.density, select_s)
+            try:
+                self._extend_request(i, opts, mode, q_[rows], o_[rows], layer, fb)
+            except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the server
+                fail_request(req, rid, exc)
+                if mode != "base":
+                    o_[rows] = self._exact_rows(q_[rows], layer, fb, i).to(o_.dtype)
         return o
+
+    def _exact_rows(self, q_rows, layer, fb, i):
+        """Exact attention of request ``i``'s query rows ``q_rows`` (its last ones) over the keys it
+        holds: the fallback of a request LoopServe failed on."""
+        seq_len = int(fb.seq_lens_cpu[i])
+        k_all, v_all = self._kv_of(layer, int(fb.req_pool_indices[i]), seq_len, q_rows.dtype)
+        pruned = self._pruned_now.get(fb.rids[i])
+        state = self.store.get(fb.rids[i])
+        pruned = pruned if pruned is not None else getattr(state, "pruned", None)
+        if pruned is not None:
+            live = self._live_positions(fb.rids[i], pruned, seq_len, k_all.device)
+            k_all, v_all = k_all[live], v_all[live]
+        return exact_prefill_attention(self._scaled(q_rows, layer), k_all, v_all)
+
+    def _extend_request(self, i, opts, mode, q_rows, o_rows, layer, fb):
+        """Request ``i``'s rows of this extend (``o_rows``, written in place), its stats and the
+        seed of its decode selection."""
+        rid = fb.rids[i]
+        prefix_len, new_len, seq_len = fb.extend_prefix_lens_cpu[i], fb.extend_seq_lens_cpu[i], int(fb.seq_lens_cpu[i])
+        stats = request_stats(rid)
+        if stats is not None:
+            stats.enabled, stats.num_layers, stats.method = opts.enabled, self.num_layers, opts.method
+        if not opts.enabled:
+            return
+        self.fault_hook.check("prefill", rid)
+        # A prefill starts the turn's decode state afresh (at the first layer).
+        state = None if layer.layer_id == 0 else self.store.get(rid)
+        if state is None:
+            state = self.store.new_turn(rid, opts, new_len)
+            state.pruned = self._pruned_now.get(rid)
+            if stats is not None:
+                stats.pruned_cached_tokens = 0 if state.pruned is None else int(state.pruned.numel())
+        comp = state.compressor(layer.layer_id, self.num_layers)
+        causal = causal_pairs(prefix_len, new_len) * layer.tp_q_head_num
+        if mode == "base":
+            comp.seed(None, seq_len)
+            if stats is not None:
+                stats.add_prefill(causal, causal, sparse=False)
+            return
+        k_all, v_all = self._kv_of(layer, int(fb.req_pool_indices[i]), seq_len, q_rows.dtype)
+        q_i = self._scaled(q_rows, layer)
+        if mode == "sparse" and opts.method == "loopserve" and self.dense_layers.skip(
+                layer.layer_id, seq_len, opts.alpha):
+            mode = "exact"
+        if mode == "exact":
+            live = None
+            if state.pruned is not None:  # the pruned positions' keys are removed, not zeroed
+                live = self._live_positions(rid, state.pruned, seq_len, k_all.device)
+                k_all, v_all = k_all[live], v_all[live]
+            o_rows[:] = exact_prefill_attention(q_i, k_all, v_all).to(o_rows.dtype)
+            self._seed_after_exact(comp, opts, q_i, k_all, seq_len, live, rid, turn=state.turn_tokens)
+            if stats is not None:
+                stats.add_prefill(causal, causal, sparse=False)
+                stats.seeded_from = comp.seeded_from
+            return
+        pattern = opts.method if opts.method in PREFILL_PATTERNS else "loopserve"
+        out, st = sparse_prefill_attention(
+            q_i, k_all, v_all, alpha=opts.alpha, q_window=opts.q_window,
+            block_size=self.config.block_size, sink=opts.sink, kernel=self.kernel, return_stats=True,
+            pattern=pattern, budget=opts.decode_budget)
+        o_rows[:] = out.to(o_rows.dtype)
+        if st.nonfinite:  # served exactly; the turn decodes exactly too
+            state.nonfinite = True
+            self._count_nonfinite(stats)
+            comp.seed(None, seq_len)
+        elif pattern == "loopserve":
+            self.dense_layers.observe(layer.layer_id, st.planned_density, seq_len, opts.alpha)
+            self._seed_after_exact(comp, opts, q_i, k_all, seq_len, estimate=st.key_scores,
+                                   turn=state.turn_tokens)
+            self.store.importance(rid).observe_columns(st.key_scores[:, :seq_len])
+        else:  # a prefill pattern: decoding reads everything
+            self._seed_after_exact(comp, opts, q_i, k_all, seq_len)
+        select_s = sum(st.timings.get(stage, 0.0) for stage in ("estimate", "select", "index"))
+        if stats is not None:
+            stats.add_prefill(st.density * causal, causal, sparse=st.kernel != "exact", select_s=select_s)
+            stats.seeded_from = comp.seeded_from
+        if self.metrics is not None:
+            self.metrics.observe_prefill(st.density, select_s)
+
+    @staticmethod
+    def _count_nonfinite(stats) -> None:
+        fault_stats.nonfinite_exact_layers += 1
+        if stats is not None:
+            stats.nonfinite_exact_layers += 1
 
     def _run_base(self, decode, q, k, v, layer, fb, save_kv_cache, taken):
         """The base backend's output for every request LoopServe does not ``take``.
@@ -507,21 +565,39 @@ class LoopServeAttnBackend:
         seq_lens = fb.seq_lens_cpu.tolist()
         q_ = self._scaled(q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim), layer)
         comps, sparse = {}, {}  # i -> compressor, i -> (flat positions, count per KV head)
+        nonfinite = None  # rows of the batch whose query or new key holds NaN/Inf (looked at once)
         for i, rid in enumerate(rids):
             req = _request(rid)
             opts = options_of(rid, self.config)
             if not opts.enabled or req is None or req.finished():
                 continue
             state = self.store.get(rid) or self.store.new_turn(rid, opts)
-            if state.base_decode is None:  # once per turn, at its first step: every layer agrees
-                state.base_decode = (opts.method == "loopserve" and state.pruned is None and not decode_pays(
-                    seq_lens[i], opts.decode_budget, opts.decode_query_blocks, float(opts.decode_max_read)))
-            if state.base_decode:
-                self._observe_read(rid, seq_lens[i], seq_lens[i])
+            try:
+                if failed(req):
+                    raise _Failed
+                self.fault_hook.check("decode", rid)
+                if state.base_decode is None:  # once per turn, at its first step: every layer agrees
+                    state.base_decode = (opts.method == "loopserve" and state.pruned is None and not decode_pays(
+                        seq_lens[i], opts.decode_budget, opts.decode_query_blocks, float(opts.decode_max_read)))
+                if state.base_decode:
+                    self._observe_read(rid, seq_lens[i], seq_lens[i])
+                    continue
+                if nonfinite is None:
+                    nonfinite = _nonfinite_rows(q_, k)
+                if i in nonfinite or state.nonfinite:  # exactly from here on, as stock
+                    state.nonfinite = True
+                    self._count_nonfinite(self._observe_read(rid, seq_lens[i], seq_lens[i]))
+                    raise _Failed
+                comp = comps[i] = state.compressor(layer.layer_id, self.num_layers)
+                rows = comp.attended(seq_lens[i], q_[i], self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+                                     self.req_to_token_pool.req_to_token[fb.req_pool_indices[i]])
+            except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the server
+                if not isinstance(exc, _Failed):
+                    fail_request(req, rid, exc)
+                comps.pop(i, None)
+                if state.pruned is not None:  # exactly, over the positions it holds
+                    sparse[i] = without_positions(None, state.pruned, seq_lens[i], layer.tp_k_head_num)
                 continue
-            comp = comps[i] = state.compressor(layer.layer_id, self.num_layers)
-            rows = comp.attended(seq_lens[i], q_[i], self.token_to_kv_pool.get_key_buffer(layer.layer_id),
-                                 self.req_to_token_pool.req_to_token[fb.req_pool_indices[i]])
             # A compressing turn that still reads everything (a full seed) also runs on the kernel.
             read_all = (rows is None and self._full_reads_through_kernel and not comp.fixed
                         and opts.decode_budget < seq_lens[i])
@@ -535,9 +611,23 @@ class LoopServeAttnBackend:
         q = q.reshape(-1, layer.tp_q_head_num * layer.qk_head_dim)
         o = self._run_base(True, q, k, v, layer, fb, save_kv_cache, taken=set(sparse))
         if sparse:
-            self._decode_selected(q_, o, layer, fb, sparse, seq_lens)
+            try:
+                self._decode_selected(q_, o, layer, fb, sparse, seq_lens)
+            except Exception:  # noqa: BLE001 - find the request it failed on, serve the others
+                self._decode_selected_one_by_one(q_, o, layer, fb, sparse, seq_lens)
         self._record(q_, layer, fb, comps, sparse, seq_lens)
         return o
+
+    def _decode_selected_one_by_one(self, q_, o, layer, fb, sparse, seq_lens):
+        """The batched call failed: each request alone; one that fails again is served exactly
+        (``_exact_rows``) and finished with an error."""
+        for i in sorted(sparse):
+            try:
+                self._decode_selected(q_, o, layer, fb, {i: sparse[i]}, seq_lens)
+            except Exception as exc:  # noqa: BLE001
+                fail_request(_request(fb.rids[i]), fb.rids[i], exc)
+                o.view(-1, layer.tp_q_head_num, layer.v_head_dim)[i] = self._exact_rows(
+                    q_[i:i + 1], layer, fb, i)[0].to(o.dtype)
 
     def _decode_selected(self, q_, o, layer, fb, sparse, seq_lens):
         """Attention of the compressed requests over their selections, one batched call.
@@ -569,17 +659,23 @@ class LoopServeAttnBackend:
     def _record(self, q_, layer, fb, comps, sparse, seq_lens):
         """Feed each request's query to its compressor; re-select where due."""
         for i, comp in comps.items():
-            rid = fb.rids[i]
-            stats = self._observe_read(rid, sum(sparse[i][1]) / len(sparse[i][1]) if i in sparse else seq_lens[i],
-                                       seq_lens[i])
-            if comp.record(q_[i].clone()):
-                t = time.perf_counter()
-                slots = self.req_to_token_pool.req_to_token[int(fb.req_pool_indices[i]), :seq_lens[i]]
-                comp.reselect_from(self.token_to_kv_pool.get_key_buffer(layer.layer_id), slots)
-                dt = time.perf_counter() - t
-                self.store.importance(rid).observe_selection(comp.selection, comp.selection_mass)
-                if stats is not None:
-                    stats.reselections += 1
-                    stats.select_time_s += dt
-                if self.metrics is not None:
-                    self.metrics.observe_reselection(dt)
+            try:
+                self._record_one(q_, layer, fb, i, comp, sparse, seq_lens)
+            except Exception as exc:  # noqa: BLE001 - this step's output is already right
+                fail_request(_request(fb.rids[i]), fb.rids[i], exc)
+
+    def _record_one(self, q_, layer, fb, i, comp, sparse, seq_lens):
+        rid = fb.rids[i]
+        stats = self._observe_read(rid, sum(sparse[i][1]) / len(sparse[i][1]) if i in sparse else seq_lens[i],
+                                   seq_lens[i])
+        if comp.record(q_[i].clone()):
+            t = time.perf_counter()
+            slots = self.req_to_token_pool.req_to_token[int(fb.req_pool_indices[i]), :seq_lens[i]]
+            comp.reselect_from(self.token_to_kv_pool.get_key_buffer(layer.layer_id), slots)
+            dt = time.perf_counter() - t
+            self.store.importance(rid).observe_selection(comp.selection, comp.selection_mass)
+            if stats is not None:
+                stats.reselections += 1
+                stats.select_time_s += dt
+            if self.metrics is not None:
+                self.metrics.observe_reselection(dt)

@@ -57,6 +57,7 @@ class RequestStats:
     select_time_s: float = 0.0  # prefill estimate + index, decode re-selection
     seeded_from: str = "full"
     pruned_cached_tokens: int = 0  # cached prefix positions whose KV the radix tree pruned
+    nonfinite_exact_layers: int = 0  # layer forwards served exactly: NaN/Inf in its queries or keys
 
     def add_prefill(self, computed: float, causal: float, sparse: bool, select_s: float = 0.0):
         self.prefill_pairs_computed += computed
@@ -88,6 +89,7 @@ class RequestStats:
             "select_time_s": round(self.select_time_s, 6),
             "seeded_from": self.seeded_from,
             "pruned_cached_tokens": self.pruned_cached_tokens,
+            "nonfinite_exact_layers": self.nonfinite_exact_layers,
         }
 
 
@@ -105,6 +107,8 @@ class DecodeState:
     #: whether this turn decodes exactly on the base path (``decode_pays`` said no at its first
     #: decode step); None until then
     base_decode: bool | None = None
+    #: NaN/Inf met in this turn's queries or keys: it decodes exactly from then on
+    nonfinite: bool = False
 
     def compressor(self, layer_id: int, num_layers: int | None = None) -> DecodeCompressor:
         """Layer ``layer_id``'s compressor; making it takes the model's ``num_layers`` (the query
