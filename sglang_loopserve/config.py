@@ -47,6 +47,10 @@ DECODE_SEEDS = ("auto", "estimate", "last_queries", "full")
 DECODE_POOLINGS = ("bounds", "all", "none")
 
 
+#: The largest integer setting (2^31 - 1): "everything" is any value above the context.
+MAX_INT = 2**31 - 1
+
+
 class LoopServeConfigError(ValueError):
     """A setting is out of range; ``field`` names it."""
 
@@ -126,7 +130,8 @@ class LoopServeConfig:
             raise LoopServeConfigError(field, f"{name(field)} {why}, got {getattr(self, field)!r}")
 
         def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
+            # Bounded: the kernels index with int64 and the planner sums counts in int32.
+            return isinstance(v, int) and not isinstance(v, bool) and v <= MAX_INT
 
         if not isinstance(self.enabled, bool):
             fail("enabled", "must be true or false")
@@ -150,12 +155,12 @@ class LoopServeConfig:
             if f == "decode_first_interval" and self.decode_first_interval is None:
                 continue
             if not is_int(getattr(self, f)) or getattr(self, f) < 1:
-                fail(f, "must be an integer >= 1")
+                fail(f, f"must be an integer in [1, {MAX_INT}]")
         for f in ("min_prefill_len", "decode_query_blocks", "sink", "recent"):
             if f == "min_prefill_len" and self.min_prefill_len is None:
                 continue
             if not is_int(getattr(self, f)) or getattr(self, f) < 0:
-                fail(f, "must be an integer >= 0")
+                fail(f, f"must be an integer in [0, {MAX_INT}]")
         bs = self.block_size
         if not is_int(bs) or bs < 16 or bs & (bs - 1):
             fail("block_size", "must be a power of two >= 16")

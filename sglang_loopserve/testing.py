@@ -1,21 +1,24 @@
-"""Stand-ins for SGLang's batch objects, to drive ``LoopServeAttnBackend`` without SGLang.
+"""Test support: stand-ins for SGLang's batch objects, and the fuzzed request settings.
 
 The backend reads only ``req_to_token``, the pool's per-layer key/value
 buffers, the model config's head counts and a forward batch's lengths, so the
 tests and ``benchmarks/backend_turn.py`` build those here, on any device (the
-GPU image has no SGLang).
+GPU image has no SGLang).  ``fuzzed_settings`` is the sweep of
+``custom_params.loopserve`` values the server tests and ``benchmarks/soak.py`` send.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 import types
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .config import LoopServeConfig
+from .config import LoopServeConfig, LoopServeConfigError, request_field_name
 from .srt.request_state import RequestStats, live_requests
 
 
@@ -179,3 +182,44 @@ class DenseBase:
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         return self._run(q, k, v, forward_batch, decode=True)
+
+
+#: Values of every class a client may send by mistake: wrong types, nested junk, NaN/Inf,
+#: out of range, huge.  Which are wrong for which field is for ``LoopServeConfig`` to say.
+FUZZ_VALUES = ("0.5", "", [0.5], {"value": 1}, [[{}]], None, True, False, float("nan"), float("inf"),
+               float("-inf"), -1, 0, 0.0, 0.5, 1.5, 3, 2**31 - 1, 2**31, 2**63, 10**30, 1e308, -1e308)
+
+
+@dataclass(frozen=True)
+class FuzzCase:
+    """A ``custom_params.loopserve`` value; ``field``: what a 400 must name, the field's JSON path
+    or ``json_invalid`` (NaN and Infinity are not JSON: SGLang's strict parser refuses the body,
+    with its position, before any field is read); ``None``: a valid value, to be answered."""
+
+    value: object
+    field: str | None
+
+
+def fuzzed_settings() -> list[FuzzCase]:
+    """Every per-request field with every ``FUZZ_VALUES`` entry, unknown and misspelt keys, and
+    a ``loopserve`` that is not an object; each judged by ``LoopServeConfig.override`` (the
+    server's own rule), so the sweep holds both refusals and extreme values that must serve."""
+    base = LoopServeConfig()
+
+    def as_served(value):
+        # SGLang's JSON parser reads an integer beyond 64 bits as a float.
+        return float(value) if isinstance(value, int) and not -2**63 <= value < 2**64 else value
+
+    cases = [FuzzCase(v, request_field_name("")) for v in ([0.5], "alpha=0.5", 7, True, [[{}]])]
+    cases += [FuzzCase({key: 1}, request_field_name(key)) for key in ("nonsense", "Alpha", "block_size", "")]
+    for field_name in LoopServeConfig.REQUEST_FIELDS:
+        for value in FUZZ_VALUES:
+            if isinstance(value, float) and not math.isfinite(value):
+                cases.append(FuzzCase({field_name: value}, "json_invalid"))
+                continue
+            try:
+                base.override({field_name: as_served(value)}, request_field_name)
+                cases.append(FuzzCase({field_name: value}, None))
+            except LoopServeConfigError as exc:
+                cases.append(FuzzCase({field_name: value}, request_field_name(exc.field)))
+    return cases

@@ -422,18 +422,47 @@ def _stream_hook(chunk_model: str):
 def _after_internal_state(result, controller, *args, **kwargs):
     if launch_settings() is None:
         return
+    from .faults import stats as fault_stats
+    from .radix import stats as radix_stats
     from .request_state import store
 
-    from .radix import stats as radix_stats
-
     scheduler = controller.scheduler
+    tracked = len(store)
     store.drop_missing()
     result.internal_state[REQUEST_KEY] = {
-        "tracked_requests": len(store),
+        "tracked_requests": tracked,
+        "stale_requests": tracked - len(store),  # tracked after SGLang let them go: a leak if > 0
         "kv_available_tokens": int(scheduler.token_to_kv_pool_allocator.available_size()),
         "kv_evictable_tokens": int(scheduler.tree_cache.evictable_size()),
         "radix": radix_stats.as_dict(),
+        "faults": fault_stats.as_dict(),
+        "idle_check": idle_check(scheduler),
     }
+
+
+def idle_check(scheduler) -> dict | None:
+    """SGLang's own idle invariants (``invariant_checker``: every KV token available, evictable
+    or protected; every request slot free; the radix tree's ``sanity_check``), checked now when
+    the scheduler is idle; None while it runs requests."""
+    if not scheduler.is_fully_idle() or scheduler.waiting_queue:
+        return None
+    tree = scheduler.tree_cache
+    protected = int(tree.protected_size()) if hasattr(tree, "protected_size") else 0
+    kv = {"total": int(scheduler.max_total_num_tokens),
+          "available": int(scheduler.token_to_kv_pool_allocator.available_size()),
+          "evictable": int(tree.evictable_size()), "protected": protected}
+    slots = scheduler.req_to_token_pool
+    slot_total = slots.size + getattr(slots, "pre_alloc_size", 0)
+    sanity = "not offered by this cache"
+    if hasattr(tree, "sanity_check"):
+        try:
+            tree.sanity_check()
+            sanity = "ok"
+        except Exception as exc:  # noqa: BLE001 - reported, not raised: the server serves on
+            sanity = f"{type(exc).__name__}: {exc}"[:2000]
+    return {"kv": kv, "kv_balanced": kv["available"] + kv["evictable"] + kv["protected"] == kv["total"],
+            "req_slots_free": len(slots.free_slots), "req_slots_total": slot_total,
+            "radix_sanity": sanity}
 
 
 def _around_tree_cache(original, ctx, *args, **kwargs):
