@@ -41,7 +41,8 @@ GSP = ["--dataset-name", "generated-shared-prefix", "--gsp-num-groups", "2", "--
 TRACE_DATASETS = ("single_doc_qa", "multi_doc_qa", "multi_hop_2", "passage_retrieval", "kv_retrieval",
                   "variable_tracking", "summarization", "few_shot")
 METRICS = (("output_throughput", "output tok/s", 1), ("median_ttft_ms", "TTFT p50 ms", -1),
-           ("p99_ttft_ms", "TTFT p99 ms", -1), ("median_tpot_ms", "TPOT p50 ms", -1), ("p99_tpot_ms", "TPOT p99 ms", -1))
+           ("p99_ttft_ms", "TTFT p99 ms", -1), ("median_tpot_ms", "TPOT p50 ms", -1),
+           ("p99_tpot_ms", "TPOT p99 ms", -1))
 
 
 def export_trace(path: Path, scale: float) -> None:
@@ -113,7 +114,8 @@ def table(rows: list[dict]) -> str:
             ratio = (b / a if better > 0 else a / b) if a and b else float("nan")
             cells.append(f"{a:.1f} / {b:.1f} ({ratio:.2f}x)")
         lines.append(f"| {workload} | {c} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\nRatio: LoopServe's gain (output tok/s: LoopServe / stock; times: stock / LoopServe).\n"
+    return ("\n".join(lines)
+            + "\n\nRatio: LoopServe's gain (output tok/s: LoopServe / stock; times: stock / LoopServe).\n")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -129,7 +131,8 @@ def plot(rows: list[dict], path: Path) -> None:
                                              ("median_ttft_ms", "TTFT p50 ms (lower is better)"))):
             ax = axes[i][j]
             for server, color in (("stock", "tab:gray"), ("loopserve", "tab:blue")):
-                pts = sorted((r["concurrency"], r[metric]) for r in rows if r["workload"] == w and r["server"] == server)
+                pts = sorted((r["concurrency"], r[metric]) for r in rows
+                             if r["workload"] == w and r["server"] == server)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=server)
             ax.set_title(f"{w}: {label}", fontsize=9)
             ax.set_xlabel("concurrency")
