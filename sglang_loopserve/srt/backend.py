@@ -98,10 +98,6 @@ def _token_starts(new_lens) -> list[int]:
     return starts
 
 
-class _Failed(Exception):
-    """This step serves the request exactly (it failed earlier, or met NaN/Inf)."""
-
-
 def _nonfinite_rows(q_, k) -> set[int]:
     """Rows of a decode batch whose query or new key holds NaN/Inf (one sum per row)."""
     n = q_.shape[0]
@@ -572,30 +568,30 @@ class LoopServeAttnBackend:
             if not opts.enabled or req is None or req.finished():
                 continue
             state = self.store.get(rid) or self.store.new_turn(rid, opts)
+            rows = None
             try:
-                if failed(req):
-                    raise _Failed
-                self.fault_hook.check("decode", rid)
-                if state.base_decode is None:  # once per turn, at its first step: every layer agrees
-                    state.base_decode = (opts.method == "loopserve" and state.pruned is None and not decode_pays(
-                        seq_lens[i], opts.decode_budget, opts.decode_query_blocks, float(opts.decode_max_read)))
-                if state.base_decode:
-                    self._observe_read(rid, seq_lens[i], seq_lens[i])
-                    continue
-                if nonfinite is None:
-                    nonfinite = _nonfinite_rows(q_, k)
-                if i in nonfinite or state.nonfinite:  # exactly from here on, as stock
-                    state.nonfinite = True
-                    self._count_nonfinite(self._observe_read(rid, seq_lens[i], seq_lens[i]))
-                    raise _Failed
-                comp = comps[i] = state.compressor(layer.layer_id, self.num_layers)
-                rows = comp.attended(seq_lens[i], q_[i], self.token_to_kv_pool.get_key_buffer(layer.layer_id),
-                                     self.req_to_token_pool.req_to_token[fb.req_pool_indices[i]])
+                if not failed(req):
+                    self.fault_hook.check("decode", rid)
+                    if state.base_decode is None:  # once per turn, at its first step: every layer agrees
+                        state.base_decode = (opts.method == "loopserve" and state.pruned is None and not decode_pays(
+                            seq_lens[i], opts.decode_budget, opts.decode_query_blocks, float(opts.decode_max_read)))
+                    if state.base_decode:
+                        self._observe_read(rid, seq_lens[i], seq_lens[i])
+                        continue
+                    if nonfinite is None:
+                        nonfinite = _nonfinite_rows(q_, k)
+                    state.nonfinite = state.nonfinite or i in nonfinite
+                    if state.nonfinite:  # exactly from here on, as stock
+                        self._count_nonfinite(self._observe_read(rid, seq_lens[i], seq_lens[i]))
+                    else:
+                        comp = comps[i] = state.compressor(layer.layer_id, self.num_layers)
+                        rows = comp.attended(seq_lens[i], q_[i], self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+                                             self.req_to_token_pool.req_to_token[fb.req_pool_indices[i]])
             except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the server
-                if not isinstance(exc, _Failed):
-                    fail_request(req, rid, exc)
+                fail_request(req, rid, exc)
+            if failed(req) or state.nonfinite:  # exactly: the base, or every position it holds
                 comps.pop(i, None)
-                if state.pruned is not None:  # exactly, over the positions it holds
+                if state.pruned is not None:
                     sparse[i] = without_positions(None, state.pruned, seq_lens[i], layer.tp_k_head_num)
                 continue
             # A compressing turn that still reads everything (a full seed) also runs on the kernel.
