@@ -143,7 +143,8 @@ def main(argv=None):
     heads = tuple(int(x) for x in args.heads.split(","))
     # decode_seed "estimate": every timed step reads a selection (the steady state; the default
     # "auto" reads everything until the first re-selection after a long turn).
-    config = LoopServeConfig(alpha=args.alpha, decode_budget=args.budget, min_prefill_len=1, decode_seed="estimate")
+    config = LoopServeConfig(alpha=args.alpha, decode_budget=args.budget, min_prefill_len=1, decode_min_len=0,
+                             decode_seed="estimate")
     provide_kv_write_loc()
     torch.set_grad_enabled(False)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"

@@ -71,7 +71,7 @@ def bench(url: str, model_path: str, args: list[str], concurrency: int, out_file
 
 def run(out: Path, concurrencies, scale: float, pool_tokens: int) -> list[dict]:
     from sglang_loopserve import models
-    from sglang_loopserve.demo import cpu_kind
+    from sglang_loopserve.cpu_runtime.cpu_info import cpu_kind
     from sglang_loopserve.server import SGLangServer
 
     out.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,11 @@ DECODE_SEEDS = ("auto", "estimate", "last_queries", "full")
 #: candidates; ``all``: their mean does both (cheapest, a third more KL to full attention);
 #: ``none``: each query does both (the paper's scoring).  ``DecodeCompressor.pool_window`` takes these.
 DECODE_POOLINGS = ("bounds", "all", "none")
+#: The compressed decode step's attention kernel (``decode_kernel``; ``cache_policy.batched``):
+#: ``auto``: the one ``calibrate`` measured fastest on this machine.
+DECODE_KERNELS = ("auto", "tensor", "loops", "fused")
+#: How the server gets its gates (``calibration``; ``calibrate.CALIBRATION_MODES``).
+CALIBRATIONS = ("auto", "measure", "off")
 
 
 #: The largest integer setting (2^31 - 1): "everything" is any value above the context.
@@ -77,9 +82,11 @@ class LoopServeConfig:
     block_size: int = 64
     #: Prefill: sequences shorter than this (cached + new tokens) run the exact
     #: rectangle (new rows over cached + new keys); so do forwards with fewer
-    #: than ``block_size`` new tokens.  ``None``: the device's measured
-    #: break-even (``attention.sparse_prefill.MIN_PREFILL_LEN``).
+    #: than ``block_size`` new tokens.  ``None``: measured on this machine (``calibrate``).
     min_prefill_len: int | None = None
+    #: Prefill: a plan computing at least this share of the pairs runs the exact rectangle
+    #: instead.  ``None``: measured on this machine (``calibrate``).
+    prefill_max_density: float | None = None
     #: Decode: cached tokens the window's re-selection keeps per KV head (the paper's budget: 1024;
     #: ours 512, as each step also reads ``decode_query_blocks`` x 8 positions of its own choosing:
     #: ``cache_policy.decode.BUDGET``).
@@ -110,6 +117,16 @@ class LoopServeConfig:
     #: its own (``cache_policy.decode.decode_pays``: AVX2, fp32, a turn reading 0.85 of a 1.9K cache
     #: decoded at 0.7x stock).  1 compresses wherever the selection is smaller than the cache.
     decode_max_read: float = 0.5
+    #: Decode: a turn over fewer cached tokens than this decodes on the base path, exactly.
+    #: ``None``: measured on this machine (``calibrate``: where a compressed step costs at most
+    #: 0.9 of stock's).
+    decode_min_len: int | None = None
+    #: Decode: the compressed step's attention kernel (``DECODE_KERNELS``; ``auto``: measured).
+    decode_kernel: str = "auto"
+    #: Where the gates above come from when left unset (``CALIBRATIONS``): ``auto``, this machine's
+    #: cached measurement, measured at start-up where none is; ``measure``, measured again;
+    #: ``off``, defaults no measured machine lost at (``calibrate.SAFE_GATES``).
+    calibration: str = "auto"
     #: First tokens always kept (prefill columns and decode selection).
     sink: int = 4
     #: Decode: last tokens always kept.
@@ -120,7 +137,7 @@ class LoopServeConfig:
     REQUEST_FIELDS = ("enabled", "method", "alpha", "q_window", "min_prefill_len", "decode_budget",
                       "decode_interval", "decode_window", "decode_max_interval", "decode_seed",
                       "decode_first_interval", "decode_pooling", "decode_query_blocks", "decode_pyramid",
-                      "decode_max_read", "sink", "recent")
+                      "decode_max_read", "decode_min_len", "sink", "recent")
 
     def validated(self, name=lambda field: field) -> "LoopServeConfig":
         """``self`` if every value is in range, else ``LoopServeConfigError``;
@@ -144,6 +161,14 @@ class LoopServeConfig:
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) \
                 or not 0.0 < float(self.alpha) <= 1.0:
             fail("alpha", "must be a number in (0, 1]")
+        if self.decode_kernel not in DECODE_KERNELS:
+            fail("decode_kernel", f"must be one of {', '.join(DECODE_KERNELS)}")
+        if self.calibration not in CALIBRATIONS:
+            fail("calibration", f"must be one of {', '.join(CALIBRATIONS)}")
+        if self.prefill_max_density is not None and (
+                isinstance(self.prefill_max_density, bool) or not isinstance(self.prefill_max_density, (int, float))
+                or not 0.0 <= float(self.prefill_max_density) <= 1.0):
+            fail("prefill_max_density", "must be a number in [0, 1]")
         if isinstance(self.decode_pyramid, bool) or not isinstance(self.decode_pyramid, (int, float)) \
                 or not 0.0 <= float(self.decode_pyramid) < 1.0:
             fail("decode_pyramid", "must be a number in [0, 1)")
@@ -156,8 +181,8 @@ class LoopServeConfig:
                 continue
             if not is_int(getattr(self, f)) or getattr(self, f) < 1:
                 fail(f, f"must be an integer in [1, {MAX_INT}]")
-        for f in ("min_prefill_len", "decode_query_blocks", "sink", "recent"):
-            if f == "min_prefill_len" and self.min_prefill_len is None:
+        for f in ("min_prefill_len", "decode_min_len", "decode_query_blocks", "sink", "recent"):
+            if f in ("min_prefill_len", "decode_min_len") and getattr(self, f) is None:
                 continue
             if not is_int(getattr(self, f)) or getattr(self, f) < 0:
                 fail(f, f"must be an integer in [0, {MAX_INT}]")

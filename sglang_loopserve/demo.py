@@ -20,6 +20,7 @@ import textwrap
 import time
 
 from . import models
+from .cpu_runtime.cpu_info import cpu_kind
 from .frontends import GROWING_CONVERSATION, LONG_GROWING_CONVERSATION, connect, run_growing_chat
 
 #: Conversations by name: ``short`` fits an 8K model (history ~2K/4K/7K), ``long`` a 32K one (~2K/9K/17K).
@@ -54,8 +55,9 @@ def parse_args(argv=None):
     return args
 
 
-def run_config(name, model_path, args):
-    """Start a server, hold the conversation, stop it: the turns."""
+def run_config(name, model_path, args, gates=None):
+    """Start a server, hold the conversation, stop it: the turns.  LoopServe's gates (what the
+    server measured on this machine, or its flags set) go into ``gates`` (a dict) when given."""
     extra = list(args.server_args)
     if name == "loopserve":
         extra = ["--enable-loopserve"] + extra
@@ -68,11 +70,27 @@ def run_config(name, model_path, args):
     print(f"[{name}] starting server on {server.url} (log: {log}) ...", flush=True)
     with server:
         print(f"[{name}] server healthy after {time.monotonic() - t:.1f} s", flush=True)
+        if name == "loopserve":
+            found = server_gates(server.url)
+            print(f"[{name}] gates: {found}", flush=True)
+            if gates is not None:
+                gates.update(found or {})
         t = time.monotonic()
         turns = run_growing_chat(connect(server.url, timing=True), CONVERSATIONS[args.conversation],
                                  max_tokens=args.max_tokens)
         print(f"[{name}] conversation: {time.monotonic() - t:.1f} s; server stopped", flush=True)
     return turns
+
+
+def server_gates(url: str) -> dict | None:
+    """A LoopServe server's gates (``/server_info``; ``calibrate``), or None."""
+    import requests
+
+    try:
+        info = requests.get(url + "/server_info", timeout=30).json()
+        return info["internal_states"][0]["loopserve"]["gates"]
+    except (requests.RequestException, ValueError, KeyError, IndexError, TypeError):
+        return None
 
 
 def _context_length(model_path) -> int:
@@ -118,20 +136,9 @@ def print_report(results: dict, conversation=GROWING_CONVERSATION) -> None:
               f"{_fmt(ls.get('prefill_density'), '7.3f')} {kv:>19} | {same}")
 
 
-def cpu_kind() -> str:
-    """The CPU features that decide the dtype and kernels: name them with every figure."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(f.read().split())
-    except OSError:
-        return "unknown"
-    found = [flag for flag in ("amx_bf16", "avx512_bf16", "avx2") if flag in flags]
-    return " ".join(found) or "none of amx_bf16, avx512_bf16, avx2"
-
-
-def write_turns(path: str, results: dict, model_path: str, conversation: str) -> None:
+def write_turns(path: str, results: dict, model_path: str, conversation: str, gates: dict | None = None) -> None:
     """The per-turn figures of every configuration, for plots and results folders."""
-    doc = {"model": str(model_path), "conversation": conversation, "cpu": cpu_kind(),
+    doc = {"model": str(model_path), "conversation": conversation, "cpu": cpu_kind(), "gates": gates or None,
            "configs": {name: [dataclasses.asdict(t) for t in turns] for name, turns in results.items()}}
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)
@@ -150,10 +157,10 @@ def main(argv=None) -> int:
         args.conversation = "long" if _context_length(model_path) >= 24576 else "short"
     print(f"model: {model_path}  [{time.monotonic() - t0:.1f} s]; conversation: {args.conversation}", flush=True)
     configs = [args.only] if args.only else ["stock", "loopserve"]
-    results = {}
+    results, gates = {}, {}
     try:
         for name in configs:
-            results[name] = run_config(name, model_path, args)
+            results[name] = run_config(name, model_path, args, gates)
     except ServerStartError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -162,7 +169,7 @@ def main(argv=None) -> int:
         return 130
     print_report(results, CONVERSATIONS[args.conversation])
     json_path = args.json or f"{args.log_prefix}-turns.json"
-    write_turns(json_path, results, model_path, args.conversation)
+    write_turns(json_path, results, model_path, args.conversation, gates)
     print(f"\nturns written to {json_path}")
     print(f"\ntotal {time.monotonic() - t0:.1f} s; servers stopped")
     return 0

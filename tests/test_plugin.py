@@ -223,7 +223,7 @@ def test_radix_namespace_separates_approximate_kv(monkeypatch):
     other = {"method": "snapkv", "alpha": 0.5, "q_window": 32, "min_prefill_len": 7, "decode_budget": 300,
              "decode_interval": 8, "decode_window": 4, "decode_max_interval": 256, "decode_seed": "full",
              "decode_first_interval": 2, "decode_pooling": "none", "decode_query_blocks": 3,
-             "decode_pyramid": 0.1, "decode_max_read": 0.9, "sink": 5, "recent": 30}
+             "decode_pyramid": 0.1, "decode_max_read": 0.9, "decode_min_len": 9, "sink": 5, "recent": 30}
     assert set(other) == set(LoopServeConfig.REQUEST_FIELDS) - {"enabled"}
     for field, value in other.items():
         assert plugin.cache_namespace(base.override({field: value})) != plugin.cache_namespace(base), field

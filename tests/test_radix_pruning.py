@@ -285,7 +285,8 @@ def test_backend_masks_pruned_positions_exactly_like_removing_their_keys(monkeyp
     # What the scheduler sets under --radix-eviction-policy loopserve.
     monkeypatch.setattr(radix.stats, "policy", "loopserve")
     cfg = LoopServeConfig(alpha=0.9, q_window=16, block_size=16, min_prefill_len=64, decode_budget=48,
-                          decode_interval=4, decode_window=4, sink=2, recent=4)
+                          decode_interval=4, decode_window=4, sink=2, recent=4, decode_min_len=0,
+                          calibration="off")
     gen = torch.Generator().manual_seed(3)
     pool = KVPool(1024, HK, D)
     pool.k.normal_(generator=gen)

@@ -12,7 +12,6 @@ estimate still seeds the decode selection.
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass, field
 
@@ -25,7 +24,8 @@ from .kernels import KERNELS, default_kernel
 from .patterns import PATTERNS, static_lines
 from .select import select_vertical_slash
 
-#: Per device type: the sparse kernel runs when the plan's density is below
+#: Per device type, where no measurement says otherwise (the server's is measured on its machine:
+#: ``calibrate``): the sparse kernel runs when the plan's density is below
 #: this, else the exact rectangle (which is then both faster and exact): where
 #: the two kernels' costs per computed cell break even.  CPU: 2-core x86, bf16,
 #: SmolLM2 layers at 4K-8K (``benchmarks/prefill_attention.py``): the gather
@@ -33,21 +33,6 @@ from .select import select_vertical_slash
 #: in an H100 sweep (``benchmarks/gpu_kernels.py --sweep``) the Triton kernel beat
 #: dense FlashAttention up to a density of 0.5.
 SPARSE_BELOW = {"cpu": 0.6, "cuda": 0.5}
-
-#: Per device type: the shortest sequence (cached + new tokens) for which the
-#: sparse path (plan + kernel, with the density gate above and the server's
-#: skipping of layers planned too dense) beats the exact rectangle; below it the
-#: server runs the exact rectangle.  Measured over SmolLM2's 30 layers, a turn of
-#: half the sequence (``benchmarks/prefill_attention.py --break-even``).  CPU
-#: (2-core AVX-512 EPYC, bf16): sparse / exact 1.08x at 2048 tokens, 1.01x at 3072,
-#: 0.88x at 4096, 0.82x at 5120, 0.77x at 6144.  ``cpu_amx``: an x86 CPU with AMX
-#: tiles (Xeon, Sapphire Rapids on), where oneDNN's bf16 products make the dense
-#: kernels about 4x faster while the planner gains little (2-core Xeon, bf16: 1.86x
-#: at 4096 tokens, 1.69x at 6144, 1.55x at 8000, no break-even within the 8K
-#: capture); the gate is extrapolated from that trend (about -0.15 per 2K tokens),
-#: not measured.  CUDA: not measured; MInference and SGLang's own sparse prefill
-#: break even between 10K and 50K tokens on an A100.
-MIN_PREFILL_LEN = {"cpu": 4096, "cpu_amx": 16384, "cuda": 16384}
 
 #: A layer whose plan at ``alpha`` computes less than this share of the causal pairs is *sharp*
 #: (ours): its heads attend to few keys, and which keys differs from query to query, so lines
@@ -72,30 +57,13 @@ def sharpened_alpha(alpha: float) -> float:
     return 1.0 - (1.0 - alpha) * SHARP_MISS
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_has_amx() -> bool:
-    """Whether this x86 CPU has AMX bf16 tiles (Linux's ``/proc/cpuinfo`` flags)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "amx_bf16" in f.read().split()
-    except OSError:
-        return False
-
-
-def device_kind(device) -> str:
-    """``MIN_PREFILL_LEN``'s key for ``device``: its type, ``cpu_amx`` for a CPU with AMX."""
-    kind = torch.device(device).type
-    return "cpu_amx" if kind == "cpu" and cpu_has_amx() else kind
-
-
-def min_prefill_len(device) -> int:
-    """The measured length gate of ``device`` (a ``torch.device`` or its type)."""
-    return MIN_PREFILL_LEN.get(device_kind(device), MIN_PREFILL_LEN["cuda"])
-
-
-def dense_is_cheaper(mask: BlockMask) -> bool:
-    """True when the exact rectangle is faster than the sparse kernel on ``mask``."""
-    return mask.density() >= SPARSE_BELOW.get(mask.block_indptr.device.type, 0.5)
+def dense_is_cheaper(mask: BlockMask, max_density: float | None = None) -> bool:
+    """True when the exact rectangle is faster than the sparse kernel on ``mask``: its density is at
+    least ``max_density`` (the server's is measured on its machine: ``calibrate``), by default the
+    device type's ``SPARSE_BELOW``."""
+    if max_density is None:
+        max_density = SPARSE_BELOW.get(mask.block_indptr.device.type, 0.5)
+    return mask.density() >= max_density
 
 
 @dataclass
@@ -152,7 +120,8 @@ def _now(device) -> float:
     return time.perf_counter()
 
 
-def _plan(q, k, *, alpha, q_window, block_size, sink, local, rows_per_segment, timings, sharpen=False):
+def _plan(q, k, *, alpha, q_window, block_size, sink, local, rows_per_segment, timings, sharpen=False,
+          max_density=None):
     """Estimate, select and index: ``(BlockMask, VerticalSlashLines, the alpha covered, why that alpha)``;
     with ``sharpen`` a plan sparser than ``SHARP_BELOW`` is made again at ``sharpened_alpha(alpha)``
     (same sample), and kept unless the density gate would run the exact rectangle on it."""
@@ -186,7 +155,7 @@ def _plan(q, k, *, alpha, q_window, block_size, sink, local, rows_per_segment, t
         # A sharp plan dense enough for the exact rectangle would cost every cell to buy the last
         # few points of mass: a diffuse floor under a few hot keys (0.07 of the pairs at alpha 0.95,
         # all of them at 0.99).  The first plan stays.
-        if dense_is_cheaper(sharp_mask):
+        if dense_is_cheaper(sharp_mask, max_density):
             reason = ALPHA_SHARP_TOO_DENSE
         else:
             alpha, mask, lines, reason = sharpened_alpha(alpha), sharp_mask, sharp_lines, ALPHA_SHARPENED
@@ -196,7 +165,8 @@ def _plan(q, k, *, alpha, q_window, block_size, sink, local, rows_per_segment, t
 
 
 def build_block_mask(q, k, *, alpha, q_window, block_size, sink=4, local=None,
-                     rows_per_segment=8, timings=None, sharpen=False) -> tuple[BlockMask, torch.Tensor]:
+                     rows_per_segment=8, timings=None, sharpen=False, max_density=None
+                     ) -> tuple[BlockMask, torch.Tensor]:
     """Estimate, select and index: the ``BlockMask`` and the lines per segment ``[H, G, 2]``
     (columns, diagonals).  ``alpha`` 1 is every causal block; ``sharpen``: as the server plans
     (``SHARP_BELOW``)."""
@@ -204,7 +174,8 @@ def build_block_mask(q, k, *, alpha, q_window, block_size, sink=4, local=None,
         mask = BlockMask.dense(q.shape[1], q.shape[0], k.shape[0], block_size, device=q.device)
         return mask, torch.full((q.shape[1], 1, 2), k.shape[0], device=q.device)
     mask, lines, _, _ = _plan(q, k, alpha=alpha, q_window=q_window, block_size=block_size, sink=sink,
-                           local=local, rows_per_segment=rows_per_segment, timings=timings, sharpen=sharpen)
+                           local=local, rows_per_segment=rows_per_segment, timings=timings, sharpen=sharpen,
+                           max_density=max_density)
     return mask, lines.segment_counts
 
 
@@ -223,7 +194,8 @@ def _exact_rectangle(q, k, v, return_stats: bool, nonfinite: bool = False):
 def sparse_prefill_attention(q, k, v, *, alpha: float = 0.9, q_window: int = 64,
                              block_size: int = 64, return_stats: bool = False,
                              kernel: str = "auto", sink: int = 4, local: int | None = None,
-                             pattern: str = "loopserve", budget: int = 1024, sharpen: bool = True):
+                             pattern: str = "loopserve", budget: int = 1024, sharpen: bool = True,
+                             max_density: float | None = None):
     """Attention of a turn's new tokens over the whole sequence, on the cells that matter.
 
     Args:
@@ -243,7 +215,8 @@ def sparse_prefill_attention(q, k, v, *, alpha: float = 0.9, q_window: int = 64,
         return_stats: also return a ``SparsePrefillStats``.
         kernel: ``"auto"`` (fastest available for the device) or one of
             ``sglang_loopserve.attention.kernels.KERNELS``; with ``"auto"`` a
-            plan denser than ``SPARSE_BELOW`` runs the exact rectangle instead.
+            plan at least ``max_density`` dense (default: the device type's
+            ``SPARSE_BELOW``) runs the exact rectangle instead.
         sink: leading key columns always kept.
         local: diagonals ``0..local-1`` always kept (default ``block_size``).
         pattern: ``"loopserve"`` (estimate and select, above) or a baseline's static
@@ -277,11 +250,11 @@ def sparse_prefill_attention(q, k, v, *, alpha: float = 0.9, q_window: int = 64,
         try:
             mask, lines, plan_alpha, alpha_reason = _plan(
                 q, k, alpha=float(alpha), q_window=q_window, block_size=block_size, sink=sink, local=local,
-                rows_per_segment=8, timings=timings, sharpen=sharpen)
+                rows_per_segment=8, timings=timings, sharpen=sharpen, max_density=max_density)
         except NonFiniteInput:
             return _exact_rectangle(q, k, v, return_stats, nonfinite=True)
     t = time.perf_counter()
-    exact = pattern == "loopserve" and kernel == "auto" and dense_is_cheaper(mask)
+    exact = pattern == "loopserve" and kernel == "auto" and dense_is_cheaper(mask, max_density)
     out = exact_prefill_attention(q, k, v) if exact else KERNELS[name](q, k, v, mask)
     timings["attention"] = _now(q.device) - t
     if not return_stats:

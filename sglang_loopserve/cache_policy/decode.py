@@ -76,15 +76,17 @@ WINDOW = 8
 PYRAMID = 0.8
 
 
-def decode_pays(cached: int, budget: int, query_blocks: int, max_read: float, block: int = 8) -> bool:
-    """Whether a turn over ``cached`` tokens compresses its decode: each step would read its
-    selection (``budget``) plus ``query_blocks`` blocks of ``block`` positions, and that must be at
-    most ``max_read`` of the cache.  Below, the compressed step reads most of what the exact one
-    does and pays the selection's own work on top (AVX2, fp32: a turn reading 0.85 of a 1.9K cache
+def decode_pays(cached: int, budget: int, query_blocks: int, max_read: float, block: int = 8,
+                min_len: int = 0) -> bool:
+    """Whether a turn over ``cached`` tokens compresses its decode: the cache holds at least
+    ``min_len`` tokens (the machine's measured break-even: ``calibrate``), and each step would read
+    its selection (``budget``) plus ``query_blocks`` blocks of ``block`` positions, at most
+    ``max_read`` of the cache.  Otherwise the compressed step reads most of what the exact one
+    does, or saves less than its own work costs (AVX2, fp32: a turn reading 0.85 of a 1.9K cache
     decoded at 0.7x stock), so the turn decodes exactly."""
     if not 0.0 <= max_read <= 1.0:
         raise ValueError(f"decode_max_read must be in [0, 1], got {max_read!r}")
-    return budget + query_blocks * block <= max_read * cached
+    return cached >= min_len and budget + query_blocks * block <= max_read * cached
 
 
 def layer_query_blocks(query_blocks: int, layer: int, n_layers: int, slope: float = PYRAMID) -> int:

@@ -44,9 +44,9 @@ import torch
 from ..attention import sparse_prefill_attention
 from ..attention.exact import exact_prefill_attention
 from ..attention.kernels import default_kernel
-from ..attention.sparse_prefill import min_prefill_len
 from ..cache_policy import METHODS, KeySummaries, ScoreContext, attention_mass, batched_decode_attention
 from ..cache_policy.decode import DecodeCompressor, decode_pays, reselect_pruned
+from ..calibrate import gates_for
 from ..config import PREFILL_PATTERNS, LoopServeConfig
 from .faults import FaultHook, fail_request, failed, injection_from_env
 from .faults import stats as fault_stats
@@ -104,6 +104,22 @@ def _nonfinite_rows(q_, k) -> set[int]:
     sums = q_.reshape(n, -1).float().sum(1) + k.reshape(n, -1).float().sum(1)
     bad = ~torch.isfinite(sums)
     return set(bad.nonzero().flatten().tolist()) if bool(bad.any()) else set()
+
+
+#: This process's gates (``LoopServeAttnBackend.gates``), for ``/server_info``.
+serving_gates: dict = {}
+
+
+def _attention_shape(model_runner) -> tuple[tuple[int, int, int], torch.dtype, torch.dtype]:
+    """``((query heads, KV heads, head dim) of this rank, model dtype, KV cache dtype)``."""
+    cfg = model_runner.model_config
+    tp = max(getattr(model_runner, "tp_size", 1), 1)
+    heads = max(cfg.num_attention_heads // tp, 1)
+    kv_heads = max(cfg.get_num_kv_heads(tp), 1)
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    dtype = getattr(model_runner, "dtype", torch.float32)
+    kv_dtype = getattr(model_runner, "kv_cache_dtype", dtype)
+    return (heads, kv_heads, dim), dtype, kv_dtype if isinstance(kv_dtype, torch.dtype) else dtype
 
 
 def _request(rid: str):
@@ -190,8 +206,7 @@ class LoopServeAttnBackend:
         self.token_to_kv_pool = model_runner.token_to_kv_pool
         self.num_layers = model_runner.model_config.num_hidden_layers
         set_model_context(getattr(model_runner.model_config, "context_len", 1 << 62))
-        self.kernel = "auto"  # the device's fastest kernel, exact rectangle above SPARSE_BELOW
-        self.min_prefill_len = min_prefill_len(self.device)
+        self.kernel = "auto"  # the device's fastest kernel, exact rectangle above the measured density gate
         self._full_reads_through_kernel = FULL_READS_THROUGH_KERNEL.get(torch.device(self.device).type, False)
         self.dense_layers = DenseLayers()
         self.store = store
@@ -205,17 +220,19 @@ class LoopServeAttnBackend:
         self._pruned_now: dict = {}  # rid -> pruned prefix positions, this forward
         self._live_now: dict = {}  # rid -> the other positions, this forward
         self.fault_hook = FaultHook(injection_from_env())
-        self._warm_up(model_runner)
+        heads, dtype, kv_dtype = _attention_shape(model_runner)
+        self._warm_up(heads, dtype, kv_dtype)
+        t = time.perf_counter()
+        #: Where LoopServe's paths pay on this machine (``calibrate``): measured once per machine
+        #: and head shape, cached, each overridden by its flag.
+        self.gates = gates_for(self.device, dtype, kv_dtype, heads, config)
+        serving_gates.update(self.gates.to_dict())
+        logger.info("LoopServe gates in %.1f s: %s", time.perf_counter() - t, self.gates.describe())
 
-    def _warm_up(self, model_runner) -> None:
+    def _warm_up(self, heads, dtype, kv_dtype) -> None:
         """Compile the planner's and the decode's CPU loops (numba, cached on disk) and the kernel
-        now, not inside the first long turn's time to first token."""
-        cfg = model_runner.model_config
-        tp = max(getattr(model_runner, "tp_size", 1), 1)
-        heads = max(cfg.num_attention_heads // tp, 1)
-        kv_heads = max(cfg.get_num_kv_heads(tp), 1)
-        dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        dtype = getattr(model_runner, "dtype", torch.float32)
+        now, not inside the first long turn's time to first token (nor the calibration's timings)."""
+        heads, kv_heads, dim = heads
         gen = torch.Generator(device="cpu").manual_seed(0)
         n_new, n_ctx = 4 * self.config.block_size, 8 * self.config.block_size
         q, k, v = (torch.randn(n, h, dim, generator=gen).to(self.device, dtype)
@@ -226,8 +243,6 @@ class LoopServeAttnBackend:
                                  block_size=self.config.block_size, kernel=kernel)
         # A decode re-selection (compiled on the CPU: with one scoring query, ``decode_pooling all``;
         # a window of them runs tensor ops), from a pool of the KV cache's dtype.
-        kv_dtype = getattr(model_runner, "kv_cache_dtype", dtype)
-        kv_dtype = kv_dtype if isinstance(kv_dtype, torch.dtype) else dtype
         pool = torch.randn(n_ctx, kv_heads, dim, generator=gen).to(self.device, kv_dtype)
         slots = torch.arange(n_ctx, dtype=torch.int32, device=self.device)
         summaries, budget = KeySummaries(), self.config.sink + self.config.recent + 16
@@ -243,8 +258,7 @@ class LoopServeAttnBackend:
         positions = torch.arange(budget, device=self.device).repeat(kv_heads)
         indptr = torch.arange(kv_heads + 1, device=self.device) * budget
         batched_decode_attention(q[:1], pool, pool, slots[None], indptr, positions)
-        logger.info("LoopServe: %s kernel and planner ready in %.1f s; sparse prefill from %d tokens",
-                    kernel, time.perf_counter() - t, self.min_prefill_len)
+        logger.info("LoopServe: %s kernel and planner ready in %.1f s", kernel, time.perf_counter() - t)
 
     def __getattr__(self, name):
         if name == "base":
@@ -344,7 +358,7 @@ class LoopServeAttnBackend:
             return "sparse" if new_len >= self.config.block_size else "exact"
         if opts.method != "loopserve":  # the decode baselines prefill exactly, over the new rows only
             return "exact"
-        gate = self.min_prefill_len if opts.min_prefill_len is None else opts.min_prefill_len
+        gate = self.gates.min_prefill_len if opts.min_prefill_len is None else opts.min_prefill_len
         if opts.alpha < 1.0 and seq_len >= gate and new_len >= self.config.block_size:
             return "sparse"
         # The torch-native base recomputes the square of the whole sequence;
@@ -482,7 +496,7 @@ class LoopServeAttnBackend:
         out, st = sparse_prefill_attention(
             q_i, k_all, v_all, alpha=opts.alpha, q_window=opts.q_window,
             block_size=self.config.block_size, sink=opts.sink, kernel=self.kernel, return_stats=True,
-            pattern=pattern, budget=opts.decode_budget)
+            pattern=pattern, budget=opts.decode_budget, max_density=self.gates.prefill_max_density)
         o_rows[:] = out.to(o_rows.dtype)
         if st.nonfinite:  # served exactly; the turn decodes exactly too
             state.nonfinite = True
@@ -573,8 +587,10 @@ class LoopServeAttnBackend:
                 if not failed(req):
                     self.fault_hook.check("decode", rid)
                     if state.base_decode is None:  # once per turn, at its first step: every layer agrees
+                        min_len = self.gates.decode_min_len if opts.decode_min_len is None else opts.decode_min_len
                         state.base_decode = (opts.method == "loopserve" and state.pruned is None and not decode_pays(
-                            seq_lens[i], opts.decode_budget, opts.decode_query_blocks, float(opts.decode_max_read)))
+                            seq_lens[i], opts.decode_budget, opts.decode_query_blocks, float(opts.decode_max_read),
+                            min_len=min_len))
                     if state.base_decode:
                         self._observe_read(rid, seq_lens[i], seq_lens[i])
                         continue
@@ -640,7 +656,8 @@ class LoopServeAttnBackend:
         sel = order if len(order) > 1 else slice(order[0], order[0] + 1)
         out = batched_decode_attention(
             q_[sel], self.token_to_kv_pool.get_key_buffer(layer.layer_id),
-            self.token_to_kv_pool.get_value_buffer(layer.layer_id), slots, indptr, positions)
+            self.token_to_kv_pool.get_value_buffer(layer.layer_id), slots, indptr, positions,
+            method=self.gates.decode_kernel)
         o.view(-1, layer.tp_q_head_num, layer.v_head_dim)[sel] = out.to(o.dtype)
 
     def _observe_read(self, rid, attended, cached):

@@ -69,7 +69,8 @@ SCHEDULER_TARGETS = (T_BUILD_BACKEND, T_REQ_INIT, T_RELEASE, T_STREAM, T_INTERNA
 ALL_TARGETS = (T_ADD_CLI_ARGS, T_PREPARE, T_VERIFY, T_META, T_SCHEDULER_INIT) + SCHEDULER_TARGETS + OPENAI_TARGETS
 
 _DEFAULTS = LoopServeConfig()
-_TYPES = {"alpha": float, "decode_pyramid": float, "decode_max_read": float, "method": str, "decode_seed": str, "decode_pooling": str}
+_TYPES = {"alpha": float, "decode_pyramid": float, "decode_max_read": float, "prefill_max_density": float,
+          "method": str, "decode_seed": str, "decode_pooling": str, "decode_kernel": str, "calibration": str}
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         "block_size": "Prefill: block size of the block-sparse kernel (power of two >= 16).",
         "min_prefill_len": "Prefill: shorter sequences (cached + new tokens), and forwards of fewer new "
                            "tokens than a block, run exact attention.",
+        "prefill_max_density": "Prefill: a plan computing at least this share of the pairs runs exact "
+                               "attention instead.",
         "decode_budget": "Decode: cached tokens per KV head a re-selection keeps (each step also reads "
                          "its own DECODE_QUERY_BLOCKS x 8).",
         "decode_interval": "Decode: re-select the attended tokens every this many generated tokens.",
@@ -139,13 +142,16 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                           "1 + SLOPE times DECODE_QUERY_BLOCKS, the last 1 - SLOPE times.",
         "decode_max_read": "Decode: a turn compresses only where each step would read at most this share "
                            "of its cache, else decodes exactly; 1: wherever the selection is smaller.",
+        "decode_min_len": "Decode: a turn over fewer cached tokens decodes exactly on the base path.",
+        "decode_kernel": "Decode: the compressed step's attention kernel: auto (measured), tensor, loops or fused.",
+        "calibration": "Where unset gates come from: auto (this machine's measurement, cached; measured at "
+                       "start-up where none is), measure (measure again) or off (defaults no measured "
+                       "machine lost at).",
         "sink": "First tokens always kept (prefill columns and decode selection).",
         "recent": "Decode: last tokens always kept.",
     }
-    from ..attention.sparse_prefill import MIN_PREFILL_LEN
-
-    shown = {"min_prefill_len": "per device (" + ", ".join(
-        f"{device} {tokens}" for device, tokens in MIN_PREFILL_LEN.items()) + ")"}
+    measured = "measured on this machine (python -m sglang_loopserve.calibrate)"
+    shown = {"min_prefill_len": measured, "prefill_max_density": measured, "decode_min_len": measured}
     for f in fields(LoopServeConfig):
         if f.name == "enabled":
             continue
@@ -315,7 +321,8 @@ def cache_namespace(options: LoopServeConfig) -> str | None:
     return (f"loopserve({o.method},a={o.alpha},q={o.q_window},b={o.block_size},m={o.min_prefill_len},s={o.sink},"
             f"B={o.decode_budget},i={o.decode_interval},w={o.decode_window},I={o.decode_max_interval},"
             f"seed={o.decode_seed},fi={o.decode_first_interval},pool={o.decode_pooling},"
-            f"qb={o.decode_query_blocks},pyr={o.decode_pyramid},mr={o.decode_max_read},r={o.recent})")
+            f"qb={o.decode_query_blocks},pyr={o.decode_pyramid},mr={o.decode_max_read},ml={o.decode_min_len},"
+            f"r={o.recent})")
 
 
 # ------------------------------------------------------------------ backend
@@ -422,6 +429,7 @@ def _stream_hook(chunk_model: str):
 def _after_internal_state(result, controller, *args, **kwargs):
     if launch_settings() is None:
         return
+    from .backend import serving_gates
     from .faults import stats as fault_stats
     from .radix import stats as radix_stats
     from .request_state import store
@@ -437,6 +445,7 @@ def _after_internal_state(result, controller, *args, **kwargs):
         "radix": radix_stats.as_dict(),
         "faults": fault_stats.as_dict(),
         "idle_check": idle_check(scheduler),
+        "gates": dict(serving_gates) or None,  # where LoopServe's paths pay here (calibrate)
     }
 
 
