@@ -61,7 +61,8 @@ def run_length(cached, heads, dtype, steps, warmup):
     backend = LoopServeAttnBackend(runner, base, config)
     layer = attention_layer(h, hk, d, attn_type=AttentionType.DECODER)
     options = {"stock": config, "disabled": config.override({"enabled": False}),
-               "gated": config.override({"decode_min_len": 1 << 30}), "compressed": config.override({"decode_min_len": 0})}
+               "gated": config.override({"decode_min_len": 1 << 30}),
+               "compressed": config.override({"decode_min_len": 0})}
     reqs = {kind: Request(f"{kind}-{cached}", options[kind]) for kind in KINDS}
     times = {kind: [] for kind in KINDS}
     for step in range(warmup + steps):

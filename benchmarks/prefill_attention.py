@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -49,6 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sglang_loopserve.attention import build_block_mask  # noqa: E402
+from sglang_loopserve.calibrate import median_times  # noqa: E402
 from sglang_loopserve.config import LoopServeConfig  # noqa: E402
 from sglang_loopserve.srt.backend import DenseLayers  # noqa: E402
 from sglang_loopserve.attention.exact import exact_prefill_attention  # noqa: E402
@@ -59,22 +59,8 @@ from sglang_loopserve.testing import dense_sdpa  # noqa: E402,F401 (also importe
 
 
 def timeit_rounds(fns, device, repeats=3, warmup=1):
-    """Median seconds of each of ``fns`` (a dict), timed in rounds (one call of each per
-    round): a shared or throttled machine slows the whole round, not one column."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    """Median seconds of each of ``fns`` (a dict), timed in rounds (``calibrate.median_times``)."""
+    return median_times(fns, device, repeats, warmup)
 
 
 def timeit(fn, device, repeats=3, warmup=1):

@@ -86,7 +86,7 @@ def planted_model(folder: Path, contents=(b"first part ", b"second part ", b"thi
         parts.append(models.GGUFPart(f"planted-part{i}", f"planted_part{i}", f"data/part{i:02d}.bin", len(data),
                                      hashlib.sha256(data).hexdigest()))
     whole = b"".join(contents)
-    spec = models.ModelSpec("planted", "Planted-Model", 1024, tuple(parts), len(whole),
+    spec = models.ModelSpec("planted", "Planted-Model", 1024, (2, 1, 16), tuple(parts), len(whole),
                             hashlib.sha256(whole).hexdigest(), install="make planted")
     return spec, (lambda: paths)
 
