@@ -161,8 +161,32 @@ def test_a_small_measurement_times_both_sides_of_every_gate():
         assert all(row[f] > 0 for f in ("exact_s", "plan_s", "kernel_s", "dense_kernel_s"))
         assert 0 < row["planned_density"] <= 1
     for row in t["decode"]:
-        assert row["base_s"] > 0 and set(row["steps"]) == set(cal.decode_kernels("cpu", torch.float32))
+        assert row["base_s"] > 0 and set(row["steps"]) == set(cal.decode_kernels("cpu", torch.float32, torch.float32))
     gates = cal.gates_from_timings(t)
     assert gates.decode_kernel in t["decode"][0]["steps"] and 0 <= gates.prefill_max_density <= 1
     table = cal.format_timings(t)
     assert len(table.splitlines()) == 2 + 2 + 2 + 2 and "stock ms" in table  # two headers and rows each
+
+
+def test_processes_of_one_machine_measure_once(tmp_path):
+    """Two ranks starting together: one measures (the other waits on the lock), both get its gates."""
+    import threading
+    import time as _time
+
+    calls = []
+
+    def slow_measure():
+        calls.append(1)
+        _time.sleep(0.3)
+        return Counting()()
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cal.calibrated_gates(key(), slow_measure, "auto",
+                                                                                     root=tmp_path)[0]))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert len(calls) == 1 and sorted(g.source for g in results) == ["cached", "measured"]
+    assert results[0].decode_min_len == results[1].decode_min_len == 3840
