@@ -30,7 +30,6 @@ import sys
 import time
 from pathlib import Path
 
-import requests
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -40,7 +39,7 @@ from sglang_loopserve.bench import sources  # noqa: E402
 from sglang_loopserve.bench.datasets import approx_tokens  # noqa: E402
 from sglang_loopserve.bench.metrics import agreement  # noqa: E402
 from sglang_loopserve.bench.runner import server_ask  # noqa: E402
-from sglang_loopserve.server import SGLangServer  # noqa: E402
+from sglang_loopserve.server import SGLangServer, loopserve_state  # noqa: E402
 
 CONFIGS = {
     "unconstrained": [],
@@ -86,8 +85,7 @@ def run_config(name, model_path, convs, *, pool, max_tokens):
             for c, msgs in enumerate(convs):
                 history = [(msgs[j], records[c][j]["answer"]) for j in range(t)]
                 records[c].append(ask(history, msgs[t], max_tokens, {}))
-        info = requests.get(server.url + "/server_info", timeout=30).json()
-        radix = info["internal_states"][0]["loopserve"]["radix"]
+        radix = loopserve_state(server.url, timeout=30)["radix"]
     return records, radix
 
 

@@ -43,6 +43,7 @@ import requests
 
 from sglang_loopserve.config import METHODS, LoopServeConfig
 from sglang_loopserve.frontends import connect, python_docs, run_chat
+from sglang_loopserve.server import loopserve_state
 from sglang_loopserve.testing import fuzzed_settings
 
 #: KV pool of the soak's server: about two long conversations, so conversations evict each other.
@@ -60,8 +61,7 @@ def server_args(extra=()) -> list[str]:
 
 
 def server_state(url: str) -> dict:
-    info = requests.get(url + "/server_info", timeout=60).json()
-    return info["internal_states"][0]["loopserve"]
+    return loopserve_state(url)
 
 
 def idle_problems(state: dict) -> list[str]:

@@ -25,7 +25,7 @@ from .frontends import GROWING_CONVERSATION, LONG_GROWING_CONVERSATION, connect,
 
 #: Conversations by name: ``short`` fits an 8K model (history ~2K/4K/7K), ``long`` a 32K one (~2K/9K/17K).
 CONVERSATIONS = {"short": GROWING_CONVERSATION, "long": LONG_GROWING_CONVERSATION}
-from .server import DEFAULT_MAX_TOTAL_TOKENS, SGLangServer, ServerStartError, raise_on_sigterm
+from .server import DEFAULT_MAX_TOTAL_TOKENS, SGLangServer, ServerStartError, loopserve_state, raise_on_sigterm
 
 
 def parse_args(argv=None):
@@ -83,12 +83,11 @@ def run_config(name, model_path, args, gates=None):
 
 
 def server_gates(url: str) -> dict | None:
-    """A LoopServe server's gates (``/server_info``; ``calibrate``), or None."""
+    """A LoopServe server's gates (``calibrate``), or None."""
     import requests
 
     try:
-        info = requests.get(url + "/server_info", timeout=30).json()
-        return info["internal_states"][0]["loopserve"]["gates"]
+        return loopserve_state(url, timeout=30)["gates"]
     except (requests.RequestException, ValueError, KeyError, IndexError, TypeError):
         return None
 

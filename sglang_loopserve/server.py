@@ -40,6 +40,13 @@ class PortTakenError(ServerStartError):
 PORT_RETRIES = 3
 
 
+def loopserve_state(url: str, timeout: float = 60) -> dict:
+    """A LoopServe server's own state (``/server_info``'s ``internal_states[0].loopserve``: stats,
+    radix, faults, idle check, gates)."""
+    info = requests.get(url + "/server_info", timeout=timeout).json()
+    return info["internal_states"][0]["loopserve"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

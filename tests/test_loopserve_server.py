@@ -21,6 +21,7 @@ import torch
 from sglang_loopserve.config import FLAGS, METHODS, PREFILL_PATTERNS
 from sglang_loopserve.frontends import (GROWING_CONVERSATION, connect, module_doc, python_docs,
                                         run_document_chat, run_growing_chat)
+from sglang_loopserve.server import loopserve_state
 
 DOC_TOKENS = 2500
 MAX_TOKENS = 24
@@ -285,8 +286,7 @@ SMALL_MODULES = ("fnmatch", "glob", "reprlib", "pprint", "shlex", "bisect", "cop
 
 
 def _state(url):
-    info = requests.get(url + "/server_info", timeout=30).json()
-    return info["internal_states"][0]["loopserve"]
+    return loopserve_state(url, timeout=30)
 
 
 def _flush_and_count(url, deadline=120):

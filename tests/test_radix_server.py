@@ -20,7 +20,7 @@ import requests
 from conftest import LOG_DIR
 from test_loopserve_server import _flush_and_count
 from sglang_loopserve.frontends import module_doc
-from sglang_loopserve.server import SGLangServer
+from sglang_loopserve.server import SGLangServer, loopserve_state
 
 POOL = 2400
 
@@ -35,8 +35,7 @@ def radix_server(model_path):
 
 
 def _radix(url):
-    info = requests.get(url + "/server_info", timeout=30).json()
-    return info["internal_states"][0]["loopserve"]
+    return loopserve_state(url, timeout=30)
 
 
 def _idle_available(url):
