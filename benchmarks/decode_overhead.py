@@ -8,7 +8,10 @@ through scattered slots, SmolLM2's 9 query / 3 KV heads of 64), timed per step, 
   cached row gathered, one SDPA), what a stock CPU server runs;
 * ``disabled``: the same request through ``LoopServeAttnBackend`` with ``{"enabled": false}``: the
   cost of having the plugin loaded;
-* ``gated``: a LoopServe turn the decode gate sends to the base path (``decode_min_len`` above it);
+* ``gated``: a LoopServe turn the decode gate sends to exact decoding (``decode_min_len`` above
+  it), on the base path (``exact_decode_min_len`` never);
+* ``exact``: the same turn reading every position through the measured decode kernel, as the
+  server runs it from the measured ``exact_decode_min_len`` on;
 * ``compressed``: a LoopServe turn at the defaults (budget 512 + 144 query blocks of 8, re-selection
   every 32-128 steps amortised in the median's neighbourhood, the measured decode kernel).
 
@@ -22,6 +25,7 @@ from round to round).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -31,13 +35,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sglang_loopserve.config import LoopServeConfig  # noqa: E402
+from sglang_loopserve.config import MAX_INT, LoopServeConfig  # noqa: E402
 from sglang_loopserve.cpu_runtime.cpu_info import cpu_kind  # noqa: E402
 from sglang_loopserve.srt.backend import LoopServeAttnBackend  # noqa: E402
 from sglang_loopserve.srt.request_state import store  # noqa: E402
 from sglang_loopserve.testing import KVPool, Request, attention_layer, decode_batch, model_runner  # noqa: E402
 
-KINDS = ("stock", "disabled", "gated", "compressed")
+KINDS = ("stock", "disabled", "gated", "exact", "compressed")
 
 
 def run_length(cached, heads, dtype, steps, warmup):
@@ -59,9 +63,14 @@ def run_length(cached, heads, dtype, steps, warmup):
     base = TorchNativeAttnBackend(runner)
     config = LoopServeConfig(calibration="auto")
     backend = LoopServeAttnBackend(runner, base, config)
+    on_base = LoopServeAttnBackend(runner, base, dataclasses.replace(config, exact_decode_min_len=MAX_INT))
+    exact_from = dataclasses.replace(config, exact_decode_min_len=0)
+    backends = {"stock": base, "disabled": backend, "gated": on_base,
+                "exact": LoopServeAttnBackend(runner, base, exact_from), "compressed": backend}
     layer = attention_layer(h, hk, d, attn_type=AttentionType.DECODER)
     options = {"stock": config, "disabled": config.override({"enabled": False}),
                "gated": config.override({"decode_min_len": 1 << 30}),
+               "exact": config.override({"decode_min_len": 1 << 30}),
                "compressed": config.override({"decode_min_len": 0})}
     reqs = {kind: Request(f"{kind}-{cached}", options[kind]) for kind in KINDS}
     times = {kind: [] for kind in KINDS}
@@ -74,7 +83,7 @@ def run_length(cached, heads, dtype, steps, warmup):
             k, v = (torch.randn(1, hk * d, generator=gen).to(dtype) for _ in "kv")
             fb = decode_batch([reqs[kind].rid], [row], [seq], req_to_token[row, seq - 1:seq].clone(),
                               mode=ForwardMode.DECODE)
-            run = base if kind == "stock" else backend
+            run = backends[kind]
             t = time.perf_counter()
             run.forward_decode(q, k, v, layer, fb)
             if step >= warmup:
@@ -98,7 +107,7 @@ def main(argv=None):
     print(f"# cpu ({cpu_kind()}), {torch.get_num_threads()} threads, heads {heads}, one layer, one request; "
           f"median of {a.steps} steps after {a.warmup}")
     print(f"{'dtype':>9} {'cached':>7} | " + " ".join(f"{k + ' ms':>14}" for k in KINDS)
-          + f" | {'overhead ms (disabled, gated, compressed)':>42} | {'x':>5} {'read':>6}")
+          + f" | {'overhead ms (disabled, gated, exact, compressed)':>50} | {'x':>5} {'read':>6}")
     for name in a.dtypes:
         dtype = getattr(torch, name)
         for cached in a.lengths:
@@ -106,8 +115,9 @@ def main(argv=None):
             share = read["decode_tokens_attended"] / max(read["decode_tokens_cached"], 1)
             over = ", ".join(f"{(t[k] - t['stock']) * 1e3:+.3f}" for k in KINDS[1:])
             print(f"{name:>9} {cached:>7} | " + " ".join(f"{t[k] * 1e3:>14.3f}" for k in KINDS)
-                  + f" | {over:>42} | {t['stock'] / t['compressed']:>4.2f}x {share:>6.2f}", flush=True)
-        print(f"#   {name}: the measured decode kernel {gates.decode_kernel} ({gates.source})")
+                  + f" | {over:>50} | {t['stock'] / t['compressed']:>4.2f}x {share:>6.2f}", flush=True)
+        print(f"#   {name}: the measured decode kernel {gates.decode_kernel}, exact decode on it from "
+              f"{gates.exact_decode_min_len} cached tokens ({gates.source})")
 
 
 if __name__ == "__main__":

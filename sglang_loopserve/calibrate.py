@@ -13,7 +13,11 @@ shape and dtype, by timing both sides of each choice side by side on planted inp
 * ``decode_min_len``: one decode step of one layer as the server runs it compressed (the read set
   with the step's own query blocks, attention over it, a re-selection amortised over the interval)
   against stock's (every cached row gathered, one SDPA), at ``DECODE_LENGTHS``;
-* ``decode_kernel``: the fastest of the compressed step's attention kernels here.
+* ``decode_kernel``: the fastest of the compressed step's attention kernels here;
+* ``exact_decode_min_len``: a turn that decodes exactly (below ``decode_min_len``, or reading
+  most of its cache) reads every cached position through that kernel instead of stock's step,
+  from this length on, at ``EXACT_LENGTHS`` (stock's gather of every row and its SDPA cost 1.4 ms
+  a layer at 1.9K cached tokens in bf16 on an AVX-512 EPYC, the kernel over the same rows 0.3).
 
 A path is taken from the first measured length from which it costs at most ``MARGIN`` of the
 other (interpolated between the two lengths around the crossing); where it never does within the
@@ -50,7 +54,7 @@ from .config import CALIBRATIONS, MAX_INT, LoopServeConfig
 logger = logging.getLogger(__name__)
 
 #: Bumped whenever what is measured changes, so older cached results are measured again.
-CALIBRATION_VERSION = 2
+CALIBRATION_VERSION = 3
 #: A replacing path must cost at most this share of the path it replaces: the server's own glue
 #: around a step (per-request options, statistics, the CSR of the batch) is not in the timing.
 MARGIN = 0.9
@@ -61,6 +65,9 @@ TYPICAL_DENSITY = 0.4
 PREFILL_LENGTHS = (2048, 4096, 8192)
 #: Cached tokens the decode step is timed at.
 DECODE_LENGTHS = (2048, 3072, 4096, 6144, 8192)
+#: Cache lengths of an exact decode step (kernel over every position against stock's step): the
+#: turns below the decode gates.
+EXACT_LENGTHS = (256, 1024, 2048, 4096)
 #: Timed rounds per figure (their median), after one warm-up round.
 REPEATS = 3
 #: A gate that is never reached.
@@ -83,6 +90,9 @@ class Gates:
     prefill_max_density: float
     decode_min_len: int
     decode_kernel: str
+    #: From how many cached tokens an exact decode step reads every position through
+    #: ``decode_kernel`` rather than on the base path (``NEVER``: always the base path).
+    exact_decode_min_len: int = MAX_INT
     #: Where they come from: ``measured``, ``cached``, ``defaults``, with ``+flags`` when a flag
     #: replaced one.
     source: str = "measured"
@@ -92,8 +102,8 @@ class Gates:
             return "never" if n >= NEVER else f"from {n} tokens"
 
         return (f"sparse prefill {tokens(self.min_prefill_len)} at densities below {self.prefill_max_density:.2f}, "
-                f"compressed decode {tokens(self.decode_min_len)} cached with the {self.decode_kernel} kernel "
-                f"({self.source})")
+                f"compressed decode {tokens(self.decode_min_len)} cached with the {self.decode_kernel} kernel, "
+                f"exact decode on that kernel {tokens(self.exact_decode_min_len)} ({self.source})")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -104,10 +114,11 @@ class Gates:
 #: there are 4x faster), the decode from 8K cached tokens (an AVX2 EPYC, fp32: a compressed
 #: step over 7.4K ran at 1.4-1.9x stock), and only plans far sparser than any break-even.
 SAFE_GATES = Gates(min_prefill_len=16384, prefill_max_density=0.3, decode_min_len=8192, decode_kernel="auto",
-                   source="defaults")
+                   exact_decode_min_len=NEVER, source="defaults")
 
 #: ``LoopServeConfig`` fields that override each gate when set (``None`` / ``"auto"``: measured).
-GATE_FLAGS = {"min_prefill_len": None, "prefill_max_density": None, "decode_min_len": None, "decode_kernel": "auto"}
+GATE_FLAGS = {"min_prefill_len": None, "prefill_max_density": None, "decode_min_len": None, "decode_kernel": "auto",
+              "exact_decode_min_len": None}
 
 
 @dataclass(frozen=True)
@@ -183,7 +194,9 @@ def gates_from_timings(timings: dict) -> Gates:
 
     ``timings["prefill"]``: rows of ``length``, ``exact_s``, ``plan_s``, ``planned_density``,
     ``kernel_s`` (at that density), ``dense_kernel_s`` (every causal block); ``timings["decode"]``:
-    rows of ``cached``, ``base_s`` and ``steps`` (kernel name -> seconds of the compressed step)."""
+    rows of ``cached``, ``base_s`` and ``steps`` (kernel name -> seconds of the compressed step);
+    ``timings["exact"]`` (optional): rows of ``cached``, ``base_s`` and ``reads_all`` (kernel name ->
+    seconds of a step reading every position)."""
     prefill, decode = timings["prefill"], timings["decode"]
     widest = max(prefill, key=lambda r: r["length"])
     # Density where the kernel alone costs the exact rectangle (the plan is already paid for).
@@ -200,8 +213,11 @@ def gates_from_timings(timings: dict) -> Gates:
                      for r in prefill]
     kernel = min(max(decode, key=lambda r: r["cached"])["steps"].items(), key=lambda kv: kv[1])[0]
     decode_ratio = [(r["cached"], r["steps"][kernel] / r["base_s"]) for r in decode]
+    exact_ratio = [(r["cached"], r["reads_all"][kernel] / r["base_s"]) for r in timings.get("exact", ())
+                   if kernel in r["reads_all"]]
     return Gates(min_prefill_len=_first_paying(prefill_ratio), prefill_max_density=max_density,
-                 decode_min_len=_first_paying(decode_ratio), decode_kernel=kernel, source="measured")
+                 decode_min_len=_first_paying(decode_ratio), decode_kernel=kernel,
+                 exact_decode_min_len=_first_paying(exact_ratio), source="measured")
 
 
 # ----------------------------------------------------------------- measuring
@@ -271,29 +287,38 @@ def measure_prefill(length, heads, dtype, device, config: LoopServeConfig, repea
     return row
 
 
-def measure_decode(cached, heads, dtype, kv_dtype, device, config: LoopServeConfig, repeats=REPEATS) -> dict:
-    """One ``timings["decode"]`` row: one layer's decode step of one request over ``cached`` tokens."""
-    from .cache_policy import DecodeCompressor, batched_decode_attention
-
+def _decode_inputs(cached, heads, dtype, kv_dtype, device):
+    """A pool of ``cached`` random keys and values through scattered slots, one decode query, and
+    stock's step over them (SGLang's torch-native decode: every cached row gathered, one SDPA
+    with ``enable_gqa``)."""
     n_heads, n_kv, dim = heads
     g = torch.Generator().manual_seed(cached)
     pool_k, pool_v = (torch.randn(cached + 64, n_kv, dim, generator=g).to(device, kv_dtype) for _ in range(2))
     slots = torch.randperm(cached + 64, generator=g)[:cached].to(device, torch.int32)
-    window = torch.randn(config.decode_window, n_heads, dim, generator=g).to(device, dtype)
     q = torch.randn(1, n_heads, dim, generator=g).to(device, dtype)
+
+    def stock():
+        key = pool_k[slots].movedim(0, 1).to(dtype)
+        value = pool_v[slots].movedim(0, 1).to(dtype)
+        return F.scaled_dot_product_attention(q.movedim(0, 1)[None], key[None], value[None],
+                                              enable_gqa=n_heads != n_kv)
+
+    return pool_k, pool_v, slots, q, stock
+
+
+def measure_decode(cached, heads, dtype, kv_dtype, device, config: LoopServeConfig, repeats=REPEATS) -> dict:
+    """One ``timings["decode"]`` row: one layer's decode step of one request over ``cached`` tokens."""
+    from .cache_policy import DecodeCompressor, batched_decode_attention
+
+    pool_k, pool_v, slots, q, stock = _decode_inputs(cached, heads, dtype, kv_dtype, device)
+    g = torch.Generator().manual_seed(cached + 1)
+    window = torch.randn(config.decode_window, heads[0], heads[2], generator=g).to(device, dtype)
     comp = DecodeCompressor(budget=config.decode_budget, interval=config.decode_interval, window=config.decode_window,
                             sink=config.sink, recent=config.recent, query_blocks=config.decode_query_blocks,
                             pool_window=config.decode_pooling)
     for row in window:
         comp.record(row)
     comp.reselect_from(pool_k, slots[:cached - 8])  # 8 tokens generated since
-
-    def stock():
-        # SGLang's torch-native decode: every cached row gathered, one SDPA (enable_gqa).
-        key = pool_k[slots].movedim(0, 1).to(dtype)
-        value = pool_v[slots].movedim(0, 1).to(dtype)
-        return F.scaled_dot_product_attention(q.movedim(0, 1)[None], key[None], value[None],
-                                              enable_gqa=n_heads != n_kv)
 
     def step(kernel):
         def run():
@@ -312,8 +337,29 @@ def measure_decode(cached, heads, dtype, kv_dtype, device, config: LoopServeConf
             "steps": {k: t[k] + amortised for k in kernels}}
 
 
+def measure_exact_decode(cached, heads, dtype, kv_dtype, device, repeats=REPEATS) -> dict:
+    """One ``timings["exact"]`` row: an exact decode step over ``cached`` tokens, stock's against
+    each kernel reading every position (its read set built as the backend builds it)."""
+    from .cache_policy import batched_decode_attention
+
+    pool_k, pool_v, slots, q, stock = _decode_inputs(cached, heads, dtype, kv_dtype, device)
+    n_kv = heads[1]
+
+    def reads_all(kernel):
+        def run():
+            every = torch.arange(cached, device=q.device).repeat(n_kv)
+            indptr = torch.tensor([0, *[cached] * n_kv], device=q.device).cumsum(0)
+            return batched_decode_attention(q, pool_k, pool_v, slots[None], indptr, every, method=kernel)
+        return run
+
+    kernels = decode_kernels(device, dtype, kv_dtype)
+    t = median_times({"base_s": stock, **{k: reads_all(k) for k in kernels}}, device, repeats)
+    return {"cached": cached, "base_s": t["base_s"], "reads_all": {k: t[k] for k in kernels}}
+
+
 def measure(heads, dtype, kv_dtype, device="cpu", config: LoopServeConfig | None = None,
-            prefill_lengths=PREFILL_LENGTHS, decode_lengths=DECODE_LENGTHS, repeats=REPEATS) -> dict:
+            prefill_lengths=PREFILL_LENGTHS, decode_lengths=DECODE_LENGTHS, repeats=REPEATS,
+            exact_lengths=EXACT_LENGTHS) -> dict:
     """Time both sides of every gate at the model's ``heads`` (query heads, KV heads, head dim):
     ``{"prefill": [...], "decode": [...], "seconds": ...}`` (``gates_from_timings`` reads it).
     Every kernel is compiled before (``numba`` caches them on disk), so this times steady states."""
@@ -329,7 +375,8 @@ def measure(heads, dtype, kv_dtype, device="cpu", config: LoopServeConfig | None
             if "dense_kernel_s" not in row:
                 row["dense_kernel_s"] = prefill[-1]["dense_kernel_s"] * (row["length"] / widest) ** 2
         decode = [measure_decode(n, heads, dtype, kv_dtype, device, config, repeats) for n in decode_lengths]
-    return {"prefill": prefill, "decode": decode, "seconds": time.perf_counter() - t0}
+        exact = [measure_exact_decode(n, heads, dtype, kv_dtype, device, repeats) for n in exact_lengths]
+    return {"prefill": prefill, "decode": decode, "exact": exact, "seconds": time.perf_counter() - t0}
 
 
 def _cached(path: Path, key: MachineKey) -> tuple[Gates, dict] | None:
@@ -423,6 +470,12 @@ def format_timings(timings: dict) -> str:
     for r in timings["decode"]:
         lines.append(f"{r['cached']:>7} {r['base_s'] * 1e3:>9.3f} {r['reselect_s'] * 1e3:>12.2f} "
                      + " ".join(f"{r['steps'][k] * 1e3:>10.3f}" for k in kernels))
+    if timings.get("exact"):
+        lines += ["exact decode, one layer, one request: stock step vs a kernel reading every position",
+                  f"{'cached':>7} {'stock ms':>9} " + " ".join(f"{k + ' ms':>10}" for k in kernels)]
+        for r in timings["exact"]:
+            lines.append(f"{r['cached']:>7} {r['base_s'] * 1e3:>9.3f} "
+                         + " ".join(f"{r['reads_all'][k] * 1e3:>10.3f}" for k in kernels))
     return "\n".join(lines)
 
 

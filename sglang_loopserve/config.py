@@ -123,6 +123,12 @@ class LoopServeConfig:
     decode_min_len: int | None = None
     #: Decode: the compressed step's attention kernel (``DECODE_KERNELS``; ``auto``: measured).
     decode_kernel: str = "auto"
+    #: Decode on a CPU: a turn that decodes exactly over at least this many cached tokens reads
+    #: every position through ``decode_kernel`` instead of the base path (stock's gather of every
+    #: row and its SDPA).  ``None``: measured (``calibrate``: where that costs at most 0.9 of
+    #: stock's step); the largest integer: always the base path.  Keep-everything requests
+    #: always run on the base path.
+    exact_decode_min_len: int | None = None
     #: Where the gates above come from when left unset (``CALIBRATIONS``): ``auto``, this machine's
     #: cached measurement, measured at start-up where none is; ``measure``, measured again;
     #: ``off``, defaults no measured machine lost at (``calibrate.SAFE_GATES``).
@@ -181,8 +187,9 @@ class LoopServeConfig:
                 continue
             if not is_int(getattr(self, f)) or getattr(self, f) < 1:
                 fail(f, f"must be an integer in [1, {MAX_INT}]")
-        for f in ("min_prefill_len", "decode_min_len", "decode_query_blocks", "sink", "recent"):
-            if f in ("min_prefill_len", "decode_min_len") and getattr(self, f) is None:
+        for f in ("min_prefill_len", "decode_min_len", "exact_decode_min_len", "decode_query_blocks", "sink",
+                  "recent"):
+            if f in ("min_prefill_len", "decode_min_len", "exact_decode_min_len") and getattr(self, f) is None:
                 continue
             if not is_int(getattr(self, f)) or getattr(self, f) < 0:
                 fail(f, f"must be an integer in [0, {MAX_INT}]")

@@ -64,7 +64,7 @@ def setup():
     backend = LoopServeAttnBackend(runner, base, CONFIG)
     yield types.SimpleNamespace(pool=pool, req_to_token=req_to_token, base=base, backend=backend,
                                 layer=attention_layer(H, HK, D, attn_type=AttentionType.DECODER), config=CONFIG)
-    for rid in ("sparse", "dense", "off"):
+    for rid in ("sparse", "dense", "off", "exact"):
         store.drop(rid)
 
 
@@ -163,6 +163,47 @@ def test_the_decode_gate_sends_a_turn_to_the_base_path(setup, gate, on_base):
         assert st["decode_tokens_attended"] == st["decode_tokens_cached"] and st["reselections"] == 0
     else:
         assert st["decode_tokens_attended"] < st["decode_tokens_cached"] and st["reselections"] == 1
+
+
+@pytest.mark.parametrize("exact_from,keep_everything,on_kernel", [(0, False, True), (257, False, True),
+                                                                   (1 << 20, False, False), (0, True, False)])
+def test_an_exact_turn_reads_everything_on_the_kernel_from_its_gate(setup, exact_from, keep_everything, on_kernel):
+    """A turn the decode gate sends to exact decoding (``decode_min_len`` above its 257 positions)
+    reads every position through LoopServe's decode kernel from ``exact_decode_min_len`` on (the
+    calibration's: where that beats stock's gather and SDPA), equal to the base's output up to
+    rounding; below it, and for a keep-everything request at any length, the base path bit for bit."""
+    s, gen = setup, torch.Generator().manual_seed(3)
+    s.backend.gates = dataclasses.replace(s.backend.gates, exact_decode_min_len=exact_from)
+    options = {"decode_min_len": 1 << 20}
+    if keep_everything:
+        options.update(alpha=1.0, decode_budget=1 << 20)
+    req = Request("exact", s.config.override(options))  # noqa: F841 (held: a weak registry)
+    s.req_to_token[0, :256] = torch.arange(256)
+    s.pool.k[:160] = torch.randn(160, HK, D, generator=gen)
+    s.pool.v[:160] = torch.randn(160, HK, D, generator=gen)
+    q, k, v = (torch.randn(96, n * D, generator=gen) for n in (H, HK, HK))
+    s.backend.forward(q, k, v, s.layer, _batch("extend", ["exact"], [0], [160], [96], torch.arange(160, 256)))
+    for step in range(3):
+        s.req_to_token[0, 256 + step] = 256 + step
+        fb = _batch("decode", ["exact"], [0], [256 + step], [1], torch.tensor([256 + step]))
+        qd, kd, vd = (torch.randn(1, n * D, generator=gen) for n in (H, HK, HK))
+        o = s.backend.forward(qd, kd, vd, s.layer, fb)
+        alone = s.base.forward_decode(qd, kd, vd, s.layer, fb)
+        if on_kernel:
+            torch.testing.assert_close(o, alone, atol=1e-5, rtol=1e-4)
+        else:
+            assert torch.equal(o, alone)
+    # Equal outputs both ways; which path ran is what the base-path spy below tells apart.
+    calls = []
+    base_decode = s.base.forward_decode
+    s.base.forward_decode = lambda *a, **kw: (calls.append(1), base_decode(*a, **kw))[1]
+    s.req_to_token[0, 259] = 259
+    fb = _batch("decode", ["exact"], [0], [259], [1], torch.tensor([259]))
+    s.backend.forward(*(torch.randn(1, n * D, generator=gen) for n in (H, HK, HK)), s.layer, fb)
+    st = live_requests["exact"].loopserve_stats.summary()
+    assert store.get("exact").base_decode
+    assert st["decode_tokens_attended"] == st["decode_tokens_cached"] and st["reselections"] == 0
+    assert (not calls) == on_kernel
 
 
 def _plant_turn(s, gen, prefix, n_new, hot_a, hot_b, a_rows):

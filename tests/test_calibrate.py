@@ -22,6 +22,10 @@ def decode_row(cached, base, **steps):
     return {"cached": cached, "base_s": base, "reselect_s": 0.0, "steps": steps}
 
 
+def exact_row(cached, base, **reads_all):
+    return {"cached": cached, "base_s": base, "reads_all": reads_all}
+
+
 #: Prefill: at TYPICAL_DENSITY (0.4) the kernel costs k0 + (k1 - k0) x 0.25, so plan + kernel over
 #: exact is 1.30 at 2K, 0.95 at 4K, 0.85 at 8K: it pays (0.9) from the crossing, 4096 + 4096 x
 #: 0.05 / 0.10 = 6144.  The kernel alone matches the exact rectangle at 8K at a density of
@@ -33,13 +37,27 @@ PLANTED = {
                 prefill_row(8192, 160.0, 8.0, 64.0, 320.0)],
     "decode": [decode_row(2048, 2.0, tensor=2.5, loops=3.0), decode_row(4096, 4.0, tensor=3.0, loops=3.2),
                decode_row(8192, 8.0, tensor=3.5, loops=3.0)],
+    # Exact decode: the loops (the chosen kernel) reading everything cost 1.2 / 1.0 / 0.6 of stock's
+    # step at 256 / 1024 / 2048: 0.9 is crossed at 1024 + 1024 x 0.1 / 0.4 = 1280.
+    "exact": [exact_row(256, 1.0, tensor=0.5, loops=1.2), exact_row(1024, 2.0, tensor=1.0, loops=2.0),
+              exact_row(2048, 4.0, tensor=2.0, loops=2.4)],
 }
 
 
 def test_planted_timings_give_the_expected_gates():
     gates = cal.gates_from_timings(PLANTED)
     assert gates == cal.Gates(min_prefill_len=6144, prefill_max_density=0.5, decode_min_len=3840,
-                              decode_kernel="loops", source="measured")
+                              decode_kernel="loops", exact_decode_min_len=1280, source="measured")
+
+
+def test_exact_decode_stays_on_the_base_path_unless_the_kernel_pays():
+    """Judged with the compressed step's kernel (the tensor path's cheaper full reads do not count);
+    without exact rows (an older measurement), or losing at the longest length, never."""
+    t = json.loads(json.dumps(PLANTED))
+    t["exact"][-1]["reads_all"]["loops"] = 3.8  # 0.95 of stock at 2K
+    assert cal.gates_from_timings(t).exact_decode_min_len == cal.NEVER
+    del t["exact"]
+    assert cal.gates_from_timings(t).exact_decode_min_len == cal.NEVER
 
 
 def test_a_path_that_never_pays_is_never_taken():
@@ -134,9 +152,10 @@ def test_flags_override_measured_gates(tmp_path, monkeypatch):
     assert (flagged.prefill_max_density, flagged.decode_min_len) == (0.5, 3840)  # the rest measured
     # Through the server's entry point, from a cached calibration of this machine's key.
     monkeypatch.setattr(cal, "measure", lambda *a, **k: Counting()())
-    config = LoopServeConfig(decode_min_len=0, prefill_max_density=0.25)
+    config = LoopServeConfig(decode_min_len=0, prefill_max_density=0.25, exact_decode_min_len=cal.NEVER)
     gates = cal.gates_for("cpu", torch.float32, torch.float32, (9, 3, 64), config, root=tmp_path)
     assert (gates.decode_min_len, gates.prefill_max_density, gates.min_prefill_len) == (0, 0.25, 6144)
+    assert gates.exact_decode_min_len == cal.NEVER  # measured: 1280
     assert gates.source == "measured+flags"
     assert cal.gates_for("cpu", torch.float32, torch.float32, (9, 3, 64), config, root=tmp_path).source == \
         "cached+flags"
@@ -146,7 +165,7 @@ def test_bad_gate_flags_are_refused():
     from sglang_loopserve.config import LoopServeConfigError
 
     for field, value in (("decode_kernel", "fastest"), ("calibration", "sometimes"), ("prefill_max_density", 1.5),
-                         ("decode_min_len", -1)):
+                         ("decode_min_len", -1), ("exact_decode_min_len", -5)):
         with pytest.raises(LoopServeConfigError, match=field):
             LoopServeConfig(**{field: value}).validated()
 
@@ -155,8 +174,12 @@ def test_a_small_measurement_times_both_sides_of_every_gate():
     config = LoopServeConfig(q_window=16, block_size=16, decode_budget=64, decode_query_blocks=4, decode_window=4,
                              decode_interval=8)
     t = cal.measure((4, 2, 32), torch.float32, torch.float32, "cpu", config, prefill_lengths=(256, 512),
-                    decode_lengths=(512, 1024), repeats=1)
+                    decode_lengths=(512, 1024), exact_lengths=(256, 1024), repeats=1)
     assert [r["length"] for r in t["prefill"]] == [256, 512] and [r["cached"] for r in t["decode"]] == [512, 1024]
+    assert [r["cached"] for r in t["exact"]] == [256, 1024]
+    for row in t["exact"]:
+        assert row["base_s"] > 0 and set(row["reads_all"]) == set(cal.decode_kernels("cpu", torch.float32,
+                                                                                     torch.float32))
     for row in t["prefill"]:
         assert all(row[f] > 0 for f in ("exact_s", "plan_s", "kernel_s", "dense_kernel_s"))
         assert 0 < row["planned_density"] <= 1
@@ -165,7 +188,7 @@ def test_a_small_measurement_times_both_sides_of_every_gate():
     gates = cal.gates_from_timings(t)
     assert gates.decode_kernel in t["decode"][0]["steps"] and 0 <= gates.prefill_max_density <= 1
     table = cal.format_timings(t)
-    assert len(table.splitlines()) == 2 + 2 + 2 + 2 and "stock ms" in table  # two headers and rows each
+    assert len(table.splitlines()) == 3 * (2 + 2) and "stock ms" in table  # three tables: two headers, two rows
 
 
 def test_processes_of_one_machine_measure_once(tmp_path):

@@ -597,6 +597,11 @@ class LoopServeAttnBackend:
                             min_len=min_len))
                     if state.base_decode:
                         self._observe_read(rid, seq_lens[i], seq_lens[i])
+                        if self._exact_on_kernel(opts, seq_lens[i]):
+                            if nonfinite is None:
+                                nonfinite = _nonfinite_rows(q_, k)
+                            if i not in nonfinite:  # else stock's path, as it would have run
+                                sparse[i] = every_position(seq_lens[i], layer.tp_k_head_num, q.device)
                         continue
                     if nonfinite is None:
                         nonfinite = _nonfinite_rows(q_, k)
@@ -633,6 +638,13 @@ class LoopServeAttnBackend:
                 self._decode_selected_one_by_one(q_, o, layer, fb, sparse, seq_lens)
         self._record(q_, layer, fb, comps, sparse, seq_lens)
         return o
+
+    def _exact_on_kernel(self, opts: LoopServeConfig, cached: int) -> bool:
+        """Whether a turn that decodes exactly reads every position through the decode kernel
+        (``Gates.exact_decode_min_len``) rather than on the base path; keep-everything requests
+        stay on the base path, bit for bit."""
+        return (self._full_reads_through_kernel and cached >= self.gates.exact_decode_min_len
+                and not opts.keeps_everything(model_context()))
 
     def _decode_selected_one_by_one(self, q_, o, layer, fb, sparse, seq_lens):
         """The batched call failed: each request alone; one that fails again is served exactly

@@ -144,6 +144,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                            "of its cache, else decodes exactly; 1: wherever the selection is smaller.",
         "decode_min_len": "Decode: a turn over fewer cached tokens decodes exactly on the base path.",
         "decode_kernel": "Decode: the compressed step's attention kernel: auto (measured), tensor, loops or fused.",
+        "exact_decode_min_len": "Decode on a CPU: a turn decoding exactly over at least this many cached tokens "
+                                "reads every position through the decode kernel, not the base path.",
         "calibration": "Where unset gates come from: auto (this machine's measurement, cached; measured at "
                        "start-up where none is), measure (measure again) or off (defaults no measured "
                        "machine lost at).",
@@ -151,7 +153,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         "recent": "Decode: last tokens always kept.",
     }
     measured = "measured on this machine (python -m sglang_loopserve.calibrate)"
-    shown = {"min_prefill_len": measured, "prefill_max_density": measured, "decode_min_len": measured}
+    shown = {"min_prefill_len": measured, "prefill_max_density": measured, "decode_min_len": measured,
+             "exact_decode_min_len": measured}
     for f in fields(LoopServeConfig):
         if f.name == "enabled":
             continue
