@@ -667,8 +667,12 @@ class LoopServeAttnBackend:
         indptr = torch.tensor([0] + list(itertools.accumulate(counts)), device=q_.device)
         positions = torch.cat([sparse[i][0] for i in order]) if len(order) > 1 else sparse[order[0]][0]
         width = max(seq_lens[i] for i in order)
-        pool_rows = fb.req_pool_indices[order] if len(order) > 1 else fb.req_pool_indices[order[0]:order[0] + 1]
-        slots = self.req_to_token_pool.req_to_token[pool_rows.long(), :width]
+        table = self.req_to_token_pool.req_to_token
+        if len(order) > 1:
+            slots = table[fb.req_pool_indices[order].long(), :width]
+        else:  # a view, not a copy: the indexed copy took 5% of a decode step's time in the server
+            row = int(fb.req_pool_indices[order[0]])
+            slots = table[row:row + 1, :width]
         sel = order if len(order) > 1 else slice(order[0], order[0] + 1)
         out = batched_decode_attention(
             q_[sel], self.token_to_kv_pool.get_key_buffer(layer.layer_id),
