@@ -40,11 +40,17 @@ class PortTakenError(ServerStartError):
 PORT_RETRIES = 3
 
 
-def loopserve_state(url: str, timeout: float = 60) -> dict:
-    """A LoopServe server's own state (``/server_info``'s ``internal_states[0].loopserve``: stats,
-    radix, faults, idle check, gates)."""
+def loopserve_states(url: str, timeout: float = 60) -> list[dict]:
+    """Each scheduler rank's LoopServe state (``/server_info``'s ``internal_states[].loopserve``:
+    stats, radix, faults, idle check, gates), in data-parallel rank order (SGLang lists them in
+    the order the ranks answer)."""
     info = requests.get(url + "/server_info", timeout=timeout).json()
-    return info["internal_states"][0]["loopserve"]
+    return sorted((s["loopserve"] for s in info["internal_states"]), key=lambda s: s.get("dp_rank", 0))
+
+
+def loopserve_state(url: str, timeout: float = 60) -> dict:
+    """A LoopServe server's own state: its first data-parallel rank's (``loopserve_states``)."""
+    return loopserve_states(url, timeout)[0]
 
 
 def free_port() -> int:

@@ -98,3 +98,24 @@ def test_auto_dtype_is_bf16_only_where_the_cpu_computes_it(monkeypatch, native, 
     args = SimpleNamespace(attention_backend=None, dtype="auto")
     pkgutil.resolve_name(lp.PLATFORM_QUALNAME)().apply_server_args_defaults(args)
     assert args.dtype == dtype
+
+
+@pytest.mark.parametrize("sizes,cpus,expected", [
+    ((1, 1), [0, 1], {}),  # one rank: SGLang binds it itself
+    ((2, 1), [0, 1], {"SGLANG_CPU_OMP_THREADS_BIND": "0|1", "OMP_NUM_THREADS": "1"}),
+    ((1, 2), [0, 1, 2, 3, 4], {"SGLANG_CPU_OMP_THREADS_BIND": "0,1|2,3", "OMP_NUM_THREADS": "2"}),
+    ((2, 2), [4, 5, 6, 7, 0, 1, 2, 3], {"SGLANG_CPU_OMP_THREADS_BIND": "0,1|2,3|4,5|6,7", "OMP_NUM_THREADS": "2"}),
+])
+def test_several_cpu_ranks_split_the_cores(sizes, cpus, expected):
+    args = SimpleNamespace(dp_size=sizes[0], tp_size=sizes[1], pp_size=1, device="cpu")
+    assert lp.cpu_rank_environment(args, environ={}, cpus=cpus) == expected
+
+
+def test_cpu_ranks_keep_what_the_user_set_and_refuse_more_ranks_than_cores():
+    args = SimpleNamespace(dp_size=2, tp_size=1, pp_size=1, device="cpu")
+    assert lp.cpu_rank_environment(args, environ={"SGLANG_CPU_OMP_THREADS_BIND": "0|0"}, cpus=[0, 1]) == {}
+    assert lp.cpu_rank_environment(args, environ={"OMP_NUM_THREADS": "2"}, cpus=[0, 1]) == {
+        "SGLANG_CPU_OMP_THREADS_BIND": "0|1"}
+    with pytest.raises(SystemExit, match="--dp-size x --tp-size x --pp-size = 4 CPU ranks"):
+        lp.cpu_rank_environment(SimpleNamespace(dp_size=4, tp_size=1, pp_size=1, device="cpu"), environ={},
+                                cpus=[0, 1])

@@ -51,6 +51,38 @@ def default_cpu_dtype() -> str:
     return DTYPE_WITH_NATIVE_BF16 if cpu_has_native_bf16() else DTYPE_WITHOUT_NATIVE_BF16
 
 
+#: SGLang's per-rank CPU list (``|`` between ranks); unset, it gives each rank a NUMA node and
+#: stops a launch with more ranks than nodes.
+THREADS_BIND_ENV = "SGLANG_CPU_OMP_THREADS_BIND"
+
+
+def cpu_rank_environment(server_args, environ=None, cpus=None) -> dict[str, str]:
+    """The environment several CPU ranks of one server need where the user set none: SGLang binds
+    each rank (``dp x tp x pp``) to a NUMA node unless ``SGLANG_CPU_OMP_THREADS_BIND`` lists its
+    cores, and stops the launch where ranks outnumber nodes (a 2-core machine has one).  So the
+    cores this process may use are split evenly, one group a rank, and ``OMP_NUM_THREADS`` is set
+    to a group's size: outside AMX machines SGLang pins nothing, and every rank would otherwise run
+    a thread per core on the same cores.  Returns the variables to set (none for one rank, or what
+    the user set already); ``SystemExit`` naming the flags where ranks outnumber cores."""
+    environ = os.environ if environ is None else environ
+    ranks = 1
+    for flag in ("dp_size", "tp_size", "pp_size"):
+        ranks *= int(getattr(server_args, flag, 1) or 1)
+    if ranks <= 1 or (getattr(server_args, "device", "cpu") or "cpu") != "cpu" or THREADS_BIND_ENV in environ:
+        return {}
+    cpus = sorted(os.sched_getaffinity(0) if cpus is None else cpus)
+    if len(cpus) < ranks:
+        raise SystemExit(f"--dp-size x --tp-size x --pp-size = {ranks} CPU ranks, but this process may use "
+                         f"{len(cpus)} cores: start fewer ranks, or set {THREADS_BIND_ENV} to the cores of "
+                         f"each rank ('|' between ranks)")
+    per = len(cpus) // ranks
+    groups = [cpus[r * per:(r + 1) * per] for r in range(ranks)]
+    env = {THREADS_BIND_ENV: "|".join(",".join(str(c) for c in group) for group in groups)}
+    if "OMP_NUM_THREADS" not in environ:
+        env["OMP_NUM_THREADS"] = str(per)
+    return env
+
+
 def accelerator_present() -> bool:
     """True when torch sees a GPU or another accelerator SGLang supports."""
     if torch.cuda.is_available():  # CUDA and ROCm builds

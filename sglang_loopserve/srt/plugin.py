@@ -38,6 +38,7 @@ from dataclasses import dataclass, fields
 
 from ..config import (CONFIG_ENV, FLAGS, REQUEST_KEY, LoopServeConfig, LoopServeConfigError,
                      request_field_name)
+from .platform import cpu_rank_environment
 from .radix import POLICY as RADIX_POLICY
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ T_INTERNAL_STATE = ("sglang.srt.managers.scheduler_components.internal_state."
                     "SchedulerInternalStateController.get_internal_state")
 T_SCHEDULER_INIT = "sglang.srt.managers.scheduler.Scheduler.__init__"
 T_TREE_CACHE = "sglang.srt.mem_cache.registry.default_radix_cache_factory"
+T_DP_LOOP = "sglang.srt.managers.data_parallel_controller.DataParallelController.event_loop"
 T_CHAT_RESPONSE = "sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat._build_chat_response"
 T_CHAT_STREAM = "sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat._generate_chat_stream"
 T_COMPLETION_RESPONSE = ("sglang.srt.entrypoints.openai.serving_completions.OpenAIServingCompletion."
@@ -66,7 +68,8 @@ T_COMPLETION_STREAM = ("sglang.srt.entrypoints.openai.serving_completions.OpenAI
                        "_generate_completion_stream")
 OPENAI_TARGETS = (T_GENERATE, T_CHAT_RESPONSE, T_CHAT_STREAM, T_COMPLETION_RESPONSE, T_COMPLETION_STREAM)
 SCHEDULER_TARGETS = (T_BUILD_BACKEND, T_REQ_INIT, T_RELEASE, T_STREAM, T_INTERNAL_STATE, T_TREE_CACHE)
-ALL_TARGETS = (T_ADD_CLI_ARGS, T_PREPARE, T_VERIFY, T_META, T_SCHEDULER_INIT) + SCHEDULER_TARGETS + OPENAI_TARGETS
+ALL_TARGETS = ((T_ADD_CLI_ARGS, T_PREPARE, T_VERIFY, T_META, T_SCHEDULER_INIT, T_DP_LOOP) + SCHEDULER_TARGETS
+               + OPENAI_TARGETS)
 
 _DEFAULTS = LoopServeConfig()
 _TYPES = {"alpha": float, "decode_pyramid": float, "decode_max_read": float, "prefill_max_density": float,
@@ -194,6 +197,15 @@ def _on_add_cli_args(result, parser):
 
 
 def _around_prepare_server_args(original, argv, *args, **kwargs):
+    server_args = _prepare_server_args(original, argv, *args, **kwargs)
+    ranks_env = cpu_rank_environment(server_args)
+    if ranks_env:  # spawned ranks inherit it; the same for stock and LoopServe servers
+        os.environ.update(ranks_env)
+        logger.info("LoopServe CPU platform: %s", " ".join(f"{k}={v}" for k, v in ranks_env.items()))
+    return server_args
+
+
+def _prepare_server_args(original, argv, *args, **kwargs):
     config = parse_flags(argv)
     if not config.enabled:
         os.environ.pop(CONFIG_ENV, None)
@@ -437,10 +449,14 @@ def _after_internal_state(result, controller, *args, **kwargs):
     from .radix import stats as radix_stats
     from .request_state import store
 
+    from sglang.srt.runtime_context import get_parallel
+
     scheduler = controller.scheduler
     tracked = len(store)
     store.drop_missing()
     result.internal_state[REQUEST_KEY] = {
+        # SGLang lists its ranks' states in the order they answer, without a rank: this one's
+        "dp_rank": get_parallel().dp_rank or 0,
         "tracked_requests": tracked,
         "stale_requests": tracked - len(store),  # tracked after SGLang let them go: a leak if > 0
         "kv_available_tokens": int(scheduler.token_to_kv_pool_allocator.available_size()),
@@ -450,6 +466,33 @@ def _after_internal_state(result, controller, *args, **kwargs):
         "idle_check": idle_check(scheduler),
         "gates": dict(serving_gates) or None,  # where LoopServe's paths pay here (calibrate)
     }
+
+
+#: How long the data-parallel controller waits for a request before it looks again (it wakes on
+#: the first one at once).
+DP_IDLE_POLL_MS = 100
+
+
+def _around_dp_event_loop(original, controller, *args, **kwargs):
+    """``--sleep-on-idle`` for SGLang's data-parallel controller: its loop polls the tokenizer's
+    socket without ever waiting, a whole core taken on a machine with two (the ranks then ran on
+    one); here it waits on the socket (``zmq.Poller``), then dispatches as SGLang's loop does."""
+    if not getattr(controller.server_args, "sleep_on_idle", False):
+        return original(controller, *args, **kwargs)
+    import zmq
+    from sglang.srt.managers import data_parallel_controller as dpc
+
+    poller = zmq.Poller()
+    poller.register(controller.recv_from_tokenizer, zmq.POLLIN)
+    while True:
+        poller.poll(DP_IDLE_POLL_MS)
+        while True:
+            controller.soft_watchdog.feed()
+            try:
+                request = dpc.sock_recv(controller.recv_from_tokenizer, flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                break
+            controller._request_dispatcher(request)
 
 
 def idle_check(scheduler) -> dict | None:
@@ -514,6 +557,7 @@ def register() -> None:
         (T_META, _after_meta_info, HookType.AFTER),
         (T_INTERNAL_STATE, _after_internal_state, HookType.AFTER),
         (T_TREE_CACHE, _around_tree_cache, HookType.AROUND),
+        (T_DP_LOOP, _around_dp_event_loop, HookType.AROUND),
         (T_GENERATE, _around_generate_request, HookType.AROUND),
         (T_CHAT_RESPONSE, _after_build_response, HookType.AFTER),
         (T_COMPLETION_RESPONSE, _after_build_response, HookType.AFTER),
