@@ -133,6 +133,21 @@ def test_mixed_batch_extend_then_decode(setup):
     assert st["decode_tokens_attended"] < st["decode_tokens_cached"]
 
 
+def _decode_after_a_turn(s, gen, rid, steps):
+    """A 96-token turn of request ``rid`` over 160 cached positions (slots 0-255), then ``steps``
+    decode steps: each step's output through the backend, and the base backend's for its inputs."""
+    s.req_to_token[0, :256] = torch.arange(256)
+    s.pool.k[:160] = torch.randn(160, HK, D, generator=gen)
+    s.pool.v[:160] = torch.randn(160, HK, D, generator=gen)
+    q, k, v = (torch.randn(96, n * D, generator=gen) for n in (H, HK, HK))
+    s.backend.forward(q, k, v, s.layer, _batch("extend", [rid], [0], [160], [96], torch.arange(160, 256)))
+    for step in range(steps):
+        s.req_to_token[0, 256 + step] = 256 + step
+        fb = _batch("decode", [rid], [0], [256 + step], [1], torch.tensor([256 + step]))
+        qd, kd, vd = (torch.randn(1, n * D, generator=gen) for n in (H, HK, HK))
+        yield s.backend.forward(qd, kd, vd, s.layer, fb), s.base.forward_decode(qd, kd, vd, s.layer, fb)
+
+
 @pytest.mark.parametrize("gate,on_base", [({"decode_max_read": 0.2}, True), ({"decode_max_read": 0.25}, False),
                                           ({"decode_min_len": 258}, True), ({"decode_min_len": 257}, False)])
 def test_the_decode_gate_sends_a_turn_to_the_base_path(setup, gate, on_base):
@@ -144,17 +159,7 @@ def test_the_decode_gate_sends_a_turn_to_the_base_path(setup, gate, on_base):
     re-selecting; otherwise it compresses."""
     s, gen = setup, torch.Generator().manual_seed(1)
     req = Request("sparse", s.config.override(gate))  # noqa: F841 (held: a weak registry)
-    s.req_to_token[0, :256] = torch.arange(256)
-    s.pool.k[:160] = torch.randn(160, HK, D, generator=gen)
-    s.pool.v[:160] = torch.randn(160, HK, D, generator=gen)
-    q, k, v = (torch.randn(96, n * D, generator=gen) for n in (H, HK, HK))
-    s.backend.forward(q, k, v, s.layer, _batch("extend", ["sparse"], [0], [160], [96], torch.arange(160, 256)))
-    for step in range(6):
-        s.req_to_token[0, 256 + step] = 256 + step
-        fb = _batch("decode", ["sparse"], [0], [256 + step], [1], torch.tensor([256 + step]))
-        qd, kd, vd = (torch.randn(1, n * D, generator=gen) for n in (H, HK, HK))
-        o = s.backend.forward(qd, kd, vd, s.layer, fb)
-        alone = s.base.forward_decode(qd, kd, vd, s.layer, fb)
+    for o, alone in _decode_after_a_turn(s, gen, "sparse", 6):
         if on_base:
             assert torch.equal(o, alone)
     st = live_requests["sparse"].loopserve_stats.summary()
@@ -178,17 +183,7 @@ def test_an_exact_turn_reads_everything_on_the_kernel_from_its_gate(setup, exact
     if keep_everything:
         options.update(alpha=1.0, decode_budget=1 << 20)
     req = Request("exact", s.config.override(options))  # noqa: F841 (held: a weak registry)
-    s.req_to_token[0, :256] = torch.arange(256)
-    s.pool.k[:160] = torch.randn(160, HK, D, generator=gen)
-    s.pool.v[:160] = torch.randn(160, HK, D, generator=gen)
-    q, k, v = (torch.randn(96, n * D, generator=gen) for n in (H, HK, HK))
-    s.backend.forward(q, k, v, s.layer, _batch("extend", ["exact"], [0], [160], [96], torch.arange(160, 256)))
-    for step in range(3):
-        s.req_to_token[0, 256 + step] = 256 + step
-        fb = _batch("decode", ["exact"], [0], [256 + step], [1], torch.tensor([256 + step]))
-        qd, kd, vd = (torch.randn(1, n * D, generator=gen) for n in (H, HK, HK))
-        o = s.backend.forward(qd, kd, vd, s.layer, fb)
-        alone = s.base.forward_decode(qd, kd, vd, s.layer, fb)
+    for o, alone in _decode_after_a_turn(s, gen, "exact", 3):
         if on_kernel:
             torch.testing.assert_close(o, alone, atol=1e-5, rtol=1e-4)
         else:
