@@ -7,6 +7,9 @@ pool holds about half of all histories.  One server after the other, same conver
 
 * ``unconstrained``: a pool holding everything (the reference answers);
 * ``lru``: SGLang's default eviction (whole leaves, least recently used first);
+* ``tlru``: SGLang's tail-optimized LRU for conversations (``TLRU_CONFIG``: a conversation keeps
+  what its next prefill needs to stay within ``threshold`` new tokens, the rest of its tail is
+  evicted first);
 * ``loopserve, no pruning``: ``--radix-eviction-policy loopserve`` with
   ``{"prune": false}`` (whole leaves in ``prune.leaf_priority`` order);
 * ``loopserve``: the policy with pruning (each private branch's least attended tokens
@@ -41,9 +44,14 @@ from sglang_loopserve.bench.metrics import agreement  # noqa: E402
 from sglang_loopserve.bench.runner import server_ask  # noqa: E402
 from sglang_loopserve.server import SGLangServer, loopserve_state  # noqa: E402
 
+#: T-LRU's budget (tokens): the next turn brings about ``--turn-tokens`` (250) and its question, so
+#: ``next_prompt_estimate`` 300; a returning turn may prefill up to ``threshold`` tokens again.
+TLRU_CONFIG = {"threshold": 1024, "next_prompt_estimate": 300}
+
 CONFIGS = {
     "unconstrained": [],
     "lru": ["--radix-eviction-policy", "lru"],
+    "tlru": ["--radix-eviction-policy", "tlru", "--radix-eviction-policy-config", json.dumps(TLRU_CONFIG)],
     "loopserve, no pruning": ["--radix-eviction-policy", "loopserve",
                               "--radix-eviction-policy-config", json.dumps({"prune": False})],
     "loopserve": ["--radix-eviction-policy", "loopserve"],

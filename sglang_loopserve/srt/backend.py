@@ -384,18 +384,26 @@ class LoopServeAttnBackend:
         if opts.method == "loopserve":
             seed, window = opts.decode_seed, opts.decode_window
             if seed == "auto":
-                seed, window = ("last_queries", max(turn, 1)) if turn <= opts.q_window else ("full", 0)
+                seed, window = ("last_queries", max(turn, 1)) if turn <= opts.q_window else ("full", opts.decode_window)
+            if seed == "estimate" and estimate is not None:
+                comp.seed(estimate, length)
+                return
+            # The pruning radix cache needs every turn's importance, a full seed's too: without it
+            # the turns that prefill and decode exactly (below the gates) left pruning blind, and
+            # their histories were evicted whole (radix_pressure: 4,600 tokens prefilled again).
+            observe = rid is not None and estimate is None and (seed != "full" or self.store.importance_wanted)
+            if seed == "full" and not observe:
+                comp.seed(None, length)
+                return
+            mass = attention_mass(q_i[-window:], k_all)
+            if live is not None:
+                mass = mass.new_zeros(mass.shape[0], length).index_copy_(1, live.to(mass.device), mass)
             if seed == "full":
                 comp.seed(None, length)
-            elif seed == "estimate" and estimate is not None:
-                comp.seed(estimate, length)
             else:
-                mass = attention_mass(q_i[-window:], k_all)
-                if live is not None:
-                    mass = mass.new_zeros(mass.shape[0], length).index_copy_(1, live.to(mass.device), mass)
                 comp.seed(mass, length, source="prompt")
-                if rid is not None and estimate is None:
-                    self.store.importance(rid).observe_columns(mass)
+            if observe:
+                self.store.importance(rid).observe_columns(mass)
         elif opts.method == "full" or opts.method in PREFILL_PATTERNS:
             comp.seed(None, length)
             comp.fixed = True

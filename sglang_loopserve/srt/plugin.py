@@ -534,6 +534,7 @@ def _around_tree_cache(original, ctx, *args, **kwargs):
     cache = build_cache(ctx)
     cache.importance_of = store.importance_scores
     cache.pruned_row = store.set_pruned
+    store.importance_wanted = True
     return cache
 
 

@@ -134,6 +134,9 @@ class RequestStore:
         self._states: dict[str, DecodeState] = {}
         self._importance: dict[str, TokenImportance] = {}  # lives as long as the request, across turns' chunks
         self._lock = threading.Lock()  # the overlap scheduler releases from another thread
+        #: The radix cache prunes by importance (``--radix-eviction-policy loopserve``): every
+        #: prefill measures it, also where the decode does not need it.
+        self.importance_wanted = False
 
     def new_turn(self, rid: str, options: LoopServeConfig, new_tokens: int = 0) -> DecodeState:
         """Fresh state: a prefill (a new turn, or a retracted request's redo) starts over.  A
