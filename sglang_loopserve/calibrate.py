@@ -341,14 +341,14 @@ def measure_exact_decode(cached, heads, dtype, kv_dtype, device, repeats=REPEATS
     """One ``timings["exact"]`` row: an exact decode step over ``cached`` tokens, stock's against
     each kernel reading every position (its read set built as the backend builds it)."""
     from .cache_policy import batched_decode_attention
+    from .cache_policy.batched import every_position
 
     pool_k, pool_v, slots, q, stock = _decode_inputs(cached, heads, dtype, kv_dtype, device)
-    n_kv = heads[1]
 
     def reads_all(kernel):
         def run():
-            every = torch.arange(cached, device=q.device).repeat(n_kv)
-            indptr = torch.tensor([0, *[cached] * n_kv], device=q.device).cumsum(0)
+            every, counts = every_position(cached, heads[1], q.device)
+            indptr = torch.tensor([0, *counts], device=q.device).cumsum(0)
             return batched_decode_attention(q, pool_k, pool_v, slots[None], indptr, every, method=kernel)
         return run
 

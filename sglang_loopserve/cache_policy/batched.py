@@ -17,6 +17,12 @@ from . import cpu_loops
 from .scoring import attention_mass_padded, check_gqa, keep_top_padded, validate_budget
 
 
+def every_position(length: int, n_kv: int, device) -> tuple[torch.Tensor, list[int]]:
+    """A decode read set of every position of a ``length``-token cache, per KV head
+    (``DecodeCompressor.attended``'s form: flat positions, each head's count)."""
+    return torch.arange(length, device=device).repeat(n_kv), [length] * n_kv
+
+
 def gather_padded(pool: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """``[B, Lmax, Hk, d]`` rows of ``pool`` for each request (zeros past its length)."""
     valid = torch.arange(slots.shape[1], device=slots.device)[None, :] < lengths[:, None]

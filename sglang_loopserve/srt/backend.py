@@ -45,6 +45,7 @@ from ..attention import sparse_prefill_attention
 from ..attention.exact import exact_prefill_attention
 from ..attention.kernels import default_kernel
 from ..cache_policy import METHODS, KeySummaries, ScoreContext, attention_mass, batched_decode_attention
+from ..cache_policy.batched import every_position
 from ..cache_policy.decode import DecodeCompressor, decode_pays, reselect_pruned
 from ..calibrate import gates_for
 from ..config import PREFILL_PATTERNS, LoopServeConfig
@@ -83,11 +84,6 @@ def without_positions(rows, dead: torch.Tensor, length: int, n_kv: int):
 #: layer): the kernel 9.6 ms, a gather + SDPA as the torch-native base runs it 14.6 ms.  A GPU's
 #: FlashInfer/Triton base decode is not slower than a gather kernel: it keeps those steps.
 FULL_READS_THROUGH_KERNEL = {"cpu": True}
-
-
-def every_position(length: int, n_kv: int, device):
-    """A decode read set of every position (``DecodeCompressor.attended``'s form)."""
-    return torch.arange(length, device=device).repeat(n_kv), [length] * n_kv
 
 
 def _token_starts(new_lens) -> list[int]:

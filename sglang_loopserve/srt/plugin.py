@@ -444,12 +444,12 @@ def _stream_hook(chunk_model: str):
 def _after_internal_state(result, controller, *args, **kwargs):
     if launch_settings() is None:
         return
+    from sglang.srt.runtime_context import get_parallel
+
     from .backend import serving_gates
     from .faults import stats as fault_stats
     from .radix import stats as radix_stats
     from .request_state import store
-
-    from sglang.srt.runtime_context import get_parallel
 
     scheduler = controller.scheduler
     tracked = len(store)
