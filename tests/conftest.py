@@ -76,3 +76,13 @@ def keep_all_chunked_server(model_path):
     with _loopserve_server(model_path, "keep-all-chunked",
                            KEEP_EVERYTHING + ["--chunked-prefill-size", "512"]) as srv:
         yield srv
+
+
+def user_turn(text: str) -> str:
+    """A user message and the assistant's turn opening, in the embedded model's chat template."""
+    return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def first_tokens(text: str, tokenizer, tokens: int) -> str:
+    """The first ``tokens`` tokens of ``text``, as text."""
+    return tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)[:tokens])

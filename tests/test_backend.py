@@ -133,19 +133,42 @@ def test_mixed_batch_extend_then_decode(setup):
     assert st["decode_tokens_attended"] < st["decode_tokens_cached"]
 
 
-def _decode_after_a_turn(s, gen, rid, steps):
-    """A 96-token turn of request ``rid`` over 160 cached positions (slots 0-255), then ``steps``
-    decode steps: each step's output through the backend, and the base backend's for its inputs."""
+def _prefill_a_turn(s, gen, rid):
+    """A 96-token turn of request ``rid`` over 160 cached positions (slots 0-255)."""
     s.req_to_token[0, :256] = torch.arange(256)
     s.pool.k[:160] = torch.randn(160, HK, D, generator=gen)
     s.pool.v[:160] = torch.randn(160, HK, D, generator=gen)
     q, k, v = (torch.randn(96, n * D, generator=gen) for n in (H, HK, HK))
     s.backend.forward(q, k, v, s.layer, _batch("extend", [rid], [0], [160], [96], torch.arange(160, 256)))
+
+
+def _decode_after_a_turn(s, gen, rid, steps):
+    """``_prefill_a_turn``, then ``steps`` decode steps: each step's output through the backend,
+    and the base backend's for its inputs."""
+    _prefill_a_turn(s, gen, rid)
     for step in range(steps):
         s.req_to_token[0, 256 + step] = 256 + step
         fb = _batch("decode", [rid], [0], [256 + step], [1], torch.tensor([256 + step]))
         qd, kd, vd = (torch.randn(1, n * D, generator=gen) for n in (H, HK, HK))
         yield s.backend.forward(qd, kd, vd, s.layer, fb), s.base.forward_decode(qd, kd, vd, s.layer, fb)
+
+
+@pytest.mark.parametrize("wanted", [False, True])
+def test_a_long_exact_turn_measures_importance_for_the_pruning_cache(setup, monkeypatch, wanted):
+    """A turn longer than ``q_window`` prefilled exactly reads everything until its first
+    re-selection (a full seed: no attention to measure for the decode).  Under the pruning radix
+    cache (``importance_wanted``) its last queries' attention is still observed as token importance:
+    without it a turn below the gates gave the cache nothing to rank."""
+    s, gen = setup, torch.Generator().manual_seed(5)
+    monkeypatch.setattr(store, "importance_wanted", wanted)
+    req = Request("exact", s.config.override({"decode_seed": "auto", "min_prefill_len": 1 << 20}))  # noqa: F841
+    _prefill_a_turn(s, gen, "exact")
+    assert store.get("exact").compressor(0).seeded_from == "full"
+    scores = store.importance_scores("exact")
+    if wanted:
+        assert scores is not None and scores.shape[-1] >= 256 and bool((scores[:256] > 0).any())
+    else:
+        assert scores is None
 
 
 @pytest.mark.parametrize("gate,on_base", [({"decode_max_read": 0.2}, True), ({"decode_max_read": 0.25}, False),

@@ -29,3 +29,25 @@ def test_turns_file_holds_every_turn_of_both_servers(tmp_path):
 def test_json_flag_defaults_beside_the_logs():
     assert demo.parse_args(["--log-prefix", "x"]).json is None
     assert demo.parse_args(["--json", "t.json"]).json == "t.json"
+
+
+def test_warm_up_sends_one_untimed_request_then_flushes_the_cache(monkeypatch):
+    """Both servers of ``make run`` answer one request before the conversation, over text none of
+    its turns holds, and the radix cache is flushed after it: nothing of it is found cached later."""
+    import requests
+
+    from sglang_loopserve.frontends.multiturn import GROWING_CONVERSATION
+
+    calls = []
+
+    class Ok:
+        def raise_for_status(self):
+            pass
+
+    monkeypatch.setattr(requests, "post", lambda url, json=None, timeout=None: calls.append((url, json)) or Ok())
+    demo.warm_up("http://h:1", tokens=200)
+    assert [url for url, _ in calls] == ["http://h:1/generate", "http://h:1/flush_cache"]
+    text = calls[0][1]["text"]
+    assert 150 * demo.CHARS_PER_TOKEN < len(text) <= 220 * demo.CHARS_PER_TOKEN
+    used = {m for modules, _ in GROWING_CONVERSATION for m in modules}
+    assert "calendar" not in used and all(demo.module_doc(m)[:200] not in text for m in used)

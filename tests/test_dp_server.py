@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import GATES_FOR_SHORT_CONVERSATIONS, LOG_DIR
+from conftest import GATES_FOR_SHORT_CONVERSATIONS, LOG_DIR, first_tokens, user_turn
 from sglang_loopserve.frontends import module_doc
 from sglang_loopserve.server import SGLangServer, loopserve_states
 
@@ -33,9 +33,6 @@ def dp_server(model_path):
         yield srv
 
 
-def _user(text):
-    return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
-
 
 def _generate(url, text, rank, max_new_tokens=16, rid=None):
     body = {"text": text, "routed_dp_rank": rank,
@@ -46,9 +43,6 @@ def _generate(url, text, rank, max_new_tokens=16, rid=None):
     r.raise_for_status()
     return r.json()
 
-
-def _words(text, tokenizer, tokens):
-    return tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)[:tokens])
 
 
 def _idle_ranks(url, deadline=120):
@@ -103,15 +97,15 @@ def test_an_idle_server_leaves_the_cores_alone(dp_server):
 
 def test_a_pinned_conversation_is_a_radix_hit_on_its_rank_and_a_miss_on_the_other(dp_server, tokenizer):
     url = dp_server.url
-    docs = {0: _words(module_doc("textwrap"), tokenizer, 700), 1: _words(module_doc("shlex"), tokenizer, 700)}
-    first = {r: _user(f"Text {r}:\n\n{docs[r]}\n\nWhat is this text about?") for r in docs}
+    docs = {r: first_tokens(module_doc(name), tokenizer, 700) for r, name in enumerate(("textwrap", "shlex"))}
+    first = {r: user_turn(f"Text {r}:\n\n{docs[r]}\n\nWhat is this text about?") for r in docs}
     results, errors = {}, []
 
     def converse(rank):
         try:
             out = _generate(url, first[rank], rank)
             history = first[rank] + out["text"] + "<|im_end|>\n"
-            second = history + _user("Name one function it describes.")
+            second = history + user_turn("Name one function it describes.")
             results[rank] = (out, _generate(url, second, rank), second)
         except Exception as exc:  # noqa: BLE001 - reported by the assertion below
             errors.append(f"rank {rank}: {type(exc).__name__}: {exc}")
@@ -135,7 +129,7 @@ def test_a_pinned_conversation_is_a_radix_hit_on_its_rank_and_a_miss_on_the_othe
 
 def test_an_abort_on_one_rank_leaves_the_other_ranks_request_intact(dp_server, tokenizer):
     url = dp_server.url
-    text = _user(f"Text:\n\n{_words(module_doc('heapq'), tokenizer, 600)}\n\nExplain it in detail.")
+    text = user_turn(f"Text:\n\n{first_tokens(module_doc('heapq'), tokenizer, 600)}\n\nExplain it in detail.")
     outcome = {}
 
     def run(name, rank, max_new_tokens):
@@ -164,5 +158,5 @@ def test_an_abort_on_one_rank_leaves_the_other_ranks_request_intact(dp_server, t
         assert aborted["meta_info"]["finish_reason"]["type"] == "abort"
         assert aborted["meta_info"]["completion_tokens"] < 2000
     _assert_idle_clean(_idle_ranks(url))
-    assert _generate(url, _user("Hello"), 0, max_new_tokens=4)["text"] is not None  # both still serve
-    assert _generate(url, _user("Hello"), 1, max_new_tokens=4)["text"] is not None
+    assert _generate(url, user_turn("Hello"), 0, max_new_tokens=4)["text"] is not None  # both still serve
+    assert _generate(url, user_turn("Hello"), 1, max_new_tokens=4)["text"] is not None

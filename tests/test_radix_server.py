@@ -17,7 +17,7 @@ import sys
 import pytest
 import requests
 
-from conftest import LOG_DIR
+from conftest import LOG_DIR, first_tokens, user_turn
 from test_loopserve_server import _flush_and_count
 from sglang_loopserve.frontends import module_doc
 from sglang_loopserve.server import SGLangServer, loopserve_state
@@ -52,13 +52,6 @@ def _ask(url, text, custom=None, max_new_tokens=16):
     return r.json()
 
 
-def _user(text):
-    return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
-
-
-def _words(text, tokenizer, tokens):
-    ids = tokenizer.encode(text, add_special_tokens=False)[:tokens]
-    return tokenizer.decode(ids)
 
 
 # The start-up checks first: a launch beside the pressure test's server (and the session's) has
@@ -86,19 +79,19 @@ def test_the_policy_is_in_launch_server_help():
 def test_pressure_prunes_branches_keeps_the_shared_prefix_exact_and_frees_every_slot(radix_server, tokenizer):
     url = radix_server.url
     idle = _idle_available(url)
-    document = _words(module_doc("textwrap"), tokenizer, 900)
-    stock_q = _user(f"Document:\n\n{document}\n\nWhat is the document about?")
+    document = first_tokens(module_doc("textwrap"), tokenizer, 900)
+    stock_q = user_turn(f"Document:\n\n{document}\n\nWhat is the document about?")
     stock_before = _ask(url, stock_q, {"enabled": False})["text"]
 
     # Two conversations branch off the document, then each brings a document of its own.
     prompts = {c: [f"Document:\n\n{document}\n\nQuestion {c}: which function does the document describe "
                    f"first?", "And which function comes after it?",
-                   f"Another document:\n\n{_words(module_doc(other), tokenizer, 500)}\n\nSummarise it in one "
+                   f"Another document:\n\n{first_tokens(module_doc(other), tokenizer, 500)}\n\nSummarise it in one "
                    f"sentence."] for c, other in (("A", "reprlib"), ("B", "shlex"))}
     texts = {c: "" for c in prompts}
     for turn in range(3):
         for c in prompts:
-            texts[c] += _user(prompts[c][turn])
+            texts[c] += user_turn(prompts[c][turn])
             out = _ask(url, texts[c])
             assert out["meta_info"]["loopserve"]["enabled"] is True
             texts[c] += out["text"] + "<|im_end|>\n"
@@ -109,7 +102,7 @@ def test_pressure_prunes_branches_keeps_the_shared_prefix_exact_and_frees_every_
     # The branches continue: their history is served from the cache, pruned positions masked.
     pruned = 0
     for c in prompts:
-        cont = _ask(url, texts[c] + _user("Which of the two documents was longer?"))
+        cont = _ask(url, texts[c] + user_turn("Which of the two documents was longer?"))
         meta = cont["meta_info"]
         assert meta["cached_tokens"] > 0
         pruned += meta["loopserve"]["pruned_cached_tokens"]
@@ -127,4 +120,4 @@ def test_pressure_prunes_branches_keeps_the_shared_prefix_exact_and_frees_every_
                 break
     assert _idle_available(url) == idle
     assert _radix(url)["tracked_requests"] == 0
-    assert _ask(url, _user("Hello"), max_new_tokens=4)["text"] is not None  # still serving
+    assert _ask(url, user_turn("Hello"), max_new_tokens=4)["text"] is not None  # still serving

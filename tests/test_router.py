@@ -18,11 +18,9 @@ import time
 import pytest
 import requests
 
-from conftest import GATES_FOR_SHORT_CONVERSATIONS, LOG_DIR
+from conftest import GATES_FOR_SHORT_CONVERSATIONS, LOG_DIR, first_tokens, user_turn
 from sglang_loopserve.frontends import module_doc
 from sglang_loopserve.server import SGLangServer, free_port
-
-pytest.importorskip("sglang_router")
 
 #: Every request through the router returns within this many seconds, killed worker or not.
 BOUND_S = 180
@@ -67,9 +65,6 @@ def fleet(model_path):
             worker.stop()
 
 
-def _user(text):
-    return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
-
 
 def _generate(url, text, max_new_tokens=12, timeout=BOUND_S):
     r = requests.post(url + "/generate", timeout=timeout, json={
@@ -89,15 +84,15 @@ def test_each_conversation_returns_to_its_worker_then_a_killed_worker_fails_over
     modules = ("textwrap", "shlex", "heapq", "bisect")
     turns = {}
     for i, name in enumerate(modules):
-        doc = tokenizer.decode(tokenizer.encode(module_doc(name), add_special_tokens=False)[:500])
-        first = _user(f"Conversation {i}. Text:\n\n{doc}\n\nWhat is this text about?")
+        doc = first_tokens(module_doc(name), tokenizer, 500)
+        first = user_turn(f"Conversation {i}. Text:\n\n{doc}\n\nWhat is this text about?")
         r = _generate(url, first)
         r.raise_for_status()
         out = r.json()
         assert out["meta_info"]["loopserve"]["enabled"] is True
         turns[name] = (out["meta_info"]["prompt_tokens"], first + out["text"] + "<|im_end|>\n")
     for name, (prompt1, history) in turns.items():
-        second = history + _user("Name one function it describes.")
+        second = history + user_turn("Name one function it describes.")
         r = _generate(url, second)
         r.raise_for_status()
         # The router sent the second turn where the first is: its prompt and answer are cached.
@@ -116,7 +111,7 @@ def test_each_conversation_returns_to_its_worker_then_a_killed_worker_fails_over
     statuses = []
     for name, (_, history) in turns.items():
         t = time.monotonic()
-        r = _generate(url, history + _user("One more sentence about it, please."))
+        r = _generate(url, history + user_turn("One more sentence about it, please."))
         assert time.monotonic() - t < BOUND_S
         assert r.status_code == 200 or (500 <= r.status_code < 600 and r.text), (r.status_code, r.text)
         statuses.append(r.status_code)
