@@ -32,7 +32,8 @@ import torch
 from ..cpu_runtime.numba_rows import READS, numba_view
 from ..cpu_runtime.numba_setup import available, lock, numba, njit
 from ..cpu_runtime.torch_threads import parallel_for
-from .summaries import block_parts, queries_by_kv_head
+from . import summaries as summaries_module
+from .summaries import block_parts
 
 if numba is not None:
     from ..cpu_runtime.numba_rows import exp_shifted, float_row, row_max
@@ -273,73 +274,80 @@ if numba is not None:
 if numba is not None:
 
     @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-    def _query_block_rows(q, storage, n_blocks, block, held, whole, selection, selected_at, length, extra,
-                          out):
-        """Per KV head: ``out[h] = selection[h], then the first ``extra`` positions the selection does
+    def _query_block_rows(h, thread, q, scale, weight, storage, n_blocks, block, held, whole, selection,
+                          selected_at, length, extra, out):
+        """Head ``h``: ``out[h] = selection[h]``, then the first ``extra`` positions the selection does
         not hold, walking the blocks by descending mass (``KeySummaries.block_mass``; ties: the lower
-        block first), then the positions ``selected_at..length-1``."""
-        n_kv, group, d3 = q.shape
+        block first), then the positions ``selected_at..length-1``.  ``q [Hk, g, d]``: the step's
+        query heads by KV head, unscaled; their ``block_parts`` (``scale``, ``weight``) are built here."""
+        n_kv, group, d = q.shape
         n_sel = selection.shape[1]
+        parts = np.empty((group, 3 * d), dtype=np.float32)
+        for g in range(group):
+            for x in range(d):
+                v = np.float32(q[h, g, x] * scale)
+                parts[g, x] = max(v, np.float32(0.0)) * weight
+                parts[g, d + x] = min(v, np.float32(0.0)) * weight
+                parts[g, 2 * d + x] = v * (np.float32(1.0) - weight)
         logits = np.empty((group, n_blocks), dtype=np.float32)
-        mass = np.empty(n_blocks, dtype=np.float32)
+        mass = np.zeros(n_blocks, dtype=np.float32)
         exponents = np.empty(n_blocks, dtype=np.int32)
         # Enough ranked blocks for ``extra`` positions unless the selection holds much of them;
         # the rest are ranked only when the walk gets there.
         first = min(n_blocks, 2 * (-(-extra // block)) + 2)
         idx = np.empty(n_blocks, dtype=np.int64)
-        for h in range(n_kv):
-            for b in range(n_blocks):  # each block's summary read once, for the group's query heads
-                row = storage[h, b]
-                for g in range(group):
-                    qg = q[h, g]  # [3d]: block_parts' layout, against the stored [max, min, mean]
-                    acc = np.float32(0.0)
-                    for x in range(d3):
-                        acc += qg[x] * row[x]
-                    logits[g, b] = acc
-            mass[:] = 0.0
+        for b in range(n_blocks):  # each block's summary read once, for the group's query heads
+            row = storage[h, b]
             for g in range(group):
-                _softmax_sum_into(logits[g], mass, exponents)  # every block: a query head's whole mass
-            for b in range(n_blocks):
-                if whole[h, b]:
-                    mass[b] = -np.inf
-            for i in range(n_sel):
-                out[h, i] = selection[h, i]
-            n = n_sel
-            goal = n_sel + extra
-            count = _top(mass, n_blocks, first, idx)
-            ranked = idx[:count][np.argsort(-mass[idx[:count]], kind="mergesort")]
-            for rank in range(2):
-                if rank == 1:  # every block, in order: the ones walked already add nothing new
-                    if n >= goal:
-                        break
-                    ranked = np.argsort(-mass[:n_blocks], kind="mergesort")
-                    n = n_sel
-                for b in ranked:
-                    if n >= goal:
-                        break
-                    for p in range(b * block, (b + 1) * block):
-                        if not held[h, p]:
-                            out[h, n] = p
-                            n += 1
-                            if n >= goal:
-                                break
-            for p in range(selected_at, length):
-                out[h, n] = p
-                n += 1
+                acc = np.float32(0.0)
+                for x in range(3 * d):
+                    acc += parts[g, x] * row[x]
+                logits[g, b] = acc
+        for g in range(group):
+            _softmax_sum_into(logits[g], mass, exponents)  # every block: a query head's whole mass
+        for b in range(n_blocks):
+            if whole[h, b]:
+                mass[b] = -np.inf
+        for i in range(n_sel):
+            out[h, i] = selection[h, i]
+        n = n_sel
+        goal = n_sel + extra
+        count = _top(mass, n_blocks, first, idx)
+        ranked = idx[:count][np.argsort(-mass[idx[:count]], kind="mergesort")]
+        for rank in range(2):
+            if rank == 1:  # every block, in order: the ones walked already add nothing new
+                if n >= goal:
+                    break
+                ranked = np.argsort(-mass[:n_blocks], kind="mergesort")
+                n = n_sel
+            for b in ranked:
+                if n >= goal:
+                    break
+                for p in range(b * block, (b + 1) * block):
+                    if not held[h, p]:
+                        out[h, n] = p
+                        n += 1
+                        if n >= goal:
+                            break
+        for p in range(selected_at, length):
+            out[h, n] = p
+            n += 1
 
 
 def query_block_rows(q: torch.Tensor, summaries, n_blocks: int, held: torch.Tensor, whole: torch.Tensor,
                      selection: torch.Tensor, selected_at: int, length: int, extra: int) -> torch.Tensor:
-    """``DecodeCompressor.attended``'s read set with query blocks, one compiled call: ``[Hk, n_sel +
-    extra + length - selected_at]`` positions (``DecodeCompressor.query_block_positions`` gives the
-    same extra positions as tensor ops)."""
+    """``DecodeCompressor.attended``'s read set with query blocks, one compiled call, parallel over
+    KV heads: ``[Hk, n_sel + extra + length - selected_at]`` positions
+    (``DecodeCompressor.query_block_positions`` gives the same extra positions as tensor ops).
+    The query's ``block_parts`` are built inside: as torch ops they took a sixth of the call."""
     n_kv = selection.shape[0]
-    qs = block_parts(queries_by_kv_head(q.detach()[None], n_kv)).contiguous()  # [Hk, g, 3d]
+    d = q.shape[-1]
+    qs = q.detach().float().reshape(n_kv, -1, d).contiguous()  # [Hk, g, d]: heads of a group are adjacent
     out = torch.empty(n_kv, selection.shape[1] + extra + length - selected_at, dtype=torch.int64)
     with lock:
-        _query_block_rows(qs.numpy(), summaries.storage.numpy(), n_blocks, summaries.block, held.numpy(),
-                          whole.numpy(), selection.to(torch.int64).contiguous().numpy(), selected_at, length,
-                          extra, out.numpy())
+        parallel_for(_query_block_rows, n_kv, qs.numpy(), float(d**-0.5), float(summaries_module.BOUND_WEIGHT),
+                     summaries.storage.numpy(), n_blocks, summaries.block, held.numpy(), whole.numpy(),
+                     selection.to(torch.int64).contiguous().numpy(), selected_at, length, extra, out.numpy())
     return out
 
 
