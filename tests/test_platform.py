@@ -119,3 +119,24 @@ def test_cpu_ranks_keep_what_the_user_set_and_refuse_more_ranks_than_cores():
     with pytest.raises(SystemExit, match="--dp-size x --tp-size x --pp-size = 4 CPU ranks"):
         lp.cpu_rank_environment(SimpleNamespace(dp_size=4, tp_size=1, pp_size=1, device="cpu"), environ={},
                                 cpus=[0, 1])
+
+
+@pytest.mark.parametrize("config,tp,refused", [
+    ({"num_attention_heads": 9, "num_key_value_heads": 3}, 3, None),  # SmolLM2-135M
+    ({"num_attention_heads": 9, "num_key_value_heads": 3}, 2, "--tp-size 2 does not divide the model's 9 query "
+                                                              "and 3 KV heads.*use --tp-size 3"),
+    ({"num_attention_heads": 14, "num_key_value_heads": 2}, 2, None),  # Qwen2.5-Coder-0.5B
+    ({"num_attention_heads": 14, "num_key_value_heads": 2}, 7, "use --tp-size 2$"),
+    ({"text_config": {"num_attention_heads": 8}}, 4, None),  # a multimodal config; KV heads default to the heads
+    ({"num_attention_heads": 5, "num_key_value_heads": 5}, 3, "use --tp-size 5$"),
+])
+def test_a_tp_size_must_divide_the_query_and_kv_heads(config, tp, refused):
+    args = SimpleNamespace(tp_size=tp, device="cpu", model_path="/nonexistent")
+    if refused is None:
+        lp.check_cpu_tensor_parallel(args, config)
+    else:
+        with pytest.raises(SystemExit, match=refused):
+            lp.check_cpu_tensor_parallel(args, config)
+    # Not this platform's limit elsewhere, and nothing to check without a config at hand.
+    lp.check_cpu_tensor_parallel(SimpleNamespace(tp_size=tp, device="cuda", model_path="/nonexistent"), config)
+    lp.check_cpu_tensor_parallel(args)

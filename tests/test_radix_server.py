@@ -60,6 +60,7 @@ def _ask(url, text, custom=None, max_new_tokens=16):
     ([], "--enable-loopserve"),
     (["--enable-loopserve", "--disable-radix-cache"], "--disable-radix-cache"),
     (["--enable-loopserve", "--page-size", "2"], "--page-size"),
+    (["--enable-loopserve", "--pp-size", "2"], "--pp-size"),
 ])
 def test_start_up_stops_with_a_message_naming_the_flag(model_path, extra, needle):
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path), "--device", "cpu",

@@ -83,6 +83,38 @@ def cpu_rank_environment(server_args, environ=None, cpus=None) -> dict[str, str]
     return env
 
 
+def check_cpu_tensor_parallel(server_args, config: dict | None = None) -> None:
+    """``SystemExit`` naming ``--tp-size`` where it does not divide the model's query and KV heads.
+
+    On ``--device cpu`` SGLang pads the heads of such a model in its config
+    (``adjust_config_with_unaligned_cpu_tp``) but pads the weights only under its own CPU engine
+    (``SGLANG_USE_CPU_ENGINE``, which this platform replaces), so the launch would die loading the
+    QKV projection (SmolLM2's 3 KV heads under ``--tp-size 2``: "start (128) + length (128) exceeds
+    dimension size (192)").  ``config``: the model's ``config.json`` (read from ``--model-path``
+    when it is a folder; nothing is checked where neither is at hand)."""
+    tp = int(getattr(server_args, "tp_size", 1) or 1)
+    if tp <= 1 or (getattr(server_args, "device", "cpu") or "cpu") != "cpu":
+        return
+    if config is None:
+        path = os.path.join(str(getattr(server_args, "model_path", "") or ""), "config.json")
+        if not os.path.isfile(path):
+            return
+        import json
+
+        with open(path) as f:
+            config = json.load(f)
+    config = config.get("text_config", config)
+    heads = config.get("num_attention_heads")
+    kv_heads = config.get("num_key_value_heads", heads)
+    if heads is None:
+        return
+    if heads % tp or kv_heads % tp:
+        fits = [n for n in range(2, heads + 1) if heads % n == 0 and kv_heads % n == 0]
+        raise SystemExit(f"--tp-size {tp} does not divide the model's {heads} query and {kv_heads} KV heads: on the "
+                         f"CPU platform SGLang cannot pad them (its padded weight loading needs its own CPU "
+                         f"engine); use --tp-size {' or '.join(map(str, fits)) if fits else '1'}")
+
+
 def accelerator_present() -> bool:
     """True when torch sees a GPU or another accelerator SGLang supports."""
     if torch.cuda.is_available():  # CUDA and ROCm builds

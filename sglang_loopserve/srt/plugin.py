@@ -38,7 +38,7 @@ from dataclasses import dataclass, fields
 
 from ..config import (CONFIG_ENV, FLAGS, REQUEST_KEY, LoopServeConfig, LoopServeConfigError,
                      request_field_name)
-from .platform import cpu_rank_environment
+from .platform import check_cpu_tensor_parallel, cpu_rank_environment
 from .radix import POLICY as RADIX_POLICY
 
 logger = logging.getLogger(__name__)
@@ -198,6 +198,7 @@ def _on_add_cli_args(result, parser):
 
 def _around_prepare_server_args(original, argv, *args, **kwargs):
     server_args = _prepare_server_args(original, argv, *args, **kwargs)
+    check_cpu_tensor_parallel(server_args)
     ranks_env = cpu_rank_environment(server_args)
     if ranks_env:  # spawned ranks inherit it; the same for stock and LoopServe servers
         os.environ.update(ranks_env)
@@ -245,12 +246,13 @@ def _check_radix_policy(server_args) -> None:
         ("--page-size > 1", (getattr(server_args, "page_size", 1) or 1) > 1),
         ("--enable-mixed-chunk", getattr(server_args, "enable_mixed_chunk", False)),
         ("--disaggregation-mode", getattr(server_args, "disaggregation_mode", "null") not in (None, "null")),
-        ("--tp-size > 1", (getattr(server_args, "tp_size", 1) or 1) > 1),
+        ("--pp-size > 1", (getattr(server_args, "pp_size", 1) or 1) > 1),
     ) if on]
     if conflicts:
         raise SystemExit(f"--radix-eviction-policy {RADIX_POLICY} cannot run with {', '.join(conflicts)}: "
                          f"it needs the Python tree core of SGLang's unified radix cache, page size 1 "
-                         f"and LoopServe's attention reading every pruned row")
+                         f"and LoopServe's attention reading every pruned row (under pipeline parallelism a stage "
+                         f"would score its own layers only)")
     logger.info("LoopServe: --radix-eviction-policy %s selects the Python radix tree core", RADIX_POLICY)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from sglang.srt.utils.rank_consensus_checker import rank_consensus
 
 from ..cache_policy.prune import prune_plan
 from .radix import (IMPORTANCE, PADDING_SLOT, POLICY, TOMBSTONES, LoopServeEvictionStrategy, _stats_lock,
@@ -120,6 +121,13 @@ class LoopServeFullComponent(_component_base()):
         super()._evict_device_end()
         self._prune_queue = []
 
+    @rank_consensus(same_results=["result.tolist()"])
+    def _pruning_plan(self, imp, live, **limits):
+        """``prune_plan``'s positions.  Under tensor parallelism every rank must tombstone the same
+        tokens, and SGLang's own checks would not see it otherwise (an eviction's result is a count):
+        with ``SGLANG_ENABLE_RANK_CONSENSUS_CHECKER=1`` the ranks compare these positions."""
+        return prune_plan(imp, live, **limits)
+
     def _prune(self, node, wanted: int, device_frees) -> int:
         """Tombstone up to ``wanted`` (and ``max_step``) of ``node``'s least important tokens."""
         ct = self.component_type
@@ -133,8 +141,8 @@ class LoopServeFullComponent(_component_base()):
         branch_end = start + _chain_end(node)
         live = (cd.value != PADDING_SLOT).cpu()  # node values live where the KV rows do (a GPU)
         sink, recent = protected_spans(node.key.extra_key, strategy.sink, strategy.recent)
-        plan = prune_plan(imp, live, start=start, branch_end=branch_end, sink=sink, recent=recent,
-                          keep_ratio=strategy.keep_ratio, max_tokens=min(wanted, strategy.max_step))
+        plan = self._pruning_plan(imp, live, start=start, branch_end=branch_end, sink=sink, recent=recent,
+                                  keep_ratio=strategy.keep_ratio, max_tokens=min(wanted, strategy.max_step))
         if not plan.numel():
             return 0
         plan = plan.to(cd.value.device)
@@ -167,6 +175,32 @@ def _chain_end(node) -> int:
         total += len(cur.key)
         cur = next(iter(cur.children.values())) if len(cur.children) == 1 else None
     return total
+
+
+def agreed_over_tp(scores: torch.Tensor | None, length: int, group=None) -> torch.Tensor | None:
+    """``[length]`` importance every tensor-parallel rank agrees on, or None where no rank has any.
+
+    Each rank scores only its own KV heads; a token's importance is the largest share any head
+    gave it (``TokenImportance``), so the maximum over the ranks is what one process holding every
+    head would have stored, and every rank's tree then prunes the same tokens (SGLang requires
+    identical cache decisions on every rank: ``SGLANG_ENABLE_RANK_CONSENSUS_CHECKER``).  Every
+    rank calls this for the same request at the same point (rank 0 broadcasts the requests), with
+    or without scores of its own; ``group``: SGLang's TP group (default: this process's, none
+    outside tensor parallelism)."""
+    if group is None:
+        from sglang.srt.runtime_context import get_parallel
+
+        parallel = get_parallel()
+        if (getattr(parallel, "tp_size", 1) or 1) > 1:
+            group = parallel.tp_group
+    buf = torch.zeros(length + 1)  # the last entry: whether a rank had scores
+    if scores is not None:
+        n = min(length, scores.numel())
+        buf[:n] = scores[:n].float()
+        buf[length] = 1.0
+    if group is not None and group.world_size > 1:
+        torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.MAX, group=group.cpu_group)
+    return buf[:length] if buf[length] > 0 else None
 
 
 def _cache_base():
@@ -206,15 +240,13 @@ class LoopServeRadixCache(_cache_base()):
         node = self.tree_core._node_arena.get(node_id) if node_id is not None else None
         if node is None or node is self.tree_core.root_node:
             return
-        scores = self.importance_of(req.rid)
-        if scores is None:
-            return
         from sglang.srt.mem_cache.unified_cache.components.base import ComponentType
 
         ct = ComponentType.FULL
         end = _path_start(node, self.tree_core.root_node) + len(node.key)
-        if scores.numel() < end:
-            scores = torch.cat([scores, scores.new_zeros(end - scores.numel())])
+        scores = agreed_over_tp(self.importance_of(req.rid), end)
+        if scores is None:
+            return
         cur = node
         while cur is not None and cur is not self.tree_core.root_node:
             start = end - len(cur.key)
