@@ -192,6 +192,73 @@ class SGLangServer:
         self.stop()
 
 
+class Router:
+    """SGLang's router (PyPI ``sglang-router``) over running workers, as a child process group.
+
+    >>> with Router([w.url for w in workers], policy="cache_aware") as router:
+    ...     requests.post(router.url + "/generate", json=...)
+
+    Ready when its ``/readiness`` answers 200: the workers registered and healthy (``/health``
+    answers before that)."""
+
+    def __init__(self, worker_urls: Sequence[str], *, policy: str = "cache_aware", port: int | None = None,
+                 host: str = "127.0.0.1", extra_args: Sequence[str] = (), log_path: str | os.PathLike | None = None):
+        self.worker_urls, self.policy, self.host = list(worker_urls), policy, host
+        self.port = port or free_port()
+        self.extra_args = list(extra_args)
+        self.log_path = Path(log_path) if log_path else None
+        self.proc: subprocess.Popen | None = None
+        self._log_file = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "sglang_router.launch_router", "--host", self.host, "--port", str(self.port),
+                "--policy", self.policy, "--worker-urls", *self.worker_urls, *self.extra_args]
+
+    def start(self, timeout: float = 120.0) -> "Router":
+        if self.log_path:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log_file = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.command(), stdout=self._log_file or subprocess.DEVNULL,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise ServerStartError(f"router exited with code {self.proc.returncode} during start-up")
+                try:
+                    if requests.get(self.url + "/readiness", timeout=5).status_code == 200:
+                        return self
+                except requests.RequestException:
+                    pass
+                time.sleep(1.0)
+            raise ServerStartError(f"router not ready after {timeout:.0f} s")
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            _signal_group(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc.pid, signal.SIGKILL)
+        if self._log_file:
+            self._log_file.close()
+            self._log_file = None
+
+    def __enter__(self) -> "Router":
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 def _signal_group(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -20,7 +18,7 @@ import requests
 
 from conftest import GATES_FOR_SHORT_CONVERSATIONS, LOG_DIR, first_tokens, user_turn
 from sglang_loopserve.frontends import module_doc
-from sglang_loopserve.server import SGLangServer, free_port
+from sglang_loopserve.server import Router, SGLangServer
 
 #: Every request through the router returns within this many seconds, killed worker or not.
 BOUND_S = 180
@@ -31,39 +29,15 @@ def fleet(model_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")  # two servers on two cores: one thread each
     workers = [SGLangServer(model_path, max_total_tokens=8192, env=env, log_path=LOG_DIR / f"server-worker{i}.log",
                             extra_args=["--enable-loopserve", *GATES_FOR_SHORT_CONVERSATIONS]) for i in range(2)]
-    port = free_port()
-    log = open(LOG_DIR / "router.log", "wb")
-    router = None
     try:
         for worker in workers:
             worker.start()
-        router = subprocess.Popen(
-            [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
-             "--policy", "cache_aware", "--worker-urls", *(w.url for w in workers),
-             "--request-timeout-secs", str(BOUND_S), "--health-check-interval-secs", "5"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                # /readiness: the workers registered and healthy (/health answers before that)
-                if requests.get(url + "/readiness", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert router.poll() is None, (LOG_DIR / "router.log").read_text()[-2000:]
-            time.sleep(1)
-        else:
-            raise AssertionError("router not ready after 120 s")
-        yield url, workers
+        with Router([w.url for w in workers], policy="cache_aware", log_path=LOG_DIR / "router.log",
+                    extra_args=["--request-timeout-secs", str(BOUND_S), "--health-check-interval-secs", "5"]) as router:
+            yield router.url, workers
     finally:
-        if router is not None:
-            os.killpg(router.pid, signal.SIGTERM)
-            router.wait(30)
-        log.close()
         for worker in workers:
             worker.stop()
-
 
 
 def _generate(url, text, max_new_tokens=12, timeout=BOUND_S):
