@@ -10,10 +10,15 @@ pool holds about half of all histories.  One server after the other, same conver
 * ``tlru``: SGLang's tail-optimized LRU for conversations (``TLRU_CONFIG``: a conversation keeps
   what its next prefill needs to stay within ``threshold`` new tokens, the rest of its tail is
   evicted first);
+* ``session``: ``lru`` with SGLang's session radix cache (``--enable-session-radix-cache``; each
+  conversation's requests carry its ``session_id``): a session's KV is evicted after every
+  unreferenced leaf, sessions holding fewer references first;
 * ``loopserve, no pruning``: ``--radix-eviction-policy loopserve`` with
   ``{"prune": false}`` (whole leaves in ``prune.leaf_priority`` order);
 * ``loopserve``: the policy with pruning (each private branch's least attended tokens
-  freed first, down to ``keep_ratio``; whole leaves after).
+  freed first, down to ``keep_ratio``; whole leaves after);
+* ``session, loopserve``: the policy with SGLang's session radix cache (it prunes no node a
+  session references, so here it only orders whole leaves).
 
 Per configuration: prompt tokens prefilled again on the returning turns (turns 2-4: prompt
 minus cached), their mean time to first token, the server's pruned tokens and evicted leaves
@@ -52,9 +57,11 @@ CONFIGS = {
     "unconstrained": [],
     "lru": ["--radix-eviction-policy", "lru"],
     "tlru": ["--radix-eviction-policy", "tlru", "--radix-eviction-policy-config", json.dumps(TLRU_CONFIG)],
+    "session": ["--radix-eviction-policy", "lru", "--enable-session-radix-cache"],
     "loopserve, no pruning": ["--radix-eviction-policy", "loopserve",
                               "--radix-eviction-policy-config", json.dumps({"prune": False})],
     "loopserve": ["--radix-eviction-policy", "loopserve"],
+    "session, loopserve": ["--radix-eviction-policy", "loopserve", "--enable-session-radix-cache"],
 }
 
 
@@ -83,16 +90,18 @@ def conversations(n: int, turns: int, prefix_tokens: int, turn_tokens: int):
 
 def run_config(name, model_path, convs, *, pool, max_tokens):
     extra = ["--enable-loopserve"] + CONFIGS[name]
+    sessions = "--enable-session-radix-cache" in extra
     env = dict(os.environ, SGLANG_CHECK_KV_PAGE_INVARIANTS="1")
     server = SGLangServer(model_path, extra_args=extra, max_total_tokens=pool, env=env,
-                          log_path=f"server-radix-{name.split(',')[0]}.log")
+                          log_path=f"server-radix-{name.replace(', ', '-').replace(' ', '-')}.log")
     records = {c: [] for c in range(len(convs))}
     with server:
         ask = server_ask(server.url)
         for t in range(len(convs[0])):
             for c, msgs in enumerate(convs):
                 history = [(msgs[j], records[c][j]["answer"]) for j in range(t)]
-                records[c].append(ask(history, msgs[t], max_tokens, {}))
+                records[c].append(ask(history, msgs[t], max_tokens, {},
+                                      session_id=f"conversation-{c + 1}" if sessions else None))
         radix = loopserve_state(server.url, timeout=30)["radix"]
     return records, radix
 

@@ -228,6 +228,21 @@ def test_locked_nodes_other_namespaces_and_unscored_nodes_are_not_pruned(tree):
     _accounting(t)
 
 
+def test_a_node_a_session_references_is_pruned_not_evicted_whole(tree):
+    """SGLang's session radix cache marks a session's nodes to be evicted last; it locks nothing, and
+    pruning keeps the session's history cached."""
+    t = tree
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+    node = _insert(t, range(1, 31), importance=torch.rand(30))
+    node.component_data[t.full].session_ref = 1
+    t.cache.evict(EvictParams(num_tokens=5))
+    assert _in_tree(t, node)
+    assert int((_value(t, node) == PADDING_SLOT).sum()) == 5
+    node.component_data[t.full].session_ref = 0
+    _accounting(t)
+
+
 def test_an_allocation_prunes_no_more_than_its_shortfall(tree):
     """SGLang's allocation walk runs "to target" with a quota of everything evictable; pruning is
     irreversible, so it frees only what the allocation is short of."""

@@ -125,6 +125,13 @@ def test_keep_everything_under_tp_answers_as_stock_under_tp(tp_server, stock_ans
     assert meta["cached_tokens"] > 0  # the second turn reused the first's history
 
 
+def test_the_defaults_under_tp_serve_a_conversation(tp_server, document):
+    requests.post(tp_server.url + "/flush_cache", timeout=60).raise_for_status()
+    answers, meta = _two_turns(tp_server.url, document)
+    assert all(any(ch.isalpha() for ch in a) for a in answers), answers
+    assert meta["cached_tokens"] > 0 and meta["loopserve"]["enabled"] is True
+
+
 def test_sparse_turns_under_tp_serve_conversations_that_prune_under_pressure(tp_server, tokenizer, document):
     url = tp_server.url
     requests.post(url + "/flush_cache", timeout=60).raise_for_status()

@@ -149,7 +149,7 @@ DECODE_BASELINES = tuple(m for m in METHODS if m not in ("full", "loopserve") an
 
 #: ``ask(history, message, max_tokens, settings) -> dict`` with the TurnRecord fields but the score:
 #: one chat request; ``history`` is ``[(user, assistant), ...]``.
-Ask = Callable[[list, str, int, dict], dict]
+Ask = Callable[..., dict]  # (history, message, max_tokens, settings[, session_id]) -> record
 
 
 def run_conversation(conv: Conversation, position: str, method: str, ask: Ask, *, settings: dict,
@@ -231,10 +231,10 @@ def server_ask(url: str) -> Ask:
 
     endpoints: dict[str, object] = {}
 
-    def ask(history, message, max_tokens, settings):
-        key = json.dumps(settings, sort_keys=True)
+    def ask(history, message, max_tokens, settings, session_id=None):
+        key = json.dumps([settings, session_id], sort_keys=True)
         if key not in endpoints:
-            endpoints[key] = connect(url, loopserve=settings, timing=True)
+            endpoints[key] = connect(url, loopserve=settings, timing=True, session_id=session_id)
         state = turn.run(history=history, message=message, max_tokens=max_tokens, backend=endpoints[key])
         if state.error() is not None:
             raise RuntimeError(f"request failed: {state.error()}")

@@ -25,21 +25,27 @@ class LoopServeEndpoint(RuntimeEndpoint):
             ``None`` sends nothing (the server's flags apply).
         timing: stream each generation and add ``meta_info["client"]`` =
             ``{"time_to_first_token_s", "decode_s"}``.
+        session_id: sent with every request (SGLang's radix-native sessions: a server with
+            ``--enable-session-radix-cache`` evicts other requests' KV before a session's).
     """
 
-    def __init__(self, base_url: str, *, loopserve: dict | None = None, timing: bool = False, **kwargs):
+    def __init__(self, base_url: str, *, loopserve: dict | None = None, timing: bool = False,
+                 session_id: str | None = None, **kwargs):
         if loopserve is not None:
             # Same checks as the server (against the default settings): fail
             # before sending anything.
             LoopServeConfig().override(loopserve, request_field_name)
         self.loopserve = dict(loopserve) if loopserve is not None else None
         self.timing = timing
+        self.session_id = session_id
         super().__init__(base_url, **kwargs)
 
     def _add_images(self, s, data):
         # RuntimeEndpoint passes every request body through here just before
         # sending it: the one place to add our settings for gen and select.
         super()._add_images(s, data)
+        if self.session_id is not None:
+            data["session_id"] = self.session_id
         if self.loopserve is not None and "sampling_params" in data:
             params = data["sampling_params"]
             custom = dict(params.get("custom_params") or {})

@@ -47,13 +47,14 @@ class TurnResult:
 
 
 def connect(url: str, chat_template_name: str | None = None, *, loopserve: dict | None = None,
-            timing: bool = False) -> LoopServeEndpoint:
+            timing: bool = False, session_id: str | None = None) -> LoopServeEndpoint:
     """An endpoint whose chat template is the served model's own, whatever its folder is called.
 
     ``chat_template_name`` picks one of SGLang's named templates instead.
-    ``loopserve`` and ``timing``: see ``LoopServeEndpoint``.
+    ``loopserve``, ``timing`` and ``session_id``: see ``LoopServeEndpoint``.
     """
-    backend = LoopServeEndpoint(url, chat_template_name=chat_template_name, loopserve=loopserve, timing=timing)
+    backend = LoopServeEndpoint(url, chat_template_name=chat_template_name, loopserve=loopserve, timing=timing,
+                                session_id=session_id)
     if chat_template_name is None:
         backend.chat_template = chat_template.for_model(backend.get_model_name())
     return backend
