@@ -59,7 +59,53 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class SGLangServer:
+class _ProcessGroup:
+    """A child process in a session of its own, with what it spawned; ``start()`` is the subclass's."""
+
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+    _log_file = None
+
+    def start(self):
+        raise NotImplementedError
+
+    def _spawn(self, command: list[str], env: dict[str, str] | None = None) -> None:
+        """Run ``command`` in a session of its own (one signal reaches all it spawns), its output
+        into ``log_path`` (or nowhere)."""
+        if self.log_path:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log_file = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(command, stdout=self._log_file or subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                     env=env, start_new_session=True)
+
+    def stop(self, grace: float = 20.0) -> None:
+        """Stop the launcher and every process it spawned (idempotent)."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            _signal_group(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        if proc is not None:
+            # The launcher may be gone while its children linger: kill the group.
+            _signal_group(proc.pid, signal.SIGKILL)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+        if self._log_file:
+            self._log_file.close()
+            self._log_file = None
+
+    def __enter__(self):
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class SGLangServer(_ProcessGroup):
     """``python -m sglang.launch_server`` on the CPU, health-checked.
 
     >>> with SGLangServer(model_path) as server:
@@ -87,8 +133,6 @@ class SGLangServer:
         self.device = device
         self.log_path = Path(log_path) if log_path else None
         self.env = env
-        self.proc: subprocess.Popen | None = None
-        self._log_file = None
 
     @property
     def url(self) -> str:
@@ -125,16 +169,7 @@ class SGLangServer:
     def _start_once(self, timeout: float) -> "SGLangServer":
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
-        if self.log_path:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log_file = open(self.log_path, "wb")
-            out = self._log_file
-        else:
-            out = subprocess.DEVNULL
-        self.proc = subprocess.Popen(
-            self.command(), stdout=out, stderr=subprocess.STDOUT, env=env,
-            start_new_session=True,
-        )
+        self._spawn(self.command(), env)
         try:
             self._wait_healthy(timeout)
         except BaseException:
@@ -165,34 +200,7 @@ class SGLangServer:
         lines = self.log_path.read_text(errors="replace").splitlines()
         return "\n".join(lines[-n:])
 
-    def stop(self, grace: float = 20.0) -> None:
-        """Stop the launcher and every process it spawned (idempotent)."""
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            _signal_group(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                pass
-        if proc is not None:
-            # The launcher may be gone while its children linger: kill the group.
-            _signal_group(proc.pid, signal.SIGKILL)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
-        if self._log_file:
-            self._log_file.close()
-            self._log_file = None
-
-    def __enter__(self) -> "SGLangServer":
-        return self.start() if self.proc is None else self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-class Router:
+class Router(_ProcessGroup):
     """SGLang's router (PyPI ``sglang-router``) over running workers, as a child process group.
 
     >>> with Router([w.url for w in workers], policy="cache_aware") as router:
@@ -207,8 +215,6 @@ class Router:
         self.port = port or free_port()
         self.extra_args = list(extra_args)
         self.log_path = Path(log_path) if log_path else None
-        self.proc: subprocess.Popen | None = None
-        self._log_file = None
 
     @property
     def url(self) -> str:
@@ -219,11 +225,7 @@ class Router:
                 "--policy", self.policy, "--worker-urls", *self.worker_urls, *self.extra_args]
 
     def start(self, timeout: float = 120.0) -> "Router":
-        if self.log_path:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log_file = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.command(), stdout=self._log_file or subprocess.DEVNULL,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self._spawn(self.command())
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:
@@ -239,24 +241,6 @@ class Router:
         except BaseException:
             self.stop()
             raise
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            _signal_group(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                _signal_group(proc.pid, signal.SIGKILL)
-        if self._log_file:
-            self._log_file.close()
-            self._log_file = None
-
-    def __enter__(self) -> "Router":
-        return self.start() if self.proc is None else self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -83,6 +83,18 @@ def user_turn(text: str) -> str:
     return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
 
 
+def ask(url: str, text: str, custom: dict | None = None, max_new_tokens: int = 16, timeout: float = 900) -> dict:
+    """A greedy ``/generate`` of ``text`` (LoopServe settings ``custom`` if given): the response body."""
+    import requests
+
+    params = {"max_new_tokens": max_new_tokens, "temperature": 0}
+    if custom is not None:
+        params["custom_params"] = {"loopserve": custom}
+    r = requests.post(url + "/generate", json={"text": text, "sampling_params": params}, timeout=timeout)
+    r.raise_for_status()
+    return r.json()
+
+
 def first_tokens(text: str, tokenizer, tokens: int) -> str:
     """The first ``tokens`` tokens of ``text``, as text."""
     return tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)[:tokens])

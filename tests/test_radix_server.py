@@ -17,7 +17,7 @@ import sys
 import pytest
 import requests
 
-from conftest import LOG_DIR, first_tokens, user_turn
+from conftest import LOG_DIR, ask, first_tokens, user_turn
 from test_loopserve_server import _flush_and_count
 from sglang_loopserve.frontends import module_doc
 from sglang_loopserve.server import SGLangServer, loopserve_state
@@ -41,17 +41,6 @@ def _radix(url):
 def _idle_available(url):
     """Free KV tokens once the cache is flushed (waits for requests still running)."""
     return _flush_and_count(url)["kv_available_tokens"]
-
-
-def _ask(url, text, custom=None, max_new_tokens=16):
-    params = {"max_new_tokens": max_new_tokens, "temperature": 0}
-    if custom is not None:
-        params["custom_params"] = {"loopserve": custom}
-    r = requests.post(url + "/generate", json={"text": text, "sampling_params": params}, timeout=600)
-    r.raise_for_status()
-    return r.json()
-
-
 
 
 # The start-up checks first: a launch beside the pressure test's server (and the session's) has
@@ -82,7 +71,7 @@ def test_pressure_prunes_branches_keeps_the_shared_prefix_exact_and_frees_every_
     idle = _idle_available(url)
     document = first_tokens(module_doc("textwrap"), tokenizer, 900)
     stock_q = user_turn(f"Document:\n\n{document}\n\nWhat is the document about?")
-    stock_before = _ask(url, stock_q, {"enabled": False})["text"]
+    stock_before = ask(url, stock_q, {"enabled": False})["text"]
 
     # Two conversations branch off the document, then each brings a document of its own.
     prompts = {c: [f"Document:\n\n{document}\n\nQuestion {c}: which function does the document describe "
@@ -93,7 +82,7 @@ def test_pressure_prunes_branches_keeps_the_shared_prefix_exact_and_frees_every_
     for turn in range(3):
         for c in prompts:
             texts[c] += user_turn(prompts[c][turn])
-            out = _ask(url, texts[c])
+            out = ask(url, texts[c])
             assert out["meta_info"]["loopserve"]["enabled"] is True
             texts[c] += out["text"] + "<|im_end|>\n"
     stats = _radix(url)["radix"]
@@ -103,7 +92,7 @@ def test_pressure_prunes_branches_keeps_the_shared_prefix_exact_and_frees_every_
     # The branches continue: their history is served from the cache, pruned positions masked.
     pruned = 0
     for c in prompts:
-        cont = _ask(url, texts[c] + user_turn("Which of the two documents was longer?"))
+        cont = ask(url, texts[c] + user_turn("Which of the two documents was longer?"))
         meta = cont["meta_info"]
         assert meta["cached_tokens"] > 0
         pruned += meta["loopserve"]["pruned_cached_tokens"]
@@ -111,7 +100,7 @@ def test_pressure_prunes_branches_keeps_the_shared_prefix_exact_and_frees_every_
     assert pruned > 0
 
     # Stock attention over the shared document after all that: the same greedy answer.
-    assert _ask(url, stock_q, {"enabled": False})["text"] == stock_before
+    assert ask(url, stock_q, {"enabled": False})["text"] == stock_before
 
     # An aborted request (client gone mid-generation), then a flush: every slot is back.
     with requests.post(url + "/generate", json={"text": texts["B"], "stream": True, "sampling_params": {
@@ -121,4 +110,4 @@ def test_pressure_prunes_branches_keeps_the_shared_prefix_exact_and_frees_every_
                 break
     assert _idle_available(url) == idle
     assert _radix(url)["tracked_requests"] == 0
-    assert _ask(url, user_turn("Hello"), max_new_tokens=4)["text"] is not None  # still serving
+    assert ask(url, user_turn("Hello"), max_new_tokens=4)["text"] is not None  # still serving

@@ -18,7 +18,7 @@ import pytest
 import requests
 import torch
 
-from conftest import LOG_DIR, first_tokens, user_turn
+from conftest import LOG_DIR, ask, first_tokens, user_turn
 from sglang_loopserve.frontends import module_doc
 from sglang_loopserve.server import SGLangServer, loopserve_state
 
@@ -80,21 +80,12 @@ def _server(model_path, name, extra, env=None):
                         env=dict(os.environ, **TP_ENV, **(env or {})), log_path=LOG_DIR / f"server-tp-{name}.log")
 
 
-def _ask(url, text, custom=None, max_new_tokens=16):
-    params = {"max_new_tokens": max_new_tokens, "temperature": 0}
-    if custom is not None:
-        params["custom_params"] = {"loopserve": custom}
-    r = requests.post(url + "/generate", json={"text": text, "sampling_params": params}, timeout=900)
-    r.raise_for_status()
-    return r.json()
-
-
 def _two_turns(url, document, custom=None):
     """A two-turn conversation over ``document``: the answers and the second turn's cached tokens."""
     text = user_turn(f"Document:\n\n{document}\n\nWhat does the document describe first?")
-    first = _ask(url, text, custom)
+    first = ask(url, text, custom)
     text += first["text"] + "<|im_end|>\n" + user_turn("And what comes after it?")
-    second = _ask(url, text, custom)
+    second = ask(url, text, custom)
     return [first["text"], second["text"]], second["meta_info"]
 
 
@@ -140,12 +131,13 @@ def test_sparse_turns_under_tp_serve_conversations_that_prune_under_pressure(tp_
     # prunes, each rank from the importance reduced over the group.
     texts = {}
     for c, other in (("A", "difflib"), ("B", "calendar")):
-        texts[c] = user_turn(f"Document:\n\n{document}\n\nAnother:\n\n{first_tokens(module_doc(other), tokenizer, 1000)}"
-                             f"\n\nQuestion {c}: what do the two documents describe?")
+        another = first_tokens(module_doc(other), tokenizer, 1000)
+        texts[c] = user_turn(f"Document:\n\n{document}\n\nAnother:\n\n{another}\n\nQuestion {c}: what do the two "
+                             f"documents describe?")
     seen = []
     for turn in range(2):
         for c in texts:
-            out = _ask(url, texts[c], SPARSE_ALWAYS, max_new_tokens=24)
+            out = ask(url, texts[c], SPARSE_ALWAYS, max_new_tokens=24)
             ls = out["meta_info"]["loopserve"]
             assert ls["enabled"] is True and any(ch.isalpha() for ch in out["text"])
             seen.append((out["meta_info"]["cached_tokens"], ls["decode_tokens_attended"], ls["decode_tokens_cached"],
@@ -157,7 +149,7 @@ def test_sparse_turns_under_tp_serve_conversations_that_prune_under_pressure(tp_
     stats = loopserve_state(url, timeout=30)["radix"]
     assert stats["pruned_tokens"] > 0, stats
     # Every rank agreed on every cache decision, or the checker would have stopped the server.
-    assert _ask(url, user_turn("Hello"), max_new_tokens=4)["text"] is not None
+    assert ask(url, user_turn("Hello"), max_new_tokens=4)["text"] is not None
     assert requests.get(url + "/health", timeout=30).status_code == 200
     requests.post(url + "/flush_cache", timeout=60).raise_for_status()
     assert loopserve_state(url, timeout=30)["tracked_requests"] == idle["tracked_requests"] == 0
