@@ -189,6 +189,10 @@ def test_endpoint_adds_settings_to_every_request_body():
     data = {"text": "x", "sampling_params": {"max_new_tokens": 3, "custom_params": {"k": 1}}}
     ep._add_images(S(), data)
     assert data["sampling_params"]["custom_params"] == {"k": 1, "loopserve": {"enabled": False}}
+    assert "session_id" not in data
+    ep.session_id = "conversation-1"  # SGLang's radix-native sessions: a top-level field
+    ep._add_images(S(), data)
+    assert data["session_id"] == "conversation-1"
     with pytest.raises(LoopServeConfigError, match="custom_params.loopserve.alpha"):
         LoopServeEndpoint("http://127.0.0.1:9", loopserve={"alpha": 2.0})
 

@@ -29,6 +29,8 @@ class LoopServeEndpoint(RuntimeEndpoint):
             ``--enable-session-radix-cache`` evicts other requests' KV before a session's).
     """
 
+    session_id: str | None = None
+
     def __init__(self, base_url: str, *, loopserve: dict | None = None, timing: bool = False,
                  session_id: str | None = None, **kwargs):
         if loopserve is not None:
